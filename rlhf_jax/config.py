@@ -1,0 +1,143 @@
+"""Typed configuration: model, mesh, optimiser, and one dataclass per pipeline stage.
+
+Every config is a plain dataclass declared with ``unsafe_hash=True`` so it can be a static argument
+of ``jax.jit``. They are built by the preset files in ``configs/`` (``get_config(arg)``), overridden
+from the command line by ``ml_collections.config_flags`` (``--config.ppo.kl_coef=0.05``), and never
+mutated after parsing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax.numpy as jnp
+
+# Logical axis name -> mesh axis (or axes, or None = replicated). Parameters are annotated with the
+# logical names in model.py; sharding.py resolves them through this table.
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("position", None),
+    ("norm", None),
+    ("scalar", None),
+)
+
+
+@dataclasses.dataclass(unsafe_hash=True)
+class ModelConfig:
+    """A decoder-only transformer of the GPT-2 or the Llama family.
+
+    ``family="gpt2"``: learned positions, LayerNorm, GELU MLP, biases everywhere.
+    ``family="llama"``: RoPE, RMSNorm, SwiGLU MLP, grouped-query attention; ``qkv_bias`` gives
+    Qwen2. ``head="scalar"`` replaces the unembedding by a projection to one number per position
+    (reward and value models).
+    """
+
+    family: str = "gpt2"  # "gpt2" | "llama"
+    vocab_size: int = 64
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    head_dim: int = 0  # 0: d_model // n_heads
+    mlp_dim: int = 256
+    max_len: int = 64
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    use_bias: bool = True  # biases on every dense layer and norm (GPT-2)
+    qkv_bias: bool = False  # biases on q/k/v only (Qwen2); implied by use_bias
+    dropout: float = 0.0
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    head: str = "lm"  # "lm" | "scalar"
+
+    @property
+    def dim_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    def validate(self) -> ModelConfig:
+        problems = []
+        if self.family not in ("gpt2", "llama"):
+            problems.append(f"family={self.family!r}: expected 'gpt2' or 'llama'")
+        if self.head not in ("lm", "scalar"):
+            problems.append(f"head={self.head!r}: expected 'lm' or 'scalar'")
+        if self.n_heads % self.n_kv_heads:
+            problems.append(
+                f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"
+            )
+        if not self.head_dim and self.d_model % self.n_heads:
+            problems.append(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.family == "llama" and self.dim_head % 2:
+            problems.append(f"head dim {self.dim_head} must be even for RoPE")
+        if problems:
+            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+        return self
+
+
+# Named sizes. XS/S/M are the InstructLang sizes of INSTRUCTLANG.md section 3.
+MODEL_SIZES: dict[str, dict] = {
+    "tiny": dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, mlp_dim=64),
+    "tiny-llama": dict(
+        family="llama", d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=64,
+        use_bias=False, tie_embeddings=False, norm_eps=1e-6,
+    ),
+    "XS": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, mlp_dim=256),
+    "S": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, mlp_dim=512),
+    "M": dict(d_model=256, n_layers=6, n_heads=8, n_kv_heads=8, mlp_dim=1024),
+    "gpt2-small": dict(
+        vocab_size=50257, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, mlp_dim=3072,
+        max_len=1024,
+    ),
+}
+
+
+def model_config(size: str, **overrides) -> ModelConfig:
+    """A named size (``MODEL_SIZES``) with field overrides, e.g. ``model_config("S", vocab_size=64)``."""
+    if size not in MODEL_SIZES:
+        raise ValueError(f"unknown model size {size!r}; known sizes: {sorted(MODEL_SIZES)}")
+    return ModelConfig(**{**MODEL_SIZES[size], **overrides}).validate()
+
+
+@dataclasses.dataclass(unsafe_hash=True)
+class MeshConfig:
+    """Device mesh ``('data', 'fsdp', 'tensor')``; one size may be -1, meaning "all the rest"."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    rules: tuple[tuple[str, str | tuple[str, ...] | None], ...] = DEFAULT_RULES
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.data, self.fsdp, self.tensor)
+
+
+@dataclasses.dataclass(unsafe_hash=True)
+class OptimizerConfig:
+    """Adam(W) with a warmup then cosine-to-``end_lr_ratio`` or constant schedule.
+
+    Defaults follow InstructGPT appendix C: betas (0.9, 0.95); eps 1e-5 (LHP/N+, the paper is
+    silent; optax places eps like PyTorch); cosine to 10% of the peak.
+    """
+
+    lr: float = 1e-4
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 0
+    warmup_init_ratio: float = 0.0  # LR at step 0, as a fraction of the peak
+    end_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-5
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0  # global-norm clip; 0 = off (InstructGPT does not state one)

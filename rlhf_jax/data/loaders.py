@@ -1,0 +1,266 @@
+"""grain loaders that turn stored records into fixed-shape int32 batches, with resumable iterators.
+
+Batch layouts (PAD = ``pad_id``; P, R, T the loader's prompt/response/text lengths):
+
+- demonstrations: ``tokens``, ``attention_mask``, ``prompt_mask``, ``response_mask``: [B, P+R]
+- comparisons: ``tokens``, ``attention_mask``, ``response_mask``: [B, K, P+R]; ``ranks``,
+  ``valid``: [B, K] (K = ``max_completions``; slots past a record's own K have ``valid`` 0,
+  rank -1, all-PAD tokens and zero masks)
+- prompts: ``prompt_tokens``, ``prompt_mask``: [B, P]
+- pretraining: ``tokens``, ``mask``: [B, T]
+
+Prompts are LEFT-padded into the first P slots and responses right-padded into the last R, so
+every response starts at position P, the position the PPO rollout samples from. Text is
+right-padded. Masks are 1 on real tokens (the response's EOS included).
+
+Iterator state: ``iterator.get_state()`` is grain's JSON as bytes; `get_iterator_state` gives it as
+a JSON-compatible dict (for the stage checkpoint) and `set_iterator_state` restores either form,
+after which the iterator yields exactly the batches the saved one would have.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from rlhf_jax.data.builders import open_source, read_metadata
+from rlhf_jax.data.records import Kind, as_kind, from_storage
+
+
+def _fit(tokens: Any, length: int, field: str) -> np.ndarray:
+    tokens = np.asarray(tokens, dtype=np.int32).reshape(-1)
+    if tokens.size > length:
+        raise ValueError(f"field '{field}': {tokens.size} tokens do not fit in {length} slots")
+    return tokens
+
+
+def pack_prompt(
+    prompt: Sequence[int] | np.ndarray, *, prompt_len: int, pad_id: int = 0
+) -> dict[str, np.ndarray]:
+    """``prompt_tokens``, ``prompt_mask`` [P]: the prompt left-padded."""
+    p = _fit(prompt, prompt_len, "prompt")
+    tokens = np.full(prompt_len, pad_id, np.int32)
+    mask = np.zeros(prompt_len, np.int32)
+    if p.size:
+        tokens[-p.size :] = p
+        mask[-p.size :] = 1
+    return {"prompt_tokens": tokens, "prompt_mask": mask}
+
+
+def pack_demonstration(
+    prompt: Sequence[int] | np.ndarray,
+    response: Sequence[int] | np.ndarray,
+    *,
+    prompt_len: int,
+    response_len: int,
+    pad_id: int = 0,
+) -> dict[str, np.ndarray]:
+    """``tokens``, ``attention_mask``, ``prompt_mask``, ``response_mask`` [P+R]."""
+    left = pack_prompt(prompt, prompt_len=prompt_len, pad_id=pad_id)
+    r = _fit(response, response_len, "response")
+    tokens = np.full(prompt_len + response_len, pad_id, np.int32)
+    tokens[:prompt_len] = left["prompt_tokens"]
+    tokens[prompt_len : prompt_len + r.size] = r
+    prompt_mask = np.zeros(prompt_len + response_len, np.int32)
+    prompt_mask[:prompt_len] = left["prompt_mask"]
+    response_mask = np.zeros(prompt_len + response_len, np.int32)
+    response_mask[prompt_len : prompt_len + r.size] = 1
+    return {
+        "tokens": tokens,
+        "attention_mask": prompt_mask + response_mask,
+        "prompt_mask": prompt_mask,
+        "response_mask": response_mask,
+    }
+
+
+def pack_comparison(
+    prompt: Sequence[int] | np.ndarray,
+    responses: Sequence[Sequence[int] | np.ndarray],
+    ranks: Sequence[int] | np.ndarray,
+    *,
+    prompt_len: int,
+    response_len: int,
+    max_completions: int,
+    pad_id: int = 0,
+) -> dict[str, np.ndarray]:
+    """``tokens``, ``attention_mask``, ``response_mask`` [K, P+R]; ``ranks``, ``valid`` [K]."""
+    k = len(responses)
+    if k > max_completions:
+        raise ValueError(f"field 'responses': {k} completions do not fit in {max_completions}")
+    width = prompt_len + response_len
+    out = {
+        "tokens": np.full((max_completions, width), pad_id, np.int32),
+        "attention_mask": np.zeros((max_completions, width), np.int32),
+        "response_mask": np.zeros((max_completions, width), np.int32),
+        "ranks": np.full(max_completions, -1, np.int32),
+        "valid": np.zeros(max_completions, np.int32),
+    }
+    for i, response in enumerate(responses):
+        one = pack_demonstration(
+            prompt, response, prompt_len=prompt_len, response_len=response_len, pad_id=pad_id
+        )
+        for key in ("tokens", "attention_mask", "response_mask"):
+            out[key][i] = one[key]
+    out["ranks"][:k] = np.asarray(ranks, dtype=np.int32)
+    out["valid"][:k] = 1
+    return out
+
+
+def pack_text(
+    text: Sequence[int] | np.ndarray, *, text_len: int, pad_id: int = 0
+) -> dict[str, np.ndarray]:
+    """``tokens``, ``mask`` [T]: the text right-padded."""
+    t = _fit(text, text_len, "text")
+    tokens = np.full(text_len, pad_id, np.int32)
+    tokens[: t.size] = t
+    mask = np.zeros(text_len, np.int32)
+    mask[: t.size] = 1
+    return {"tokens": tokens, "mask": mask}
+
+
+class PackRecord(grain.transforms.Map):
+    """grain transform: one stored record -> its fixed-shape example (layouts in the docstring)."""
+
+    def __init__(
+        self,
+        kind: Kind | str,
+        *,
+        prompt_len: int = 0,
+        response_len: int = 0,
+        text_len: int = 0,
+        max_completions: int = 0,
+        pad_id: int = 0,
+    ) -> None:
+        self.kind = as_kind(kind)
+        self.prompt_len, self.response_len, self.text_len = prompt_len, response_len, text_len
+        self.max_completions, self.pad_id = max_completions, pad_id
+
+    def map(self, element: Any) -> dict[str, np.ndarray]:
+        rec = from_storage(self.kind, element)
+        lens = {"prompt_len": self.prompt_len, "pad_id": self.pad_id}
+        if self.kind is Kind.DEMONSTRATIONS:
+            return pack_demonstration(
+                rec["prompt"], rec["response"], response_len=self.response_len, **lens
+            )
+        if self.kind is Kind.COMPARISONS:
+            return pack_comparison(
+                rec["prompt"],
+                rec["responses"],
+                rec["ranks"],
+                response_len=self.response_len,
+                max_completions=self.max_completions,
+                **lens,
+            )
+        if self.kind is Kind.PROMPTS:
+            return pack_prompt(rec["prompt"], **lens)
+        return pack_text(rec["text"], text_len=self.text_len, pad_id=self.pad_id)
+
+
+# Which loader lengths each kind needs, keyed by the metadata entry that bounds them.
+_NEEDED: dict[Kind, tuple[str, ...]] = {
+    Kind.DEMONSTRATIONS: ("max_prompt_len", "max_response_len"),
+    Kind.COMPARISONS: ("max_prompt_len", "max_response_len", "max_completions"),
+    Kind.PROMPTS: ("max_prompt_len",),
+    Kind.PRETRAINING: ("max_text_len",),
+}
+_ARG = {
+    "max_prompt_len": "prompt_len",
+    "max_response_len": "response_len",
+    "max_text_len": "text_len",
+    "max_completions": "max_completions",
+}
+
+
+def make_loader(
+    path: str | os.PathLike,
+    split: str,
+    *,
+    batch_size: int,
+    seed: int,
+    prompt_len: int | None = None,
+    response_len: int | None = None,
+    text_len: int | None = None,
+    max_completions: int | None = None,
+    pad_id: int = 0,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    drop_remainder: bool = True,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    worker_count: int = 0,
+) -> grain.DataLoader:
+    """A grain DataLoader of fixed-shape batches from one split of a built dataset.
+
+    Args:
+      path: a dataset directory from `builders.build_dataset`; its kind is read from metadata.
+      split: tfds split (``"train"``, ``"train[:90%]"``).
+      batch_size: B, per process.
+      seed: shuffle seed (0 <= seed < 2**32); each epoch is a different permutation of it.
+      prompt_len, response_len, text_len, max_completions: P, R, T, K of the batch shapes. None
+        takes the dataset's longest (metadata); a value below it fails here, not mid-training.
+      num_epochs: None repeats forever.
+      drop_remainder: drop the last partial batch, so every batch has B rows.
+      shard_index, shard_count: this process's shard (``jax.process_index()``/``process_count()``);
+        shards are equal-sized disjoint slices (up to shard_count - 1 records dropped), so every
+        process takes the same number of steps.
+      worker_count: grain worker processes (0: in this process; >0 needs a ``__main__`` guard).
+
+    Iterate with ``it = iter(loader)``; ``it.get_state()``/``it.set_state()`` save and restore.
+    """
+    meta = read_metadata(path)
+    kind = as_kind(meta["kind"])
+    given = {
+        "prompt_len": prompt_len,
+        "response_len": response_len,
+        "text_len": text_len,
+        "max_completions": max_completions,
+    }
+    lengths: dict[str, int] = {}
+    for key in _NEEDED[kind]:
+        arg, longest = _ARG[key], int(meta.get(key, 0))
+        value = given[arg] if given[arg] is not None else longest
+        if value < longest:
+            raise ValueError(
+                f"{os.fspath(path)}: {arg}={value} is below the dataset's longest ({key}={longest})"
+            )
+        lengths[arg] = value
+    source = open_source(path, split)
+    shard = grain.sharding.ShardOptions(shard_index, shard_count, drop_remainder=True)
+    sampler = grain.samplers.IndexSampler(
+        num_records=len(source),
+        shard_options=shard,
+        shuffle=shuffle,
+        num_epochs=num_epochs,
+        seed=seed,
+    )
+    return grain.DataLoader(
+        data_source=source,
+        sampler=sampler,
+        operations=[
+            PackRecord(kind, pad_id=pad_id, **lengths),
+            grain.transforms.Batch(batch_size=batch_size, drop_remainder=drop_remainder),
+        ],
+        worker_count=worker_count,
+        shard_options=shard,
+    )
+
+
+def get_iterator_state(iterator: grain.DataLoaderIterator) -> dict[str, Any]:
+    """The iterator's position as a JSON-compatible dict (grain's own state, decoded)."""
+    return json.loads(iterator.get_state().decode())
+
+
+def set_iterator_state(
+    iterator: grain.DataLoaderIterator, state: dict[str, Any] | bytes | str
+) -> None:
+    """Restores a position saved by `get_iterator_state` or ``iterator.get_state()``."""
+    if isinstance(state, dict):
+        state = json.dumps(state)
+    if isinstance(state, str):
+        state = state.encode()
+    iterator.set_state(state)

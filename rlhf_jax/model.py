@@ -1,0 +1,271 @@
+"""Decoder-only transformer (GPT-2 and Llama families) with LM or scalar head and an explicit KV cache.
+
+One Flax Linen module, used only through ``init``/``apply``; parameters are plain pytrees whose
+leaves carry logical axis names at init (``sharding.py`` maps them to mesh axes).
+
+- ``family="gpt2"``: learned positions, LayerNorm, tanh-GELU MLP, biases, tied embeddings (GPT-2).
+- ``family="llama"``: RoPE (HF "rotate half" layout), RMSNorm, SwiGLU, grouped-query attention,
+  optional q/k/v biases (Qwen2) and untied embeddings (Llama 2/3, Mistral, SmolLM).
+
+Padding. ``attention_mask`` [B T] is 1 on real tokens. Position ids are the running count of real
+tokens (``cumsum(mask) - 1``), and padded keys are never attended to, so left padding a prompt
+does not change the outputs at real positions. Mistral's sliding window is not implemented: it is
+exact for sequences shorter than the window (4096 tokens for Mistral 7B).
+
+KV cache. ``init_cache`` returns a ``KVCache`` pytree of fixed length S; ``apply(..., cache=c)``
+writes the new tokens at ``c.index``, attends to every valid slot up to each query, and returns
+``(logits, new_cache)``. Prefill and one-token decode are the same call with T = P and T = 1.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int, Shaped
+
+from rlhf_jax.config import ModelConfig
+
+
+class KVCache(NamedTuple):
+    """Per-layer keys/values [B S G E], the validity of each slot [B S], and the next write slot."""
+
+    k: tuple[Float[Array, "B S G E"], ...]
+    v: tuple[Float[Array, "B S G E"], ...]
+    mask: Int[Array, "B S"]
+    index: Int[Array, ""]
+
+
+def init_cache(config: ModelConfig, batch: int, length: int) -> KVCache:
+    """An empty cache with room for ``length`` tokens (prompt plus generated)."""
+    shape = (batch, length, config.n_kv_heads, config.dim_head)
+    zeros = tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(config.n_layers))
+    return KVCache(
+        k=zeros,
+        v=tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(config.n_layers)),
+        mask=jnp.zeros((batch, length), jnp.int32),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+
+def _param(module: nn.Module, name: str, shape, axes, init, dtype):
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+class Norm(nn.Module):
+    """LayerNorm (GPT-2, with bias) or RMSNorm (Llama), computed in float32."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        pdt = jnp.dtype(cfg.param_dtype)
+        scale = _param(self, "scale", (x.shape[-1],), ("norm",), nn.initializers.ones, pdt)
+        h = x.astype(jnp.float32)
+        if cfg.family == "gpt2":
+            h = h - h.mean(-1, keepdims=True)
+        h = h * jax.lax.rsqrt((h * h).mean(-1, keepdims=True) + cfg.norm_eps) * scale
+        if cfg.family == "gpt2":
+            h = h + _param(self, "bias", (x.shape[-1],), ("norm",), nn.initializers.zeros, pdt)
+        return h.astype(x.dtype)
+
+
+class Dense(nn.Module):
+    """``x @ kernel (+ bias)`` contracting the last ``len(in_axes)`` dims of x."""
+
+    features: tuple[int, ...]
+    in_axes: tuple[str, ...]
+    out_axes: tuple[str, ...]
+    config: ModelConfig
+    use_bias: bool = False
+    init_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        n_in = len(self.in_axes)
+        in_shape = x.shape[x.ndim - n_in :]
+        kernel = _param(
+            self, "kernel", (*in_shape, *self.features), (*self.in_axes, *self.out_axes),
+            nn.initializers.normal(self.init_std), jnp.dtype(cfg.param_dtype),
+        )
+        dims = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(x, kernel.astype(cfg.compute_dtype), (dims, ((), ())))
+        if self.use_bias:
+            bias = _param(
+                self, "bias", self.features, self.out_axes, nn.initializers.zeros,
+                jnp.dtype(cfg.param_dtype),
+            )
+            y = y + bias.astype(cfg.compute_dtype)
+        return y
+
+
+def rope(x: Float[Array, "B T N E"], positions: Int[Array, "B T"], theta: float):
+    """Rotary embedding in the HF layout: the two halves of the head dim are the (re, im) parts."""
+    half = x.shape[-1] // 2
+    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle = positions[..., None].astype(jnp.float32) * freq  # [B T half]
+    cos, sin = jnp.cos(angle)[:, :, None, :], jnp.sin(angle)[:, :, None, :]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, key_mask, query_offset, layer_cache):
+        """``key_mask`` [B S] marks attendable slots; query i sits at slot ``query_offset + i``."""
+        cfg = self.config
+        H, G, E = cfg.n_heads, cfg.n_kv_heads, cfg.dim_head
+        bias = cfg.use_bias or cfg.qkv_bias
+        q = Dense((H, E), ("embed",), ("heads", "head_dim"), cfg, bias, name="q")(x)
+        k = Dense((G, E), ("embed",), ("kv_heads", "head_dim"), cfg, bias, name="k")(x)
+        v = Dense((G, E), ("embed",), ("kv_heads", "head_dim"), cfg, bias, name="v")(x)
+        if cfg.family == "llama":
+            q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+        if layer_cache is not None:
+            ck, cv = layer_cache
+            k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), query_offset, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), query_offset, axis=1)
+        B, T, S = x.shape[0], x.shape[1], k.shape[1]
+        causal = jnp.arange(S)[None, :] <= (query_offset + jnp.arange(T))[:, None]  # [T S]
+        allowed = causal[None] & (key_mask[:, None, :] > 0)  # [B T S]
+        q = q.reshape(B, T, G, H // G, E)
+        scores = jnp.einsum("btgre,bsge->bgrts", q, k).astype(jnp.float32) / jnp.sqrt(E)
+        # A finite fill keeps rows with no allowed key (padding queries) NaN-free.
+        scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bgrts,bsge->btgre", probs, v).reshape(B, T, H, E)
+        out = Dense((cfg.d_model,), ("heads", "head_dim"), ("embed",), cfg, cfg.use_bias,
+                    name="o")(out)
+        return out, (k, v)
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        F, b = cfg.mlp_dim, cfg.use_bias
+        if cfg.family == "gpt2":
+            h = nn.gelu(Dense((F,), ("embed",), ("mlp",), cfg, b, name="fc")(x), approximate=True)
+        else:
+            gate = Dense((F,), ("embed",), ("mlp",), cfg, b, name="gate")(x)
+            h = nn.silu(gate) * Dense((F,), ("embed",), ("mlp",), cfg, b, name="up")(x)
+        return Dense((cfg.d_model,), ("mlp",), ("embed",), cfg, b, name="down")(h)
+
+
+class Block(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, key_mask, query_offset, layer_cache, deterministic):
+        drop = nn.Dropout(self.config.dropout, deterministic=deterministic)
+        h, kv = Attention(self.config, name="attn")(
+            Norm(self.config, name="attn_norm")(x), positions, key_mask, query_offset, layer_cache
+        )
+        x = x + drop(h)
+        x = x + drop(MLP(self.config, name="mlp")(Norm(self.config, name="mlp_norm")(x)))
+        return x, kv
+
+
+class Transformer(nn.Module):
+    """The whole model. See the module docstring for padding and cache semantics.
+
+    ``apply({"params": p}, tokens, attention_mask)`` -> logits [B T V] float32 (scalar head: [B T]);
+    with ``cache=`` it returns ``(logits, cache)``. Dropout is active only with
+    ``deterministic=False`` and a ``"dropout"`` rng.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: Int[Array | np.ndarray, "B T"],
+        attention_mask: Shaped[Array | np.ndarray, "B T"] | None = None,
+        *,
+        cache: KVCache | None = None,
+        deterministic: bool = True,
+    ):
+        cfg = self.config
+        pdt = jnp.dtype(cfg.param_dtype)
+        mask = (
+            jnp.ones(tokens.shape, jnp.int32)
+            if attention_mask is None
+            else attention_mask.astype(jnp.int32)
+        )
+        if cache is None:
+            offset, key_mask = jnp.zeros((), jnp.int32), mask
+            positions = jnp.cumsum(mask, axis=1) - 1
+        else:
+            offset = cache.index
+            key_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, mask, offset, axis=1)
+            seen = jnp.sum(cache.mask, axis=1, keepdims=True)
+            positions = seen + jnp.cumsum(mask, axis=1) - 1
+        positions = jnp.maximum(positions, 0)
+
+        embedding = _param(
+            self, "embed", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
+            nn.initializers.normal(0.02), pdt,
+        )
+        x = jnp.take(embedding, tokens, axis=0).astype(cfg.compute_dtype)
+        if cfg.family == "gpt2":
+            pos_embed = _param(
+                self, "pos_embed", (cfg.max_len, cfg.d_model), ("position", "embed"),
+                nn.initializers.normal(0.01), pdt,
+            )
+            x = x + jnp.take(pos_embed, positions, axis=0).astype(cfg.compute_dtype)
+        x = nn.Dropout(cfg.dropout, deterministic=deterministic)(x)
+
+        new_k, new_v = [], []
+        for i in range(cfg.n_layers):
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+            x, (k, v) = Block(cfg, name=f"layers_{i}")(
+                x, positions, key_mask, offset, layer_cache, deterministic
+            )
+            new_k.append(k)
+            new_v.append(v)
+        x = Norm(cfg, name="final_norm")(x)
+
+        if cfg.head == "scalar":
+            # N+ initialisation of the reward head: std 1/sqrt(D+1).
+            out = Dense((1,), ("embed",), ("scalar",), cfg, True, (cfg.d_model + 1) ** -0.5,
+                        name="score_head")(x)[..., 0].astype(jnp.float32)
+        elif cfg.tie_embeddings:
+            out = jnp.einsum("btd,vd->btv", x, embedding.astype(cfg.compute_dtype))
+            out = out.astype(jnp.float32)
+        else:
+            out = Dense((cfg.vocab_size,), ("embed",), ("vocab",), cfg, False,
+                        name="lm_head")(x).astype(jnp.float32)
+        if cache is None:
+            return out
+        new_cache = KVCache(tuple(new_k), tuple(new_v), key_mask, offset + tokens.shape[1])
+        return out, new_cache
+
+
+def abstract_params(config: ModelConfig):
+    """Shapes/dtypes of the (boxed, logically annotated) params, without allocating anything."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return jax.eval_shape(
+        lambda: Transformer(config).init(jax.random.key(0), tokens)["params"]
+    )
+
+
+def init_params(config: ModelConfig, rng: jax.Array):
+    """Freshly initialised, unboxed params on the default device (tests; sharded init is in
+    ``sharding.init_sharded_params``)."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return nn.meta.unbox(Transformer(config).init(rng, tokens)["params"])
+
+
+def logical_axes(config: ModelConfig):
+    """A pytree like the params whose leaves are ``PartitionSpec``s of logical axis names."""
+    return nn.get_partition_spec(abstract_params(config))
