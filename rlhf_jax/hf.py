@@ -1,0 +1,411 @@
+"""Hugging Face checkpoint directories (config.json + safetensors) to and from our params.
+
+``load_checkpoint(path)`` reads a local directory written by ``save_pretrained`` (one
+``model.safetensors`` or shards listed in ``model.safetensors.index.json``) into a ``ModelConfig``
+and a plain nested dict of host NumPy arrays in ``param_dtype`` (put them on devices with
+``jax.device_put`` or ``sharding``); ``save_checkpoint`` writes the reverse, which
+``transformers.AutoModelForCausalLM.from_pretrained`` loads. transformers parses the configs and
+tokenizers; tensors go through ``safetensors`` in NumPy (bfloat16 via ml_dtypes), never torch.
+
+Supported: GPT-2 (``GPT2LMHeadModel``, ``GPT2Model``), Llama, Qwen2 (q/k/v biases), Mistral (its
+sliding window is not implemented, so outputs are exact only up to ``sliding_window`` tokens).
+
+Name mapping: one table per family (``_TABLES``), used in both directions. ``i`` is the layer;
+(L) marks a torch ``Linear`` weight, stored [out, in] and so transposed (GPT-2's ``Conv1D`` is
+already [in, out]); a tensor feeding several params is split along its output axis. Each
+``.weight`` maps to ``kernel`` (``scale`` for norms) and each ``.bias`` to ``bias``; rows for
+params a config lacks (biases, an untied head) are skipped.
+
+  GPT-2, prefix ``transformer.``      ours
+  wte, wpe                            embed [V D], pos_embed [max_len D]
+  h.i.ln_1, h.i.ln_2, ln_f            layers_i/attn_norm, layers_i/mlp_norm, final_norm
+  h.i.attn.c_attn (fused q|k|v)       layers_i/attn/{q,k,v}: kernel [D H E], bias [H E]
+  h.i.attn.c_proj                     layers_i/attn/o: kernel [H E D], bias [D]
+  h.i.mlp.c_fc, h.i.mlp.c_proj        layers_i/mlp/fc, layers_i/mlp/down
+  lm_head (L, untied only)            lm_head [D V]
+
+  Llama/Qwen2/Mistral, prefix ``model.``
+  embed_tokens, norm                  embed, final_norm
+  layers.i.input_layernorm            layers_i/attn_norm
+  layers.i.post_attention_layernorm   layers_i/mlp_norm
+  layers.i.self_attn.{q,k,v,o}_proj   layers_i/attn/{q,k,v,o} (L); k, v: [D G E]
+  layers.i.mlp.{gate,up,down}_proj    layers_i/mlp/{gate,up,down} (L)
+  lm_head (L, untied only)            lm_head [D V]
+
+RoPE in ``model.py`` uses HF's rotate-half layout, so q/k projections need no permutation.
+Scalar-head params (``score_head``) have no causal-LM equivalent: ``save_checkpoint`` refuses them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import transformers
+from flax import traverse_util
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from rlhf_jax.config import ModelConfig
+from rlhf_jax.model import init_params
+
+# model_type -> (our family, architectures we accept).
+SUPPORTED: dict[str, tuple[str, tuple[str, ...]]] = {
+    "gpt2": ("gpt2", ("GPT2LMHeadModel", "GPT2Model")),
+    "llama": ("llama", ("LlamaForCausalLM", "LlamaModel")),
+    "qwen2": ("llama", ("Qwen2ForCausalLM", "Qwen2Model")),
+    "mistral": ("llama", ("MistralForCausalLM", "MistralModel")),
+}
+_PREFIX = {"gpt2": "transformer.", "llama": "model."}
+# HF buffers and duplicates that carry no parameters of ours.
+_IGNORED = re.compile(r"(\.attn\.(masked_)?bias|rotary_emb\.inv_freq)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that this module cannot read or a model it cannot write."""
+
+
+class Row(NamedTuple):
+    """One HF tensor: its name (``{i}`` = layer), our param paths, Linear [out, in] layout, and the
+    number of leading input axes of our kernel (o: [H E D] has two)."""
+
+    hf: str
+    ours: tuple[str, ...]
+    linear: bool = False
+    n_in: int = 1
+
+
+def _pair(
+    hf: str, ours: str | tuple[str, ...], linear: bool = False, n_in: int = 1
+) -> tuple[Row, Row]:
+    """``hf.weight`` -> ``ours/kernel`` (``scale`` for norms), ``hf.bias`` -> ``ours/bias``."""
+    ours = (ours,) if isinstance(ours, str) else ours
+    weight = "scale" if "norm" in ours[0] else "kernel"
+    return (
+        Row(f"{hf}.weight", tuple(f"{o}/{weight}" for o in ours), linear, n_in),
+        Row(f"{hf}.bias", tuple(f"{o}/bias" for o in ours)),
+    )
+
+
+_GPT2_LAYER = "transformer.h.{i}."
+_LLAMA_LAYER = "model.layers.{i}."
+_L = "layers_{i}/"
+_TABLES: dict[str, tuple[Row, ...]] = {
+    "gpt2": (
+        Row("transformer.wte.weight", ("embed",)),
+        Row("transformer.wpe.weight", ("pos_embed",)),
+        *_pair("transformer.ln_f", "final_norm"),
+        *_pair(_GPT2_LAYER + "ln_1", _L + "attn_norm"),
+        *_pair(_GPT2_LAYER + "attn.c_attn", (_L + "attn/q", _L + "attn/k", _L + "attn/v")),
+        *_pair(_GPT2_LAYER + "attn.c_proj", _L + "attn/o", n_in=2),
+        *_pair(_GPT2_LAYER + "ln_2", _L + "mlp_norm"),
+        *_pair(_GPT2_LAYER + "mlp.c_fc", _L + "mlp/fc"),
+        *_pair(_GPT2_LAYER + "mlp.c_proj", _L + "mlp/down"),
+        Row("lm_head.weight", ("lm_head/kernel",), linear=True),
+    ),
+    "llama": (
+        Row("model.embed_tokens.weight", ("embed",)),
+        Row("model.norm.weight", ("final_norm/scale",)),
+        Row(_LLAMA_LAYER + "input_layernorm.weight", (_L + "attn_norm/scale",)),
+        *_pair(_LLAMA_LAYER + "self_attn.q_proj", _L + "attn/q", linear=True),
+        *_pair(_LLAMA_LAYER + "self_attn.k_proj", _L + "attn/k", linear=True),
+        *_pair(_LLAMA_LAYER + "self_attn.v_proj", _L + "attn/v", linear=True),
+        *_pair(_LLAMA_LAYER + "self_attn.o_proj", _L + "attn/o", linear=True, n_in=2),
+        Row(_LLAMA_LAYER + "post_attention_layernorm.weight", (_L + "mlp_norm/scale",)),
+        *_pair(_LLAMA_LAYER + "mlp.gate_proj", _L + "mlp/gate", linear=True),
+        *_pair(_LLAMA_LAYER + "mlp.up_proj", _L + "mlp/up", linear=True),
+        *_pair(_LLAMA_LAYER + "mlp.down_proj", _L + "mlp/down", linear=True),
+        Row("lm_head.weight", ("lm_head/kernel",), linear=True),
+    ),
+}
+
+
+# ----------------------------------------------------------------------------- mapping
+
+
+def _param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    flat = traverse_util.flatten_dict(abstract, sep="/")
+    return {k: tuple(v.shape) for k, v in flat.items()}
+
+
+def _rows(config: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> list[Row]:
+    """The table expanded over layers, restricted to the params this config has."""
+    rows = []
+    for row in _TABLES[config.family]:
+        for i in range(config.n_layers) if "{i}" in row.hf else [0]:
+            ours = tuple(p.format(i=i) for p in row.ours)
+            if all(p in shapes for p in ours):
+                rows.append(row._replace(hf=row.hf.format(i=i), ours=ours))
+    unmapped = sorted(set(shapes) - {p for r in rows for p in r.ours})
+    if unmapped:
+        raise CheckpointError(
+            f"params {unmapped} have no Hugging Face causal-LM tensor "
+            f"(family={config.family!r}, head={config.head!r})"
+        )
+    return rows
+
+
+def _is_vector(path: str) -> bool:
+    return path.rsplit("/", 1)[-1] in ("bias", "scale")
+
+
+def _hf_shape(row: Row, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+    n_in = 0 if _is_vector(row.ours[0]) else row.n_in
+    out = sum(math.prod(shapes[p][n_in:]) for p in row.ours)
+    if n_in == 0:
+        return (out,)
+    rows = math.prod(shapes[row.ours[0]][:n_in])
+    return (out, rows) if row.linear else (rows, out)
+
+
+def _to_hf(row: Row, arrays: list[np.ndarray]) -> np.ndarray:
+    if _is_vector(row.ours[0]):
+        return np.concatenate([a.reshape(-1) for a in arrays])
+    x = np.concatenate([a.reshape(math.prod(a.shape[: row.n_in]), -1) for a in arrays], axis=-1)
+    return np.ascontiguousarray(x.T if row.linear else x)
+
+
+def _from_hf(row: Row, x: np.ndarray, shapes: dict[str, tuple[int, ...]]) -> list[np.ndarray]:
+    n_in = 0 if _is_vector(row.ours[0]) else row.n_in
+    if row.linear:
+        x = x.T
+    sizes = [math.prod(shapes[p][n_in:]) for p in row.ours]
+    parts = np.split(x, np.cumsum(sizes)[:-1], axis=-1)
+    return [
+        np.ascontiguousarray(part.reshape(shapes[p]))
+        for part, p in zip(parts, row.ours, strict=True)
+    ]
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def _from_hf_config(c: Any, model_type: str, **overrides: Any) -> ModelConfig:
+    family = SUPPORTED[model_type][0]
+    if family == "gpt2":
+        if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+            raise CheckpointError(
+                f"GPT-2 activation_function={c.activation_function!r} is not supported "
+                "(only the tanh GELU: gelu_new, gelu_pytorch_tanh, gelu_fast)"
+            )
+        if not c.scale_attn_weights or c.scale_attn_by_inverse_layer_idx:
+            raise CheckpointError(
+                "GPT-2 attention scaling other than 1/sqrt(head_dim) is not supported "
+                "(scale_attn_weights=False or scale_attn_by_inverse_layer_idx=True)"
+            )
+        fields = dict(
+            vocab_size=c.vocab_size, d_model=c.n_embd, n_layers=c.n_layer, n_heads=c.n_head,
+            n_kv_heads=c.n_head, mlp_dim=c.n_inner or 4 * c.n_embd, max_len=c.n_positions,
+            norm_eps=c.layer_norm_epsilon, use_bias=True,
+        )  # fmt: skip
+    else:
+        rope = dict(getattr(c, "rope_parameters", None) or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default" or rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise CheckpointError(
+                f"rope scaling rope_type={rope_type!r} ({rope}) is not supported: only 'default' "
+                "(plain RoPE with rope_theta, partial_rotary_factor 1) is implemented"
+            )
+        if c.hidden_act != "silu":
+            raise CheckpointError(f"hidden_act={c.hidden_act!r} is not supported (only 'silu')")
+        attn_bias = bool(getattr(c, "attention_bias", False))
+        mlp_bias = bool(getattr(c, "mlp_bias", False))
+        if model_type != "qwen2" and attn_bias != mlp_bias:
+            raise CheckpointError(
+                f"attention_bias={attn_bias} with mlp_bias={mlp_bias} is not supported "
+                "(both or neither)"
+            )
+        window, layer_types = getattr(c, "sliding_window", None), getattr(c, "layer_types", None)
+        if window and (model_type == "mistral" or "sliding_attention" in (layer_types or ())):
+            warnings.warn(
+                f"sliding_window={window} is not implemented: outputs are exact only for "
+                f"sequences of at most {window} tokens",
+                stacklevel=3,
+            )
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        fields = dict(
+            family="llama", vocab_size=c.vocab_size, d_model=c.hidden_size,
+            n_layers=c.num_hidden_layers, n_heads=c.num_attention_heads,
+            n_kv_heads=c.num_key_value_heads or c.num_attention_heads,
+            head_dim=0 if head_dim * c.num_attention_heads == c.hidden_size else head_dim,
+            mlp_dim=c.intermediate_size, max_len=c.max_position_embeddings,
+            norm_eps=c.rms_norm_eps, rope_theta=float(rope.get("rope_theta", 10000.0)),
+            use_bias=attn_bias and mlp_bias, qkv_bias=model_type == "qwen2",
+        )  # fmt: skip
+    fields["tie_embeddings"] = bool(c.tie_word_embeddings)
+    return ModelConfig(**fields, **overrides).validate()
+
+
+def _to_hf_config(config: ModelConfig, overrides: dict[str, Any]) -> Any:
+    E = config.dim_head
+    if config.family == "gpt2":
+        if not config.use_bias or config.n_kv_heads != config.n_heads:
+            raise CheckpointError(
+                "GPT-2 needs use_bias=True and n_kv_heads == n_heads to be saved in HF format"
+            )
+        if E * config.n_heads != config.d_model:
+            raise CheckpointError("GPT-2 needs head_dim == d_model // n_heads")
+        cls, arch = transformers.GPT2Config, "GPT2LMHeadModel"
+        fields = dict(
+            n_positions=config.max_len, n_embd=config.d_model, n_layer=config.n_layers,
+            n_head=config.n_heads, n_inner=config.mlp_dim, layer_norm_epsilon=config.norm_eps,
+            activation_function="gelu_new", resid_pdrop=config.dropout,
+            embd_pdrop=config.dropout, attn_pdrop=0.0,
+        )  # fmt: skip
+    else:
+        if config.qkv_bias and not config.use_bias:
+            cls, arch, fields = transformers.Qwen2Config, "Qwen2ForCausalLM", {}
+        else:
+            cls, arch = transformers.LlamaConfig, "LlamaForCausalLM"
+            fields = dict(attention_bias=config.use_bias, mlp_bias=config.use_bias)
+        fields.update(
+            hidden_size=config.d_model, intermediate_size=config.mlp_dim,
+            num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
+            num_key_value_heads=config.n_kv_heads, head_dim=E,
+            max_position_embeddings=config.max_len, rms_norm_eps=config.norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+            hidden_act="silu",
+        )  # fmt: skip
+    defaults = cls()
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):  # ids from the preset's vocab
+        token = getattr(defaults, name, None)
+        fields[name] = token if isinstance(token, int) and token < config.vocab_size else None
+    fields.update(
+        vocab_size=config.vocab_size, tie_word_embeddings=config.tie_embeddings,
+        architectures=[arch], dtype=config.param_dtype,
+    )  # fmt: skip
+    return cls(**{**fields, **overrides})
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    param_dtype: str = "float32",
+    dropout: float = 0.0,
+) -> tuple[ModelConfig, dict[str, Any]]:
+    """Read a local HF checkpoint directory into ``(ModelConfig, params)``.
+
+    ``dtype`` is the compute dtype and ``param_dtype`` the dtype of the returned NumPy arrays;
+    ``dropout`` is ours (HF's dropout rates are ignored). Raises ``FileNotFoundError`` for a
+    missing config or weights file and ``CheckpointError`` for unsupported models, missing
+    tensors and shape mismatches, each naming the culprit.
+    """
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no config.json in checkpoint directory {path}")
+    raw = json.loads(config_file.read_text())
+    model_type, archs = raw.get("model_type"), raw.get("architectures") or []
+    supported = ", ".join(f"{a} ({t})" for t, (_, names) in SUPPORTED.items() for a in names)
+    if model_type not in SUPPORTED or any(a not in SUPPORTED[model_type][1] for a in archs):
+        raise CheckpointError(
+            f"unsupported model: model_type={model_type!r}, architectures={archs} in "
+            f"{config_file}; supported architectures: {supported}"
+        )
+    hf_config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    config = _from_hf_config(
+        hf_config, model_type, dtype=dtype, param_dtype=param_dtype, dropout=dropout
+    )
+
+    # Where each tensor lives.
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if index.is_file():
+        where = {k: path / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+    elif single.is_file():
+        with safe_open(single, framework="np") as f:
+            where = dict.fromkeys(f.keys(), single)
+    else:
+        raise FileNotFoundError(f"no weights in {path}: expected {single.name} or {index.name}")
+    listing, prefix = (index if index.is_file() else single), _PREFIX[config.family]
+    stored = {k: k for k in where}  # our HF name -> name in the file
+    if not any(k.startswith(prefix) for k in where):  # GPT2Model-style names, without the prefix
+        stored = {(k if k.startswith("lm_head.") else prefix + k): k for k in where}
+
+    shapes = _param_shapes(config)
+    rows = _rows(config, shapes)
+    by_file: dict[Path, list[Row]] = {}
+    for row in rows:
+        if row.hf not in stored:
+            raise CheckpointError(f"tensor {row.hf!r} ({list(row.ours)}) missing from {listing}")
+        by_file.setdefault(where[stored[row.hf]], []).append(row)
+
+    flat, pdt = {}, jnp.dtype(param_dtype)
+    for file, file_rows in by_file.items():
+        if not file.is_file():
+            raise FileNotFoundError(f"weights file {file} (listed in {listing}) is missing")
+        with safe_open(file, framework="np") as f:
+            names = set(f.keys())
+            for row in file_rows:
+                if stored[row.hf] not in names:
+                    raise CheckpointError(f"tensor {row.hf!r} missing from {file}")
+                x = f.get_tensor(stored[row.hf])
+                expected = _hf_shape(row, shapes)
+                if x.shape != expected:
+                    raise CheckpointError(
+                        f"tensor {row.hf!r} in {file}: expected shape {expected} for "
+                        f"{list(row.ours)}, got {x.shape}"
+                    )
+                for p, part in zip(row.ours, _from_hf(row, x.astype(pdt), shapes), strict=True):
+                    flat[p] = part
+
+    used = {r.hf for r in rows} | ({"lm_head.weight"} if config.tie_embeddings else set())
+    unused = sorted(k for k in stored if k not in used and not _IGNORED.search(k))
+    if unused:
+        warnings.warn(f"ignored {len(unused)} tensors of {path}: {unused[:8]}", stacklevel=2)
+    return config, traverse_util.unflatten_dict(flat, sep="/")
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    config: ModelConfig,
+    params: Any,
+    *,
+    hf_overrides: dict[str, Any] | None = None,
+) -> None:
+    """Write ``config.json`` + ``model.safetensors`` that ``AutoModelForCausalLM`` loads.
+
+    GPT-2 configs become ``GPT2LMHeadModel``; Llama-family configs become ``Qwen2ForCausalLM``
+    when they have q/k/v biases only, else ``LlamaForCausalLM``. ``hf_overrides`` are extra HF
+    config fields (e.g. ``eos_token_id``); token ids of the HF defaults outside the vocabulary are
+    dropped. Params must be fully addressable from this process (gather them first on multi-host).
+    Scalar-head models raise ``CheckpointError``: save them with Orbax (``rlhf_jax.checkpoint``).
+    """
+    if config.head != "lm":
+        raise CheckpointError(
+            "save_checkpoint writes causal LMs only; a head='scalar' model (score_head) has no "
+            "AutoModelForCausalLM equivalent: save it with Orbax instead"
+        )
+    hf_config = _to_hf_config(config, dict(hf_overrides or {}))
+    shapes = _param_shapes(config)
+    rows = _rows(config, shapes)
+    flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
+    for name, shape in shapes.items():
+        if name not in flat:
+            raise CheckpointError(f"param {name!r} missing from params for {config}")
+        if tuple(np.shape(flat[name])) != shape:
+            raise CheckpointError(
+                f"param {name!r}: expected shape {shape}, got {tuple(np.shape(flat[name]))}"
+            )
+    tensors = {r.hf: _to_hf(r, [np.asarray(flat[p]) for p in r.ours]) for r in rows}
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    hf_config.save_pretrained(path)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def load_tokenizer(path: str | os.PathLike) -> Any:
+    """The tokenizer saved in a local checkpoint directory (never downloads)."""
+    return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
