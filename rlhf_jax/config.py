@@ -89,21 +89,33 @@ class ModelConfig:
 MODEL_SIZES: dict[str, dict] = {
     "tiny": dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, mlp_dim=64),
     "tiny-llama": dict(
-        family="llama", d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=64,
-        use_bias=False, tie_embeddings=False, norm_eps=1e-6,
+        family="llama",
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        mlp_dim=64,
+        use_bias=False,
+        tie_embeddings=False,
+        norm_eps=1e-6,
     ),
     "XS": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, mlp_dim=256),
     "S": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, mlp_dim=512),
     "M": dict(d_model=256, n_layers=6, n_heads=8, n_kv_heads=8, mlp_dim=1024),
     "gpt2-small": dict(
-        vocab_size=50257, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, mlp_dim=3072,
+        vocab_size=50257,
+        d_model=768,
+        n_layers=12,
+        n_heads=12,
+        n_kv_heads=12,
+        mlp_dim=3072,
         max_len=1024,
     ),
 }
 
 
 def model_config(size: str, **overrides) -> ModelConfig:
-    """A named size (``MODEL_SIZES``) with field overrides, e.g. ``model_config("S", vocab_size=64)``."""
+    """A named size (``MODEL_SIZES``) with overrides, e.g. ``model_config("S", vocab_size=64)``."""
     if size not in MODEL_SIZES:
         raise ValueError(f"unknown model size {size!r}; known sizes: {sorted(MODEL_SIZES)}")
     return ModelConfig(**{**MODEL_SIZES[size], **overrides}).validate()

@@ -1,4 +1,4 @@
-"""Decoder-only transformer (GPT-2 and Llama families) with LM or scalar head and an explicit KV cache.
+"""Decoder-only transformer (GPT-2 and Llama families), LM or scalar head, explicit KV cache.
 
 One Flax Linen module, used only through ``init``/``apply``; parameters are plain pytrees whose
 leaves carry logical axis names at init (``sharding.py`` maps them to mesh axes).
@@ -90,14 +90,22 @@ class Dense(nn.Module):
         n_in = len(self.in_axes)
         in_shape = x.shape[x.ndim - n_in :]
         kernel = _param(
-            self, "kernel", (*in_shape, *self.features), (*self.in_axes, *self.out_axes),
-            nn.initializers.normal(self.init_std), jnp.dtype(cfg.param_dtype),
+            self,
+            "kernel",
+            (*in_shape, *self.features),
+            (*self.in_axes, *self.out_axes),
+            nn.initializers.normal(self.init_std),
+            jnp.dtype(cfg.param_dtype),
         )
         dims = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
         y = jax.lax.dot_general(x, kernel.astype(cfg.compute_dtype), (dims, ((), ())))
         if self.use_bias:
             bias = _param(
-                self, "bias", self.features, self.out_axes, nn.initializers.zeros,
+                self,
+                "bias",
+                self.features,
+                self.out_axes,
+                nn.initializers.zeros,
                 jnp.dtype(cfg.param_dtype),
             )
             y = y + bias.astype(cfg.compute_dtype)
@@ -142,8 +150,9 @@ class Attention(nn.Module):
         scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bgrts,bsge->btgre", probs, v).reshape(B, T, H, E)
-        out = Dense((cfg.d_model,), ("heads", "head_dim"), ("embed",), cfg, cfg.use_bias,
-                    name="o")(out)
+        out = Dense((cfg.d_model,), ("heads", "head_dim"), ("embed",), cfg, cfg.use_bias, name="o")(
+            out
+        )
         return out, (k, v)
 
 
@@ -213,14 +222,22 @@ class Transformer(nn.Module):
         positions = jnp.maximum(positions, 0)
 
         embedding = _param(
-            self, "embed", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
-            nn.initializers.normal(0.02), pdt,
+            self,
+            "embed",
+            (cfg.vocab_size, cfg.d_model),
+            ("vocab", "embed"),
+            nn.initializers.normal(0.02),
+            pdt,
         )
         x = jnp.take(embedding, tokens, axis=0).astype(cfg.compute_dtype)
         if cfg.family == "gpt2":
             pos_embed = _param(
-                self, "pos_embed", (cfg.max_len, cfg.d_model), ("position", "embed"),
-                nn.initializers.normal(0.01), pdt,
+                self,
+                "pos_embed",
+                (cfg.max_len, cfg.d_model),
+                ("position", "embed"),
+                nn.initializers.normal(0.01),
+                pdt,
             )
             x = x + jnp.take(pos_embed, positions, axis=0).astype(cfg.compute_dtype)
         x = nn.Dropout(cfg.dropout, deterministic=deterministic)(x)
@@ -237,14 +254,22 @@ class Transformer(nn.Module):
 
         if cfg.head == "scalar":
             # N+ initialisation of the reward head: std 1/sqrt(D+1).
-            out = Dense((1,), ("embed",), ("scalar",), cfg, True, (cfg.d_model + 1) ** -0.5,
-                        name="score_head")(x)[..., 0].astype(jnp.float32)
+            out = Dense(
+                (1,),
+                ("embed",),
+                ("scalar",),
+                cfg,
+                True,
+                (cfg.d_model + 1) ** -0.5,
+                name="score_head",
+            )(x)[..., 0].astype(jnp.float32)
         elif cfg.tie_embeddings:
             out = jnp.einsum("btd,vd->btv", x, embedding.astype(cfg.compute_dtype))
             out = out.astype(jnp.float32)
         else:
-            out = Dense((cfg.vocab_size,), ("embed",), ("vocab",), cfg, False,
-                        name="lm_head")(x).astype(jnp.float32)
+            out = Dense((cfg.vocab_size,), ("embed",), ("vocab",), cfg, False, name="lm_head")(
+                x
+            ).astype(jnp.float32)
         if cache is None:
             return out
         new_cache = KVCache(tuple(new_k), tuple(new_v), key_mask, offset + tokens.shape[1])
@@ -254,9 +279,7 @@ class Transformer(nn.Module):
 def abstract_params(config: ModelConfig):
     """Shapes/dtypes of the (boxed, logically annotated) params, without allocating anything."""
     tokens = jnp.zeros((1, 1), jnp.int32)
-    return jax.eval_shape(
-        lambda: Transformer(config).init(jax.random.key(0), tokens)["params"]
-    )
+    return jax.eval_shape(lambda: Transformer(config).init(jax.random.key(0), tokens)["params"])
 
 
 def init_params(config: ModelConfig, rng: jax.Array):

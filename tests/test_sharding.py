@@ -1,4 +1,4 @@
-"""Mesh construction, rule-based parameter sharding, sharded = unsharded, and a real 2-process run."""
+"""Mesh construction, rule-based sharding, sharded = unsharded, and a real 2-process run."""
 
 import os
 import subprocess
@@ -111,8 +111,11 @@ def test_two_process_run_matches_single_process(tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     procs = [
         subprocess.Popen(
-            [sys.executable, str(script), str(i), port], env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [sys.executable, str(script), str(i), port],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for i in range(2)
     ]
