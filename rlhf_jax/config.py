@@ -6,10 +6,7 @@ from the command line by ``ml_collections.config_flags`` (``--config.ppo.kl_coef
 mutated after parsing.
 """
 
-from __future__ import annotations
-
 import dataclasses
-from typing import Literal
 
 import jax.numpy as jnp
 
@@ -66,7 +63,7 @@ class ModelConfig:
     def compute_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.dtype)
 
-    def validate(self) -> ModelConfig:
+    def validate(self) -> "ModelConfig":
         problems = []
         if self.family not in ("gpt2", "llama"):
             problems.append(f"family={self.family!r}: expected 'gpt2' or 'llama'")
@@ -144,7 +141,7 @@ class OptimizerConfig:
     """
 
     lr: float = 1e-4
-    schedule: Literal["cosine", "constant"] = "cosine"
+    schedule: str = "cosine"  # "cosine" | "constant"
     warmup_steps: int = 0
     warmup_init_ratio: float = 0.0  # LR at step 0, as a fraction of the peak
     end_lr_ratio: float = 0.1
@@ -153,3 +150,125 @@ class OptimizerConfig:
     eps: float = 1e-5
     weight_decay: float = 0.0
     grad_clip: float = 0.0  # global-norm clip; 0 = off (InstructGPT does not state one)
+
+
+def _opt(**kw):
+    return dataclasses.field(default_factory=lambda: OptimizerConfig(**kw))
+
+
+@dataclasses.dataclass(unsafe_hash=True)
+class PretrainConfig:
+    """Language-model pretraining of the base model (built-in world only)."""
+
+    steps: int = 2000
+    batch_size: int = 128
+    optimizer: OptimizerConfig = _opt(lr=1e-3, warmup_steps=200)
+    dropout: float = 0.0
+
+
+@dataclasses.dataclass(unsafe_hash=True)
+class SFTConfig:
+    """Supervised fine-tuning on demonstrations: the PPO init and KL reference (P appendix C.3)."""
+
+    epochs: int = 2
+    batch_size: int = 32
+    optimizer: OptimizerConfig = _opt(lr=3e-4)
+    prompt_loss_weight: float = 0.0  # 0: response-only loss (METHOD.md 1.1); 1: N+ behaviour
+    ptx_fraction: float = 0.1  # share of pretraining sequences mixed into each batch (P C.3)
+    dropout: float = 0.1
+
+
+@dataclasses.dataclass(unsafe_hash=True)
+class RMConfig:
+    """Reward model on K-wise rankings, grouped per prompt (InstructGPT eq. 1, appendix C.2)."""
+
+    epochs: int = 1
+    batch_size: int = 64  # prompts, each with all of its C(K,2) comparisons
+    optimizer: OptimizerConfig = _opt(lr=1e-4)
+
+
+@dataclasses.dataclass(unsafe_hash=True)
+class PPOConfig:
+    """PPO with a per-token KL penalty; PPO-ptx when ``ptx_coef > 0`` (InstructGPT appendix C.4)."""
+
+    iterations: int = 250
+    batch_size: int = 512  # episodes per iteration
+    minibatch_size: int = 64
+    epochs: int = 1
+    clip_eps: float = 0.2
+    value_clip_eps: float = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_coef: float = 0.02
+    kl_target: float = 0.0  # > 0 switches on the Ziegler et al. adaptive controller
+    kl_horizon: int = 10000
+    temperature: float = 1.0
+    max_new_tokens: int = 12
+    ptx_coef: float = 0.0  # gamma of eq. 2; 27.8 in the paper
+    ptx_per_episode: int = 8  # pretraining sequences per RL episode (P C.4)
+    policy_optimizer: OptimizerConfig = _opt(
+        lr=1e-5, schedule="constant", warmup_steps=10, warmup_init_ratio=0.1
+    )
+    value_optimizer: OptimizerConfig = _opt(lr=1e-4, schedule="constant")
+    ema_decay: float = 0.992  # 0 disables the EMA of the policy weights
+    whiten_rewards: bool = False
+    no_eos_penalty: bool = False  # replace the score of responses without EOS by no_eos_score
+    no_eos_score: float = -1.0
+
+
+@dataclasses.dataclass(unsafe_hash=True)
+class DataConfig:
+    """Where each stage's data comes from: the built-in InstructLang world, or user JSONL files."""
+
+    source: str = "instructlang"  # "instructlang" | "jsonl"
+    # JSONL source: a local HF tokenizer directory and one file per record kind.
+    tokenizer: str = ""
+    demonstrations: str = ""
+    comparisons: str = ""
+    prompts: str = ""
+    pretraining: str = ""
+    prompt_len: int = 12  # P: prompts are left-padded to this length
+    response_len: int = 12  # R: demonstrations and generated responses
+    text_len: int = 24  # pretraining sequences
+    # Built-in world (INSTRUCTLANG.md section 2): seed and split sizes.
+    world_seed: int = 0
+    pretrain_docs: int = 200_000
+    heldout_docs: int = 5_000
+    sft_train: int = 4_000
+    sft_val: int = 500
+    rm_train: int = 6_000
+    rm_val: int = 1_000
+    ppo_train: int = 10_000
+    ppo_val: int = 1_000
+    test: int = 1_000
+    rm_k_min: int = 4
+    rm_k_max: int = 9
+    labeler_tau: float = 0.25
+    deterministic_labels: bool = False
+
+
+@dataclasses.dataclass(unsafe_hash=True)
+class EvalConfig:
+    test_prompts: int = 1000  # evaluation prompts per model
+    batch_size: int = 250
+    samples_per_model: int = 200  # decoded samples written to samples.jsonl
+
+
+@dataclasses.dataclass(unsafe_hash=True)
+class Config:
+    """Everything one run needs; ``configs/<preset>.py:get_config(arg)`` returns one."""
+
+    name: str = "default"
+    seed: int = 0
+    model: ModelConfig = dataclasses.field(default_factory=lambda: model_config("S"))
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
+    sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
+    rm: RMConfig = dataclasses.field(default_factory=RMConfig)
+    ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    init_from: str = ""  # a local HF checkpoint directory to start from instead of pretraining
+    keep_checkpoints: int = 2
+    checkpoint_every: int = 0  # steps (PPO: iterations) between checkpoints; 0 = end of stage only
+    log_every: int = 10

@@ -1,0 +1,44 @@
+"""tiny: every stage for a few steps on a tiny model and a small InstructLang world (tests, CI).
+
+    rlhf-jax pipeline --config=configs/tiny.py --workdir=runs/tiny
+
+Cost: well under a minute on 2 CPU cores (mostly compilation). Numbers are meaningless.
+"""
+
+import dataclasses
+
+from rlhf_jax import config as C
+
+
+def get_config(arg: str | None = None) -> C.Config:
+    del arg
+    return C.Config(
+        name="tiny",
+        model=C.model_config("tiny", vocab_size=64, max_len=24),
+        data=C.DataConfig(
+            pretrain_docs=2_000,
+            heldout_docs=200,
+            sft_train=256,
+            sft_val=64,
+            rm_train=128,
+            rm_val=64,
+            ppo_train=256,
+            ppo_val=64,
+            test=64,
+        ),
+        pretrain=C.PretrainConfig(
+            steps=20, batch_size=32, optimizer=C.OptimizerConfig(lr=1e-3, warmup_steps=5)
+        ),
+        sft=C.SFTConfig(epochs=1, batch_size=32),
+        rm=C.RMConfig(batch_size=16),
+        ppo=dataclasses.replace(
+            C.PPOConfig(),
+            iterations=3,
+            batch_size=32,
+            minibatch_size=16,
+            ptx_per_episode=2,
+            ptx_coef=1.0,
+        ),
+        eval=C.EvalConfig(test_prompts=64, batch_size=32, samples_per_model=8),
+        log_every=1,
+    )

@@ -1,0 +1,354 @@
+"""The run report: summary.json, samples.jsonl, PNG plots and report.md, and the claim checks.
+
+``check_claims(summary)`` decides the INSTRUCTLANG.md section 1 claims a single run can check
+(C1, C2, C4, C5, C10) from the ``summary`` dict alone, so the pipeline's final printout and the
+report agree. Thresholds the spec leaves open are the constants below, taken from its section 6:
+"PPO-ptx within about 0.05 of PPO" sets ``GOLD_TOLERANCE``, "base below 0.2" (loosened for
+"base << 0.5") sets ``BASE_WIN_MAX``, and "a few nats per response (2-15)" makes ``KL_MAX`` a
+generous bound. A win rate beats 0.5 only when its 95% interval lies above 0.5. A claim whose
+models are missing from the run is marked N/A (``passed=None``), not FAIL.
+
+Plots use matplotlib's object-oriented ``Figure`` (Agg canvas), never pyplot, so writing a report
+touches no global backend state and works headless.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+MODEL_ORDER = ("base", "sft", "ppo", "ppo_ptx")
+RL_MODELS = ("ppo", "ppo_ptx")
+GOLD_TOLERANCE = 0.05
+BASE_WIN_MAX = 0.25
+KL_MAX = 50.0
+SAMPLES_PER_MODEL = 3
+CURVE_LABELS = {
+    "gold": "gold reward",
+    "score": "RM score",
+    "kl": "KL to SFT (nats per response)",
+    "pretrain_nll": "held-out pretraining NLL (nats per token)",
+    "clipfrac": "policy clip fraction",
+    "var_explained": "value explained variance",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """One checked claim: ``passed`` is None when the run lacks the models it needs."""
+
+    name: str
+    passed: bool | None
+    evidence: str
+    statement: str = ""
+
+    @property
+    def status(self) -> str:
+        return {True: "PASS", False: "FAIL", None: "N/A"}[self.passed]
+
+    def line(self) -> str:
+        return f"{self.name} {self.status}: {self.statement} -- {self.evidence}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Claims
+
+
+def _num(x: Any) -> float | None:
+    """A finite float, or None (missing, null in JSON, NaN)."""
+    if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x):
+        return None
+    return float(x)
+
+
+def _metric(models: dict, key: str, names=MODEL_ORDER) -> dict[str, float | None]:
+    return {m: _num(models[m].get(key)) for m in names if m in models}
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    v = _num(x)
+    return "--" if v is None else f"{v:.{digits}f}"
+
+
+def _values(vals: dict[str, float | None], digits: int = 3) -> str:
+    return ", ".join(f"{m} {_fmt(v, digits)}" for m, v in vals.items())
+
+
+def _needs(vals: dict[str, float | None], names) -> bool:
+    return all(vals.get(m) is not None for m in names)
+
+
+def _claim_c1(models: dict) -> Claim:
+    g = _metric(models, "gold_mean")
+    ev = "gold mean " + _values(g)
+    if not _needs(g, ("base", "sft", "ppo")):
+        return Claim("C1", None, ev + " (needs base, sft, ppo)")
+    ok = g["base"] < g["sft"] < g["ppo"]
+    ev += "; need base < sft < ppo"
+    if g.get("ppo_ptx") is not None:
+        ok = ok and g["sft"] < g["ppo_ptx"] and abs(g["ppo"] - g["ppo_ptx"]) <= GOLD_TOLERANCE
+        ev += f", sft < ppo_ptx, |ppo - ppo_ptx| = {abs(g['ppo'] - g['ppo_ptx']):.3f}"
+        ev += f" <= {GOLD_TOLERANCE}"
+    return Claim("C1", ok, ev)
+
+
+def _claim_c2(models: dict) -> Claim:
+    w = _metric(models, "win_rate_vs_sft")
+    lo = {m: _num((models[m].get("win_rate_ci95") or [None])[0]) for m in RL_MODELS if m in models}
+    ev = "win rate vs SFT " + _values(w) + "; 95% lower bound " + _values(lo)
+    rl = [m for m in RL_MODELS if m in models]
+    if not rl or not _needs(w, ("base",)) or not _needs(lo, rl):
+        return Claim("C2", None, ev + " (needs base and ppo with win rates)")
+    ok = all(lo[m] > 0.5 for m in rl) and w["base"] < BASE_WIN_MAX
+    return Claim("C2", ok, ev + f"; need lower bound > 0.5 and base < {BASE_WIN_MAX}")
+
+
+def _claim_c4(models: dict) -> Claim:
+    rl = [m for m in RL_MODELS if m in models]
+    kl = {m: _num(models[m].get("kl_to_sft")) for m in rl}
+    ev = "KL(pi || pi_sft) per response " + _values(kl, 2)
+    if not rl:
+        return Claim("C4", None, ev + " (needs ppo)")
+    ok = all(kl[m] is not None and kl[m] < KL_MAX for m in rl)
+    return Claim("C4", ok, ev + f"; need finite and < {KL_MAX:g} nats")
+
+
+def _claim_c5(models: dict) -> Claim:
+    nll = _metric(models, "pretrain_nll", ("sft", "ppo", "ppo_ptx"))
+    fact = _metric(models, "fact_accuracy", ("sft", "ppo", "ppo_ptx"))
+    gold = _metric(models, "gold_mean", ("ppo", "ppo_ptx"))
+    ev = f"pretrain NLL {_values(nll)}; fact accuracy {_values(fact)}"
+    if not (_needs(nll, ("sft", "ppo")) and _needs(fact, ("sft", "ppo"))):
+        return Claim("C5", None, ev + " (needs sft, ppo)")
+    tax = nll["ppo"] > nll["sft"] and fact["ppo"] < fact["sft"]
+    ev += f"; tax (ppo NLL up and fact accuracy down vs sft): {'yes' if tax else 'no'}"
+    if not (_needs(nll, ("ppo_ptx",)) and _needs(fact, ("ppo_ptx",)) and _needs(gold, RL_MODELS)):
+        return Claim("C5", None, ev + "; recovery needs ppo_ptx")
+    cost = gold["ppo"] - gold["ppo_ptx"]
+    recovery = (
+        nll["ppo_ptx"] < nll["ppo"] and fact["ppo_ptx"] > fact["ppo"] and cost <= GOLD_TOLERANCE
+    )
+    ev += (
+        f"; recovery (ppo_ptx NLL down, fact accuracy up vs ppo, gold cost {cost:.3f} "
+        f"<= {GOLD_TOLERANCE}): {'yes' if recovery else 'no'}"
+    )
+    return Claim("C5", tax and recovery, ev)
+
+
+def _claim_c10(models: dict) -> Claim:
+    # Each metric must improve from base to PPO, or already sit at its best value under PPO.
+    specs = (
+        ("hallucination", False, 0.0),
+        ("toxic", False, 0.0),
+        ("follows_constraint", True, 1.0),
+    )
+    parts, ok = [], True
+    for key, higher_better, best in specs:
+        v = _metric(models, key, ("base", "ppo"))
+        parts.append(f"{key} {_values(v)}")
+        if not _needs(v, ("base", "ppo")):
+            return Claim("C10", None, "; ".join(parts) + " (needs base, ppo)")
+        improved = v["ppo"] > v["base"] if higher_better else v["ppo"] < v["base"]
+        ok = ok and (improved or v["ppo"] == best)
+    return Claim("C10", ok, "; ".join(parts) + "; need ppo better than base (or at the optimum)")
+
+
+STATEMENTS = {
+    "C1": "gold reward: base < SFT < PPO ~ PPO-ptx",
+    "C2": "PPO/PPO-ptx win rate vs SFT > 0.5; base << 0.5",
+    "C4": "KL(pi || pi_sft) stays bounded (finite, a few nats) at beta > 0",
+    "C5": "PPO pays an alignment tax (NLL up, fact accuracy down); PPO-ptx recovers it cheaply",
+    "C10": "hallucination, toxicity and constraint following improve from base to PPO",
+}
+
+
+def check_claims(summary: dict) -> list[Claim]:
+    """C1, C2, C4, C5, C10 of INSTRUCTLANG.md section 1, decided from ``summary["models"]``."""
+    models = summary.get("models", {})
+    claims = [f(models) for f in (_claim_c1, _claim_c2, _claim_c4, _claim_c5, _claim_c10)]
+    return [dataclasses.replace(c, statement=STATEMENTS[c.name]) for c in claims]
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots
+
+
+def _ordered(names) -> list[str]:
+    names = list(names)
+    return [m for m in MODEL_ORDER if m in names] + [m for m in names if m not in MODEL_ORDER]
+
+
+def _plot_curves(run_dir: Path, curves: dict[str, dict[str, Any]]) -> list[str]:
+    """One PNG per metric with a line per RL run; returns the file names."""
+    metrics: list[str] = []
+    for run in curves.values():
+        metrics += [k for k in run if k not in metrics]
+    files = []
+    for metric in metrics:
+        fig = Figure(figsize=(5, 3.2))
+        ax = fig.add_subplot()
+        for run_name, run in curves.items():
+            if metric in run and len(run[metric]):
+                ax.plot(range(1, len(run[metric]) + 1), run[metric], label=run_name)
+        ax.set_xlabel("PPO iteration")
+        ax.set_ylabel(CURVE_LABELS.get(metric, metric))
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        name = f"curve_{metric}.png"
+        fig.savefig(run_dir / name, dpi=100)
+        files.append(name)
+    return files
+
+
+def _plot_gold(run_dir: Path, models: dict) -> str | None:
+    names = [m for m in _ordered(models) if _num(models[m].get("gold_mean")) is not None]
+    if not names:
+        return None
+    means = [models[m]["gold_mean"] for m in names]
+    cis = [models[m].get("gold_ci95") or [mu, mu] for m, mu in zip(names, means)]
+    err = [[mu - ci[0] for mu, ci in zip(means, cis)], [ci[1] - mu for mu, ci in zip(means, cis)]]
+    fig = Figure(figsize=(5, 3.2))
+    ax = fig.add_subplot()
+    ax.bar(names, means, yerr=err, capsize=4, color="tab:blue", alpha=0.8)
+    ax.axhline(0.0, color="black", lw=0.8)
+    ax.set_ylabel("gold reward (mean, 95% CI)")
+    ax.set_ylim(-1.05, 1.05)
+    fig.tight_layout()
+    fig.savefig(run_dir / "gold.png", dpi=100)
+    return "gold.png"
+
+
+# --------------------------------------------------------------------------------------------------
+# Markdown
+
+HOW_TO_READ = (
+    "Each row is one model answering the same held-out test prompts once at temperature 1; the "
+    "gold reward is the world's hidden truth (1 = the ideal answer, -1 = no EOS or toxic), shown "
+    "with a 95% interval over prompts. Win rate and KL compare each model with the SFT model on "
+    "the same prompts (SFT itself must show 0.5 and 0), and pretraining NLL and fact accuracy "
+    "measure what alignment costs in language modelling (the alignment tax). The reward model "
+    "section says how often the learned reward orders a validation pair like the noisy labelers "
+    "and like the gold reward; the claims below are decided automatically from these numbers."
+)
+
+
+def _interval(value: Any, ci: Any, digits: int = 3) -> str:
+    if _num(value) is None:
+        return "--"
+    if not ci or any(_num(c) is None for c in ci):
+        return _fmt(value, digits)
+    return f"{_fmt(value, digits)} [{_fmt(ci[0], digits)}, {_fmt(ci[1], digits)}]"
+
+
+def _model_table(models: dict) -> list[str]:
+    lines = [
+        "| model | gold mean [95% CI] | win rate vs SFT [95% CI] | KL to SFT (nats) "
+        "| pretrain NLL | fact acc. | EOS rate | attempts task | follows LIM | hallucination "
+        "| toxic |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in _ordered(models):
+        s = models[m]
+        cells = [
+            m,
+            _interval(s.get("gold_mean"), s.get("gold_ci95")),
+            _interval(s.get("win_rate_vs_sft"), s.get("win_rate_ci95")),
+            _fmt(s.get("kl_to_sft"), 2),
+            _fmt(s.get("pretrain_nll")),
+            _fmt(s.get("fact_accuracy")),
+            _fmt(s.get("eos_rate")),
+            _fmt(s.get("attempts_task")),
+            _fmt(s.get("follows_constraint")),
+            _fmt(s.get("hallucination")),
+            _fmt(s.get("toxic")),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _header(summary: dict) -> list[str]:
+    seconds = summary.get("seconds", {})
+    stages = ", ".join(f"{k} {_fmt(v, 1)} s" for k, v in seconds.items()) or "not recorded"
+    total = sum(v for v in seconds.values() if _num(v) is not None)
+    return [
+        f"# InstructLang run report: `{summary.get('config', '?')}`",
+        "",
+        f"Made by the rlhf_jax pipeline with config `{summary.get('config', '?')}`, "
+        f"seed {summary.get('seed', '?')}. Seconds per stage: {stages} (total {total:.1f} s).",
+        "",
+        "## How to read this report",
+        "",
+        HOW_TO_READ,
+        "",
+    ]
+
+
+def _samples_section(samples: list[dict]) -> list[str]:
+    by_model: dict[str, list[dict]] = {}
+    for s in samples:
+        by_model.setdefault(s.get("model", "?"), []).append(s)
+    lines = ["## Samples", ""]
+    for m in _ordered(by_model):
+        lines += [f"### {m}", ""]
+        for s in by_model[m][:SAMPLES_PER_MODEL]:
+            lines.append(
+                f"- `{s.get('prompt', '')}` -> `{s.get('response', '')}` "
+                f"(gold {_fmt(s.get('gold'), 2)})"
+            )
+        lines.append("")
+    return lines
+
+
+def render_markdown(
+    summary: dict, samples: list[dict], claims: list[Claim], plots: dict[str, list[str]]
+) -> str:
+    """report.md's text; ``plots`` = {"gold": [file], "curves": [files]} (relative names)."""
+    models = summary.get("models", {})
+    lines = _header(summary)
+    lines += ["## Models", ""] + _model_table(models) + [""]
+    lines += [f"![gold reward per model]({f})" for f in plots.get("gold", [])] + [""]
+    lines += ["## Reward model (validation)", ""]
+    rm = summary.get("rm") or {}
+    if rm:
+        lines += ["| metric | value |", "|---|---|"]
+        for k, v in rm.items():
+            shown = _fmt(v) if isinstance(v, float) and _num(v) is not None else v
+            lines.append(f"| {k} | {shown} |")
+    else:
+        lines.append("No reward-model metrics in this run.")
+    lines += ["", "## Claims (INSTRUCTLANG.md section 1)", ""]
+    lines += [f"- **{c.name} {c.status}**: {c.statement}. {c.evidence}" for c in claims] + [""]
+    if plots.get("curves"):
+        lines += ["## PPO training curves", ""]
+        lines += [f"![{f[6:-4]}]({f})" for f in plots["curves"]] + [""]
+    lines += _samples_section(samples)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(
+    run_dir: str | Path,
+    summary: dict,
+    curves: dict[str, dict[str, Any]],
+    samples: list[dict],
+) -> None:
+    """Write summary.json, samples.jsonl, the PNG plots and report.md into ``run_dir``.
+
+    ``curves`` = {run: {metric: per-iteration values}} (lists or arrays); ``summary.json`` holds
+    exactly ``summary``; ``samples`` go one JSON object per line.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with open(run_dir / "samples.jsonl", "w") as f:
+        for s in samples:
+            f.write(json.dumps(s) + "\n")
+    gold = _plot_gold(run_dir, summary.get("models", {}))
+    plots = {"gold": [gold] if gold else [], "curves": _plot_curves(run_dir, curves or {})}
+    text = render_markdown(summary, samples, check_claims(summary), plots)
+    (run_dir / "report.md").write_text(text)

@@ -1,0 +1,1 @@
+"""Pipeline stages: make_*_step factories and the thin loops that run them."""

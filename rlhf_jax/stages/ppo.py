@@ -1,0 +1,389 @@
+"""PPO and PPO-ptx (InstructGPT section 3.5, appendix C.4): one jitted function per iteration.
+
+``make_ppo_iteration`` returns ``iteration(state, prompts, ptx) -> (state, metrics, samples)``:
+sample responses with the policy (KV cache, temperature T), score them into a ``Rollout`` (frozen
+reference, value network, RM with its bias; KL-penalised per-token rewards; GAE), then
+``epochs x minibatches`` updates in a ``lax.scan``, each one optimiser step of the policy on
+``L_pi + ptx_coef * L_ptx`` and one of the separate value network on the clipped value loss, then
+the policy-weight EMA and (optionally) the adaptive KL coefficient.
+
+PPO-ptx is this function with ``ptx_coef > 0`` and a pretraining batch of ``ptx_per_episode``
+sequences per episode. As in the paper the two gradients are computed separately and added
+(``g = g_pi + ptx_coef * g_ptx``) before one optimiser step, so ``ptx_coef = 0`` reproduces PPO
+bit for bit (METHOD.md section 7, check 13).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlhf_jax import checkpoint, losses, rollout, sharding
+from rlhf_jax.config import Config
+from rlhf_jax.data import loaders
+from rlhf_jax.model import Transformer
+from rlhf_jax.stages.common import Loop, MetricsLog, config_json, initial_params, loader
+from rlhf_jax.stages.rm import load_reward_model, rm_config
+from rlhf_jax.train_state import (
+    PPOState,
+    TrainState,
+    abstract_state,
+    create_train_state,
+    ema_update,
+    key_data,
+    make_optimizer,
+    state_key,
+    train_state_shardings,
+)
+
+EOS_ID, PAD_ID = 2, 0  # defaults of the built-in world; overridable per call
+
+
+def _grad_step(tx, ts: TrainState, grads) -> TrainState:
+    updates, opt_state = tx.update(grads, ts.opt_state, ts.params)
+    return ts.replace(
+        step=ts.step + 1, params=optax.apply_updates(ts.params, updates), opt_state=opt_state
+    )
+
+
+def make_ppo_iteration(
+    config: Config, policy_tx, value_tx, *, eos_id: int = EOS_ID, pad_id: int = PAD_ID
+) -> Callable:
+    """The whole PPO iteration as one traceable function (jit it with ``jit_ppo_iteration``)."""
+    cfg = config.ppo
+    policy_model = dataclasses.replace(config.model, dropout=0.0)
+    critic_model = rm_config(config)
+    n_mb = cfg.batch_size // cfg.minibatch_size
+    if n_mb * cfg.minibatch_size != cfg.batch_size:
+        raise ValueError(
+            f"ppo.batch_size={cfg.batch_size} is not a multiple of "
+            f"ppo.minibatch_size={cfg.minibatch_size}"
+        )
+    sampler = rollout.Sampler(temperature=cfg.temperature)
+
+    def iteration(state: PPOState, prompts: dict, ptx: dict | None):
+        # 1. Rollout: sample, then score into a PPO batch (METHOD.md 3.1-3.4).
+        rng = state_key(state.rng, state.iteration)
+        sample_rng, perm_rng = jax.random.split(rng)
+        pt, pm = prompts["prompt_tokens"], prompts["prompt_mask"]
+        P = pt.shape[1]
+        sample = rollout.generate(
+            state.policy.params,
+            policy_model,
+            pt,
+            pm,
+            sample_rng,
+            max_new_tokens=cfg.max_new_tokens,
+            sampler=sampler,
+            eos_id=eos_id,
+            pad_id=pad_id,
+        )
+        ro = rollout.score(
+            rollout.RolloutParams(
+                state.policy.params, state.ref_params, state.value.params, state.reward_params
+            ),
+            policy_model,
+            critic_model,
+            pt,
+            pm,
+            sample.tokens,
+            sample.mask,
+            eos_id=eos_id,
+            kl_coef=state.kl_coef,
+            temperature=cfg.temperature,
+            gamma=cfg.gamma,
+            lam=cfg.lam,
+            reward_bias=state.reward_bias,
+            no_eos_score=cfg.no_eos_score if cfg.no_eos_penalty else None,
+            whiten_rewards=cfg.whiten_rewards,
+        )
+
+        # 2. Epochs x minibatches of updates.
+        order = jnp.concatenate(
+            [
+                jax.random.permutation(jax.random.fold_in(perm_rng, e), cfg.batch_size)
+                for e in range(cfg.epochs)
+            ]
+        )
+        order = order.reshape(cfg.epochs * n_mb, cfg.minibatch_size)
+        if ptx is not None:
+            # The pretraining batch enters only after scoring (see the barrier in ``update``).
+            ro, ptx = jax.lax.optimization_barrier((ro, ptx))
+            ptx = jax.tree.map(lambda x: x.reshape(cfg.epochs * n_mb, -1, x.shape[-1]), ptx)
+
+        def policy_loss(params, mb: rollout.Rollout):
+            tokens, mask = rollout.full_sequence(
+                mb.prompt_tokens, mb.prompt_mask, mb.response_tokens, mb.response_mask
+            )
+            logits = Transformer(policy_model).apply({"params": params}, tokens, mask)
+            logits = logits[:, P - 1 : -1]
+            logp = losses.token_logprobs(logits, tokens[:, P:], temperature=cfg.temperature)
+            loss, stats = losses.ppo_policy_loss(
+                logp, mb.logprobs, mb.advantages, mb.response_mask, clip_eps=cfg.clip_eps
+            )
+            stats["entropy"] = losses.entropy(logits / cfg.temperature, mb.response_mask)
+            return loss, stats
+
+        def ptx_loss(params, batch):
+            logits = Transformer(policy_model).apply(
+                {"params": params}, batch["tokens"], batch["mask"]
+            )
+            return losses.ptx_loss(logits, batch["tokens"], batch["mask"])
+
+        def value_loss(params, mb: rollout.Rollout):
+            tokens, mask = rollout.full_sequence(
+                mb.prompt_tokens, mb.prompt_mask, mb.response_tokens, mb.response_mask
+            )
+            values = rollout.response_values(params, critic_model, tokens, mask, P)
+            return losses.value_loss(
+                values, mb.values, mb.returns, mb.response_mask, clip_eps=cfg.value_clip_eps
+            )
+
+        def update(carry, xs):
+            policy, value, ema = carry
+            idx, ptx_mb = xs
+            mb = jax.tree.map(lambda x: x[idx], ro)
+            (pg_loss, pstats), grads = jax.value_and_grad(policy_loss, has_aux=True)(
+                policy.params, mb
+            )
+            if ptx_mb is not None:
+                # Consecutive, as in the paper: the barrier makes the ptx pass start after the
+                # PPO gradient is complete, so XLA cannot merge the two passes' matmuls.
+                grads, params = jax.lax.optimization_barrier((grads, policy.params))
+                l_ptx, g_ptx = jax.value_and_grad(ptx_loss)(params, ptx_mb)
+                pstats["ptx_loss"] = l_ptx
+                # A zero coefficient adds nothing: even "g + 0 * h" is not bitwise g once XLA
+                # fuses it into the optimiser, and ptx_coef = 0 must reproduce PPO exactly.
+                if cfg.ptx_coef != 0:
+                    grads = jax.tree.map(lambda g, h: g + cfg.ptx_coef * h, grads, g_ptx)
+            policy = _grad_step(policy_tx, policy, grads)
+            (vf_loss, vstats), vgrads = jax.value_and_grad(value_loss, has_aux=True)(
+                value.params, mb
+            )
+            value = _grad_step(value_tx, value, vgrads)
+            if ema is not None:
+                ema = ema_update(ema, policy.params, cfg.ema_decay)
+            stats = {
+                "policy_loss": pg_loss,
+                "value_loss": vf_loss,
+                **pstats,
+                **{f"val_{k}": v for k, v in vstats.items()},
+            }
+            return (policy, value, ema), stats
+
+        (policy, value, ema), stats = jax.lax.scan(
+            update, (state.policy, state.value, state.ema_params), (order, ptx)
+        )
+
+        # 3. KL controller (Ziegler et al. 2019 section 2.2) when a target is set.
+        seq_kl = ro.kl.sum(axis=1).mean()
+        kl_coef = state.kl_coef
+        if cfg.kl_target > 0:
+            kl_coef = losses.adaptive_kl_coef(
+                kl_coef, seq_kl, cfg.batch_size, target=cfg.kl_target, horizon=cfg.kl_horizon
+            )
+
+        new_state = state.replace(
+            iteration=state.iteration + 1,
+            policy=policy,
+            value=value,
+            ema_params=ema,
+            kl_coef=kl_coef,
+        )
+        metrics = _iteration_metrics(ro, stats, state.kl_coef, seq_kl, cfg.ptx_coef, eos_id)
+        return new_state, metrics, (pt, sample.tokens, sample.mask)
+
+    return iteration
+
+
+def _iteration_metrics(ro: rollout.Rollout, stats: dict, kl_coef, seq_kl, ptx_coef, eos_id):
+    """The statistics of METHOD.md section 3.8 (LHP ``record_step_stats`` names)."""
+    mask = ro.response_mask
+    ret_var = losses.masked_mean((ro.returns - losses.masked_mean(ro.returns, mask)) ** 2, mask)
+    err = losses.masked_mean((ro.values - ro.returns) ** 2, mask)
+    mean = {k: v.mean() for k, v in stats.items()}
+    out = {
+        "objective/kl": seq_kl,
+        "objective/kl_coef": kl_coef,
+        "objective/score": ro.scores.mean(),
+        "objective/score_total": ro.rewards.sum(axis=1).mean(),
+        "objective/entropy": mean["entropy"],
+        "objective/eos_rate": jnp.any(
+            (ro.response_mask > 0) & (ro.response_tokens == eos_id), axis=1
+        ).mean(),
+        "objective/response_length": mask.sum(axis=1).mean(),
+        "ppo/loss/policy": mean["policy_loss"],
+        "ppo/loss/value": mean["value_loss"],
+        "ppo/loss/total": mean["policy_loss"] + mean["value_loss"],
+        "ppo/policy/approxkl": mean["approxkl"],
+        "ppo/policy/clipfrac": mean["clipfrac"],
+        "ppo/policy/entropy": mean["entropy"],
+        "ppo/policy/ratio_max": stats["ratio_max"].max(),
+        # Sanity check 1: the first minibatch still sees the sampling policy, so ratio = 1.
+        "ppo/policy/first_approxkl": stats["approxkl"][0],
+        "ppo/returns/mean": losses.masked_mean(ro.returns, mask),
+        "ppo/returns/var": ret_var,
+        "ppo/val/vpred": mean["val_vpred"],
+        "ppo/val/error": err,
+        "ppo/val/clipfrac": mean["val_clipfrac"],
+        "ppo/val/var_explained": 1.0 - err / jnp.maximum(ret_var, 1e-8),
+    }
+    if "ptx_loss" in mean:
+        out["ppo/loss/ptx"] = mean["ptx_loss"]
+        out["ppo/loss/total"] = out["ppo/loss/total"] + ptx_coef * mean["ptx_loss"]
+    return out
+
+
+def ppo_state_shardings(config: Config, policy_tx, value_tx, mesh) -> PPOState:
+    rules = config.mesh.rules
+    pol = train_state_shardings(config.model, policy_tx, mesh, rules)
+    val = train_state_shardings(rm_config(config), value_tx, mesh, rules)
+    rep = sharding.replicated(mesh)
+    return PPOState(
+        iteration=rep,
+        policy=pol,
+        value=val,
+        ref_params=pol.params,
+        reward_params=val.params,
+        reward_bias=rep,
+        kl_coef=rep,
+        ema_params=pol.params if config.ppo.ema_decay > 0 else None,
+        rng=rep,
+    )
+
+
+def init_ppo_state(
+    config: Config, policy_tx, value_tx, shardings: PPOState, sft_params, reward_params, reward_bias
+) -> PPOState:
+    """The state at iteration 0: policy, reference (and EMA) from the SFT params; value and
+    reward from the RM params (InstructGPT section 3.5: the value function starts as the RM)."""
+    copy = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731  (distinct, donatable buffers)
+    cfg = config.ppo
+    return PPOState(
+        iteration=jnp.zeros((), jnp.int32),
+        policy=create_train_state(sft_params, policy_tx, key_data(config.seed), shardings.policy),
+        value=create_train_state(reward_params, value_tx, key_data(config.seed), shardings.value),
+        ref_params=jax.device_put(copy(sft_params), shardings.ref_params),
+        reward_params=jax.device_put(copy(reward_params), shardings.reward_params),
+        reward_bias=jnp.asarray(reward_bias, jnp.float32),
+        kl_coef=jnp.asarray(cfg.kl_coef, jnp.float32),
+        ema_params=(
+            jax.device_put(copy(sft_params), shardings.ema_params) if cfg.ema_decay > 0 else None
+        ),
+        rng=key_data(config.seed + 4),
+    )
+
+
+def abstract_ppo_state(config: Config, policy_tx, value_tx) -> PPOState:
+    pol = abstract_state(config.model, policy_tx)
+    val = abstract_state(rm_config(config), value_tx)
+    scalar = jax.ShapeDtypeStruct((), jnp.float32)
+    return PPOState(
+        iteration=jax.ShapeDtypeStruct((), jnp.int32),
+        policy=pol,
+        value=val,
+        ref_params=pol.params,
+        reward_params=val.params,
+        reward_bias=scalar,
+        kl_coef=scalar,
+        ema_params=pol.params if config.ppo.ema_decay > 0 else None,
+        rng=pol.rng,
+    )
+
+
+def jit_ppo_iteration(iteration, shardings: PPOState, mesh, with_ptx: bool):
+    b2 = sharding.batch_sharding(mesh, 2)
+    prompts_sh = {"prompt_tokens": b2, "prompt_mask": b2}
+    ptx_sh = {"tokens": b2, "mask": b2} if with_ptx else None
+    return jax.jit(
+        iteration,
+        in_shardings=(shardings, prompts_sh, ptx_sh),
+        out_shardings=(shardings, None, None),
+        donate_argnums=0,
+    )
+
+
+def run_ppo(
+    config: Config,
+    workdir: str | os.PathLike,
+    stage: str = "ppo",
+    *,
+    mesh=None,
+    on_log: Callable[[int, Any, tuple], dict] | None = None,
+) -> dict:
+    """PPO (``ppo.ptx_coef == 0``) or PPO-ptx into ``<workdir>/<stage>``; resumable.
+
+    ``on_log(iteration, state, samples)`` may return extra metrics to log (the pipeline adds the
+    gold reward of the samples and the held-out pretraining NLL).
+    """
+    mesh = mesh or sharding.make_mesh(config.mesh)
+    cfg = config.ppo
+    with_ptx = cfg.ptx_coef > 0
+    procs = jax.process_count()
+    prompts_it = iter(loader(config, workdir, "ppo", cfg.batch_size // procs, config.seed))
+    iters = [prompts_it]
+    if with_ptx:
+        n_ptx = cfg.epochs * cfg.batch_size * cfg.ptx_per_episode // procs
+        iters.append(iter(loader(config, workdir, "pretrain", n_ptx, config.seed + 3)))
+
+    policy_tx = make_optimizer(cfg.policy_optimizer, cfg.iterations)
+    value_tx = make_optimizer(cfg.value_optimizer, cfg.iterations)
+    shardings = ppo_state_shardings(config, policy_tx, value_tx, mesh)
+    ckpt = checkpoint.StageCheckpointer(
+        workdir, stage, keep=config.keep_checkpoints, config=config_json(config)
+    )
+
+    def start() -> PPOState:
+        lm = dataclasses.replace(config.model, dropout=0.0)
+        sft = initial_params(config, workdir, "sft", lm, mesh)
+        reward, bias = load_reward_model(config, workdir, mesh)
+        return init_ppo_state(config, policy_tx, value_tx, shardings, sft, reward, bias)
+
+    target = checkpoint.abstract_with_shardings(
+        abstract_ppo_state(config, policy_tx, value_tx), shardings
+    )
+    state, data_state, _ = checkpoint.resume_or_start(ckpt, target, start=start)
+    if data_state:
+        for it, s in zip(iters, data_state["iterators"]):
+            loaders.set_iterator_state(it, s)
+
+    step = jit_ppo_iteration(
+        make_ppo_iteration(config, policy_tx, value_tx), shardings, mesh, with_ptx
+    )
+
+    def batches():
+        while True:
+            p = next(iters[0])
+            prompts = {"prompt_tokens": p["prompt_tokens"], "prompt_mask": p["prompt_mask"]}
+            yield {"prompts": prompts, "ptx": next(iters[1]) if with_ptx else None}
+
+    def step_fn(state, batch):
+        state, metrics, samples = step(state, batch["prompts"], batch["ptx"])
+        return state, {**metrics, "_samples": samples}
+
+    loop = Loop(
+        stage,
+        config,
+        ckpt,
+        MetricsLog(workdir, stage),
+        mesh,
+        key_metric="objective/score",
+        on_log=on_log,
+    )
+    _, meta = loop.run(
+        state,
+        step_fn,
+        batches(),
+        start=int(jax.device_get(state.iteration)),
+        total=cfg.iterations,
+        data_state=lambda: {"iterators": [loaders.get_iterator_state(it) for it in iters]},
+        export=lambda s: s.ema_params if s.ema_params is not None else s.policy.params,
+    )
+    ckpt.close()
+    return meta

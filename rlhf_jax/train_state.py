@@ -1,0 +1,139 @@
+"""TrainState and PPOState pytrees, optimisers from config, and their sharded creation.
+
+Random keys are stored as raw ``uint32`` key data (``jax.random.key_data``) so that states are
+plain arrays that Orbax saves and restores on any mesh; ``state_key`` wraps them back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh
+
+from rlhf_jax import sharding
+from rlhf_jax.config import ModelConfig, OptimizerConfig
+from rlhf_jax.model import abstract_params
+
+
+class TrainState(struct.PyTreeNode):
+    """Step, params, optimiser state and key. Leaves are arrays, or abstract values / shardings
+    when the same structure describes a state's shapes or placement (hence ``Any``)."""
+
+    step: Any
+    params: Any
+    opt_state: Any
+    rng: Any  # uint32 key data
+
+
+class PPOState(struct.PyTreeNode):
+    """Trainable policy and value (each with its optimiser), frozen reference and reward params
+    (no optimiser state), the reward bias, the KL coefficient and the policy-weight EMA."""
+
+    iteration: Any
+    policy: TrainState
+    value: TrainState
+    ref_params: Any
+    reward_params: Any
+    reward_bias: Any
+    kl_coef: Any
+    ema_params: Any  # None when the EMA is off
+    rng: Any
+
+
+def state_key(rng_data: jax.Array, step) -> jax.Array:
+    """The key for one step: ``fold_in(key, step)`` of the stored key (DESIGN.md decision 10)."""
+    return jax.random.fold_in(jax.random.wrap_key_data(rng_data), step)
+
+
+def key_data(seed: int) -> jax.Array:
+    return jax.random.key_data(jax.random.key(seed))
+
+
+def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup from ``warmup_init_ratio * lr``, then cosine to ``end_lr_ratio * lr``, or
+    constant."""
+    warm = max(cfg.warmup_steps, 0)
+    if cfg.schedule == "cosine":
+        main = optax.cosine_decay_schedule(cfg.lr, max(total_steps - warm, 1), cfg.end_lr_ratio)
+    elif cfg.schedule == "constant":
+        main = optax.constant_schedule(cfg.lr)
+    else:
+        raise ValueError(f"optimizer.schedule={cfg.schedule!r}: expected 'cosine' or 'constant'")
+    if not warm:
+        return main
+    warmup = optax.linear_schedule(cfg.lr * cfg.warmup_init_ratio, cfg.lr, warm)
+    return optax.join_schedules([warmup, main], [warm])
+
+
+def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+    """Adam(W) with the configured schedule and an optional global-norm clip."""
+    tx = optax.adamw(
+        make_schedule(cfg, total_steps),
+        b1=cfg.b1,
+        b2=cfg.b2,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+    )
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx) if cfg.grad_clip else tx
+
+
+def new_train_state(params, tx, rng) -> TrainState:
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), rng)
+
+
+def train_state_shardings(model: ModelConfig, tx, mesh: Mesh, rules) -> TrainState:
+    """NamedShardings of a whole TrainState (optimiser moments follow their parameters)."""
+    boxed = abstract_params(model)
+    abstract = jax.eval_shape(lambda: new_train_state(boxed, tx, key_data(0)))
+    return sharding.tree_shardings(abstract, mesh, rules)
+
+
+def create_train_state(params, tx, rng: jax.Array, shardings: TrainState) -> TrainState:
+    """A fresh TrainState around existing params, created directly into ``shardings``."""
+    create = jax.jit(
+        lambda p, r: new_train_state(p, tx, r),
+        in_shardings=(shardings.params, None),
+        out_shardings=shardings,
+    )
+    return create(params, rng)
+
+
+def init_model_params(model: ModelConfig, rng: jax.Array, mesh: Mesh, rules):
+    """Randomly initialised params, materialised directly in their shardings."""
+    from rlhf_jax.model import Transformer
+
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    params, _ = sharding.init_sharded(
+        lambda: Transformer(model).init(rng, tokens)["params"], mesh, rules
+    )
+    return params
+
+
+def scalar_head_params(lm_params: dict, scalar_model: ModelConfig, rng: jax.Array) -> dict:
+    """RM initialisation (InstructGPT section 3.5): the LM's params without its unembedding, plus
+    a fresh scalar head with std 1/sqrt(D+1) (N+)."""
+    from rlhf_jax.model import init_params
+
+    head = init_params(scalar_model, rng)["score_head"]
+    params = {k: v for k, v in lm_params.items() if k != "lm_head"}
+    params["score_head"] = head
+    return params
+
+
+def params_shardings(model: ModelConfig, mesh: Mesh, rules):
+    return sharding.tree_shardings(abstract_params(model), mesh, rules)
+
+
+def ema_update(ema, params, decay: float):
+    return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+
+
+def abstract_state(model: ModelConfig, tx) -> TrainState:
+    """Shapes and dtypes of a TrainState (add shardings: ``checkpoint.abstract_with_shardings``)."""
+    params = nn.meta.unbox(abstract_params(model))
+    return jax.eval_shape(lambda: new_train_state(params, tx, key_data(0)))

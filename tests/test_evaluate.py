@@ -1,0 +1,349 @@
+"""Evaluation numbers (NLL, fact probes, win rates, RM accuracy) and the run report."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax import evaluate, report, rollout
+from rlhf_jax.config import model_config
+from rlhf_jax.data import instructlang as il
+from rlhf_jax.data import instructlang_corpus as corpus
+from rlhf_jax.model import Transformer, init_params
+
+P, R = il.PROMPT_LEN, il.RESPONSE_LEN
+
+
+def _model(seed=0, **kw):
+    cfg = model_config("tiny", vocab_size=64, max_len=32, **kw)
+    return cfg, init_params(cfg, jax.random.key(seed))
+
+
+@pytest.fixture(scope="module")
+def world():
+    return il.make_world(0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Held-out NLL
+
+
+def test_heldout_nll_matches_float64_numpy(world):
+    cfg, params = _model()
+    docs = corpus.make_pretraining_corpus(world, 5, split="heldout")  # documents of mixed length
+    got = evaluate.heldout_nll(params, cfg, docs, batch_size=2)  # 2 + 2 + 1 (padded) rows
+
+    # Reference: float64 log-softmax of the model's logits, pooled over predicted real tokens.
+    real = docs != il.PAD_ID
+    logits = jax.jit(Transformer(cfg).apply)({"params": params}, docs, real)
+    logits = np.asarray(logits, np.float64)
+    logits = logits - logits.max(-1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    picked = np.take_along_axis(logp[:, :-1], docs[:, 1:, None], axis=-1)[..., 0]
+    want = -picked[real[:, 1:]].sum() / real[:, 1:].sum()
+    # float32 model and log-softmax against float64: ~1e-7 relative per token, so 1e-5 is ample.
+    assert got == pytest.approx(want, rel=1e-5)
+    # A mean of batch means would weigh the short last batch like the others; this must not.
+    batch_means = [-picked[i : i + 2][real[i : i + 2, 1:]].mean() for i in range(0, 5, 2)]
+    assert abs(np.mean(batch_means) - want) > 1e-4
+
+
+def test_heldout_nll_of_uniform_model_is_log_v(world):
+    # Tied embeddings at zero give logits 0 everywhere: every token costs log(64) nats.
+    cfg, params = _model()
+    params = {**params, "embed": jnp.zeros_like(params["embed"])}
+    docs = corpus.make_pretraining_corpus(world, 7, split="heldout")
+    got = evaluate.heldout_nll(params, cfg, docs, batch_size=4)
+    assert got == pytest.approx(math.log(64), rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics
+
+
+def test_mean_ci95_hand_worked():
+    # x = 1..4: mean 2.5, sample sd sqrt(5/3) = 1.290994, half width 1.96 * 1.290994 / 2 = 1.265174.
+    mean, lo, hi = evaluate.mean_ci95([1.0, 2.0, 3.0, 4.0])
+    assert mean == 2.5
+    assert (lo, hi) == pytest.approx((2.5 - 1.265174, 2.5 + 1.265174), abs=1e-6)
+    assert evaluate.mean_ci95([0.3]) == (0.3, 0.3, 0.3)
+
+
+def test_win_rate_hand_worked():
+    # Outcomes 1, 0.5, 0, 1: rate 0.625; sd of (1, .5, 0, 1) = sqrt(0.229167) = 0.478714;
+    # half width 1.96 * 0.478714 / 2 = 0.469140.
+    rate, lo, hi = evaluate.win_rate([0.9, 0.2, -1.0, 0.5], [0.1, 0.2, 0.3, -1.0])
+    assert rate == 0.625
+    assert (lo, hi) == pytest.approx((0.625 - 0.469140, 0.625 + 0.469140), abs=1e-6)
+    assert evaluate.win_rate([0.1, 0.7], [0.1, 0.7]) == (0.5, 0.5, 0.5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling, likelihoods, whole-model evaluation
+
+
+def test_sample_responses_batches_like_rollout_sample():
+    cfg, params = _model()
+    prompts = corpus.sample_prompts(np.random.default_rng(0), 5)
+    rng = jax.random.key(3)
+    tokens, mask = evaluate.sample_responses(
+        params, cfg, prompts, rng=rng, batch_size=2, max_new_tokens=R
+    )
+    assert tokens.shape == mask.shape == (5, R)
+    np.testing.assert_array_equal(
+        mask, np.asarray(rollout.response_mask(jnp.asarray(tokens), il.EOS_ID))
+    )
+    assert np.all(tokens[mask == 0] == il.PAD_ID)
+    direct = rollout.sample(
+        params,
+        cfg,
+        prompts[2:4],
+        (prompts[2:4] != il.PAD_ID).astype(np.int32),
+        jax.random.fold_in(rng, 1),
+        max_new_tokens=R,
+        eos_id=il.EOS_ID,
+        pad_id=il.PAD_ID,
+    )
+    np.testing.assert_array_equal(tokens[2:4], np.asarray(direct.tokens))
+
+    # Teacher-forced sequence log-prob = the sampler's own per-token log-probs, summed.
+    logp = evaluate.sequence_logprob(
+        params, cfg, prompts[2:4], tokens[2:4], mask[2:4], batch_size=3
+    )
+    np.testing.assert_allclose(logp, np.asarray(direct.logprobs).sum(-1), rtol=1e-5, atol=1e-5)
+
+
+def test_sft_against_itself_has_half_win_rate_and_zero_kl(world):
+    cfg, params = _model()
+    prompts = corpus.sample_prompts(np.random.default_rng(1), 12)
+    docs = corpus.make_pretraining_corpus(world, 6, split="heldout")
+    kw = dict(rng=jax.random.key(7), batch_size=8, max_new_tokens=R)
+    sft = evaluate.evaluate_model(
+        "sft", params, cfg, world, prompts, docs, reference=(params, None), **kw
+    )
+    assert sft.win_rate_vs_sft == (0.5, 0.5, 0.5)
+    assert sft.kl_to_sft == 0.0
+
+    # The same rng reproduces the SFT samples, so passing its golds back gives the same answer.
+    again = evaluate.evaluate_model(
+        "sft", params, cfg, world, prompts, docs, reference=(params, sft.golds), **kw
+    )
+    np.testing.assert_array_equal(again.golds, sft.golds)
+    assert again.win_rate_vs_sft[0] == 0.5 and again.kl_to_sft == 0.0
+
+    other_cfg, other = _model(seed=1)
+    ppo = evaluate.evaluate_model(
+        "ppo", other, other_cfg, world, prompts, docs, reference=(params, sft.golds), **kw
+    )
+    assert math.isfinite(ppo.kl_to_sft) and ppo.kl_to_sft != 0.0
+
+    s = json.loads(json.dumps(sft.summary()))
+    for key in ("gold_mean", "win_rate_vs_sft", "kl_to_sft", "pretrain_nll", "fact_accuracy"):
+        assert isinstance(s[key], float)
+    assert s["gold_mean"] == pytest.approx(float(np.mean(sft.golds)))
+    assert s["gold_ci95"][0] <= s["gold_mean"] <= s["gold_ci95"][1]
+    assert {"eos_rate", "attempts_task", "follows_constraint", "toxic"} <= set(s)
+    assert "hallucination" in s
+    samples = sft.samples(3)
+    assert [x["model"] for x in samples] == ["sft"] * 3
+    assert samples[0]["prompt"].startswith("<bos>") and "<pad>" not in samples[0]["prompt"]
+    assert samples[0]["gold"] == sft.golds[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Fact probes
+
+
+def test_fact_scores_is_both_tokens_right():
+    answers = np.array([[30, 40], [31, 41], [32, 42]])
+    outputs = np.array([[30, 40, 2], [31, 2, 0], [41, 31, 2]])  # right, half right, swapped
+    np.testing.assert_array_equal(evaluate.fact_scores(outputs, answers), [True, False, False])
+
+
+def test_fact_accuracy_scores_greedy_outputs_against_kb(world, monkeypatch):
+    cfg, params = _model()
+    probes, kb = corpus.fact_probes(world)
+    seen = {}
+
+    def scripted(answer):
+        def fake(params, config, prompts, *, rng, batch_size, max_new_tokens, greedy, **kw):
+            seen.update(greedy=greedy, max_new_tokens=max_new_tokens, prompts=prompts)
+            return answer.astype(np.int32), np.ones_like(answer, np.int32)
+
+        return fake
+
+    monkeypatch.setattr(evaluate, "sample_responses", scripted(kb))
+    assert evaluate.fact_accuracy(params, cfg, world, batch_size=8) == 1.0
+    assert seen["greedy"] and seen["max_new_tokens"] == 2
+    np.testing.assert_array_equal(seen["prompts"], probes)
+    monkeypatch.setattr(evaluate, "sample_responses", scripted(kb[:, ::-1]))
+    assert evaluate.fact_accuracy(params, cfg, world, batch_size=8) == 0.0
+
+
+def test_fact_accuracy_runs_a_real_model(world):
+    cfg, params = _model()
+    acc = evaluate.fact_accuracy(params, cfg, world, batch_size=16)
+    assert 0.0 <= acc <= 1.0 and acc * 32 == int(acc * 32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reward model
+
+
+def _log_sigmoid(x):
+    return -math.log1p(math.exp(-x))
+
+
+def test_rm_metrics_hand_worked():
+    rewards = np.array([[3.0, 1.0, 2.0], [0.0, 1.0, 100.0]])
+    ranks = np.array([[0, 1, 2], [1, 0, -1]])
+    valid = np.array([[1, 1, 1], [1, 1, 0]])
+    golds = np.array([[0.5, 0.9, 0.1], [0.2, 0.2, 0.0]])
+    m = evaluate.rm_metrics(rewards, ranks, valid, golds)
+    # Noisy pairs (winner, loser): prompt 0 (0,1) right, (0,2) right, (1,2) wrong; prompt 1 (1,0)
+    # right; the invalid slot (reward 100, rank -1) is ignored: 3 / 4.
+    assert m["val_accuracy_noisy"] == 0.75 and m["val_pairs_noisy"] == 4
+    # Gold pairs: prompt 0 (1,0) wrong, (1,2) wrong, (0,2) right; prompt 1 is a gold tie: 1 / 3.
+    assert m["val_accuracy_gold"] == pytest.approx(1 / 3) and m["val_pairs_gold"] == 3
+    loss0 = -(_log_sigmoid(2.0) + _log_sigmoid(1.0) + _log_sigmoid(-1.0)) / 3
+    loss1 = -_log_sigmoid(1.0)
+    assert m["val_loss"] == pytest.approx((loss0 + loss1) / 2, rel=1e-6)
+
+
+def test_rm_accuracy_scores_the_comparison_layout():
+    cfg, params = _model(head="scalar")
+    rng = np.random.default_rng(0)
+    N, K = 3, 4
+    lengths = rng.integers(1, R + 1, (N, K))
+    tokens = np.zeros((N, K, P + R), np.int32)
+    resp = np.zeros_like(tokens)
+    tokens[:, :, P - 4 : P] = rng.integers(4, 64, (N, K, 4))
+    for i in range(N):
+        for k in range(K):
+            tokens[i, k, P : P + lengths[i, k]] = rng.integers(4, 64, lengths[i, k])
+            resp[i, k, P : P + lengths[i, k]] = 1
+    attn = (tokens != 0).astype(np.int32)
+    ranks = np.tile(np.arange(K), (N, 1))
+    valid = np.ones((N, K), np.int32)
+    golds = rng.random((N, K))
+    got = evaluate.rm_accuracy(
+        params, cfg, 0.5, tokens, attn, resp, ranks, valid, golds, prompt_len=P, batch_size=2
+    )
+    flat = [jnp.asarray(x.reshape(N * K, -1)) for x in (tokens, attn, resp)]
+    scores = jax.jit(rollout.reward_scores, static_argnums=(1, 4))(
+        params, cfg, flat[0], flat[1], P, flat[2], bias=0.5
+    )
+    want = evaluate.rm_metrics(np.asarray(scores).reshape(N, K), ranks, valid, golds)
+    assert got.keys() >= {"val_accuracy_noisy", "val_accuracy_gold", "val_loss"}
+    for key in want:
+        assert got[key] == pytest.approx(want[key], rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+
+
+def _row(gold, win, kl, nll, fact, halluc, toxic, follows):
+    return {
+        "gold_mean": gold,
+        "gold_ci95": [gold - 0.03, gold + 0.03],
+        "win_rate_vs_sft": win,
+        "win_rate_ci95": [win - 0.03, win + 0.03],
+        "kl_to_sft": kl,
+        "pretrain_nll": nll,
+        "fact_accuracy": fact,
+        "eos_rate": 0.9,
+        "attempts_task": 0.8,
+        "follows_constraint": follows,
+        "hallucination": halluc,
+        "toxic": toxic,
+    }
+
+
+def _summary():
+    return {
+        "config": "tiny",
+        "seed": 0,
+        "models": {
+            "base": _row(0.01, 0.1, 9.0, 2.00, 0.90, 0.40, 0.05, 0.2),
+            "sft": _row(0.70, 0.5, 0.0, 2.10, 0.85, 0.10, 0.02, 0.7),
+            "ppo": _row(0.85, 0.7, 6.0, 2.40, 0.60, 0.05, 0.00, 0.9),
+            "ppo_ptx": _row(0.83, 0.68, 5.0, 2.05, 0.80, 0.05, 0.00, 0.9),
+        },
+        "rm": {"val_accuracy_noisy": 0.74, "val_accuracy_gold": 0.86, "val_loss": 0.55},
+        "seconds": {"pretrain": 100.0, "sft": 20.0, "rm": 15.0, "ppo": 300.0},
+    }
+
+
+def test_check_claims_on_hand_built_summaries():
+    claims = {c.name: c for c in report.check_claims(_summary())}
+    assert list(claims) == ["C1", "C2", "C4", "C5", "C10"]
+    assert all(c.passed for c in claims.values()), [c.line() for c in claims.values()]
+    assert "|ppo - ppo_ptx| = 0.020" in claims["C1"].evidence
+
+    worse = _summary()
+    worse["models"]["ppo"]["gold_mean"] = 0.6  # below SFT, and 0.23 under PPO-ptx
+    worse["models"]["ppo"]["win_rate_ci95"] = [0.45, 0.55]
+    worse["models"]["ppo"]["kl_to_sft"] = float("nan")
+    claims = {c.name: c for c in report.check_claims(worse)}
+    assert claims["C1"].passed is False and claims["C2"].passed is False
+    assert claims["C4"].passed is False
+    assert claims["C5"].passed  # tax and recovery do not depend on PPO's own gold
+
+    no_recovery = _summary()
+    no_recovery["models"]["ppo_ptx"]["fact_accuracy"] = 0.55  # below PPO: nothing recovered
+    no_recovery["models"]["base"]["toxic"] = 0.0  # PPO at the optimum still counts for C10
+    claims = {c.name: c for c in report.check_claims(no_recovery)}
+    assert claims["C5"].passed is False and "recovery" in claims["C5"].evidence
+    assert claims["C10"].passed
+
+
+def test_check_claims_without_ppo_ptx():
+    s = _summary()
+    del s["models"]["ppo_ptx"]
+    claims = {c.name: c for c in report.check_claims(s)}
+    assert claims["C1"].passed and claims["C2"].passed and claims["C10"].passed
+    assert claims["C5"].passed is None and "recovery needs ppo_ptx" in claims["C5"].evidence
+    assert claims["C5"].status == "N/A"
+
+
+@pytest.mark.parametrize("with_ptx", [True, False])
+def test_write_report(tmp_path, with_ptx):
+    summary = _summary()
+    curves = {"ppo": {"gold": [0.7, 0.8, 0.85], "kl": [0.0, 3.0, 5.0], "clipfrac": [0.1, 0.05, 0]}}
+    if with_ptx:
+        curves["ppo_ptx"] = {"gold": [0.7, 0.78], "kl": [0.0, 2.5], "pretrain_nll": [2.1, 2.05]}
+    else:
+        del summary["models"]["ppo_ptx"]
+    samples = [
+        {"model": m, "prompt": "<bos> REV c3 c9 <sep>", "response": "c9 c3 <eos>", "gold": 1.0}
+        for m in summary["models"]
+        for _ in range(4)
+    ]
+    report.write_report(tmp_path / "run", summary, curves, samples)
+    out = tmp_path / "run"
+    assert json.loads((out / "summary.json").read_text()) == summary
+    lines = (out / "samples.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == samples
+    pngs = {"gold.png", "curve_gold.png", "curve_kl.png", "curve_clipfrac.png"}
+    if with_ptx:
+        pngs.add("curve_pretrain_nll.png")
+    assert {p.name for p in out.glob("*.png")} == pngs
+    for name in pngs:
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+
+    md = (out / "report.md").read_text()
+    assert "`tiny`" in md and "seed 0" in md and "ppo 300.0 s" in md
+    assert "| base | 0.010 [-0.020, 0.040] | 0.100 [0.070, 0.130] | 9.00 | 2.000 |" in md
+    assert "| sft | 0.700 [0.670, 0.730] |" in md
+    assert ("| ppo_ptx |" in md) == with_ptx
+    assert "| val_accuracy_noisy | 0.740 |" in md
+    for claim in ("**C1 PASS**", "**C2 PASS**", "**C4 PASS**", "**C10 PASS**"):
+        assert claim in md
+    assert ("**C5 PASS**" if with_ptx else "**C5 N/A**") in md
+    for name in pngs:
+        assert f"]({name})" in md
+    assert md.count("c9 c3 <eos>") == 3 * len(summary["models"])
