@@ -103,7 +103,7 @@ class StageCheckpointer:
             # Temp file + rename so a reader never sees half a config.
             tmp = self.directory / "config.json.tmp"
             tmp.write_text(json.dumps(_jsonable(config), indent=2, sort_keys=True))
-            tmp.rename(self.directory / "config.json")
+            tmp.replace(self.directory / "config.json")  # a resumed run rewrites it
 
     def latest_step(self) -> int | None:
         steps = self.all_steps()

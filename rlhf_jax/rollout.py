@@ -238,13 +238,13 @@ def response_values(
 def reward_scores(
     params,
     config: ModelConfig,
-    tokens: Int[Array, "B T"],
+    tokens: Int[Array, "*B T"],
     mask,
     prompt_len: int,
     resp_mask,
     *,
     bias=0.0,
-) -> Float[Array, " B"]:
+) -> Float[Array, "*B"]:
     """The reward model's scalar at each row's last valid response token (the EOS, if any), minus
     ``bias`` (the normalisation of METHOD.md section 2.3). Works for any leading batch shape."""
     lead = tokens.shape[:-1]

@@ -1,0 +1,49 @@
+"""default: the main job. The whole InstructGPT recipe on the built-in InstructLang world.
+
+    rlhf-jax pipeline            # the same as --config=configs/default.py
+
+XS-size models (64 wide, 2 layers) and reduced corpora and iteration counts, so that pretraining,
+SFT, comparison sampling, RM, PPO, PPO-ptx, evaluation and the report take at most 15 minutes on
+2 CPU cores. Expected results are in the README; `paper.py` is the full-size replication.
+"""
+
+from rlhf_jax import config as C
+
+
+def get_config(arg: str | None = None) -> C.Config:
+    del arg
+    return C.Config(
+        name="default",
+        model=C.model_config("XS", vocab_size=64, max_len=24),
+        data=C.DataConfig(
+            pretrain_docs=100_000,
+            heldout_docs=2_000,
+            sft_train=4_000,
+            sft_val=500,
+            rm_train=4_000,
+            rm_val=500,
+            ppo_train=10_000,
+            ppo_val=500,
+            test=1_000,
+        ),
+        pretrain=C.PretrainConfig(
+            steps=1500,
+            batch_size=128,
+            optimizer=C.OptimizerConfig(lr=1e-3, warmup_steps=100),
+        ),
+        sft=C.SFTConfig(epochs=2, batch_size=32, optimizer=C.OptimizerConfig(lr=1e-3)),
+        rm=C.RMConfig(epochs=1, batch_size=64, optimizer=C.OptimizerConfig(lr=3e-4)),
+        ppo=C.PPOConfig(
+            iterations=100,
+            batch_size=256,
+            minibatch_size=64,
+            ptx_coef=27.8,
+            ptx_per_episode=4,
+            policy_optimizer=C.OptimizerConfig(
+                lr=1e-4, schedule="constant", warmup_steps=10, warmup_init_ratio=0.1
+            ),
+            value_optimizer=C.OptimizerConfig(lr=1e-4, schedule="constant"),
+        ),
+        eval=C.EvalConfig(test_prompts=1_000, batch_size=250, samples_per_model=200),
+        log_every=10,
+    )

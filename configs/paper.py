@@ -1,0 +1,39 @@
+"""paper: the faithful small-scale replication settings of INSTRUCTLANG.md section 4, one run.
+
+    rlhf-jax pipeline --config=configs/paper.py --config.seed=0
+
+S-size models (128 wide, 4 layers) on the full-size world (200k pretraining documents, 4k/6k/10k
+SFT/RM/PPO prompts), 300 PPO iterations of 256 episodes, PPO-ptx with 8 pretraining sequences
+per episode and gamma 27.8. Cost: about 2-3 hours on 2 CPU cores, minutes on one GPU/TPU.
+Sweeps (policy LR, gamma, beta) and seeds are separate runs with overrides, e.g.
+``--config.ppo.policy_optimizer.lr=3e-5 --config.seed=1 --workdir=runs/paper-lr3e-5-s1``.
+"""
+
+from rlhf_jax import config as C
+
+
+def get_config(arg: str | None = None) -> C.Config:
+    del arg
+    return C.Config(
+        name="paper",
+        model=C.model_config("S", vocab_size=64, max_len=24),
+        data=C.DataConfig(),  # the section-2 sizes
+        pretrain=C.PretrainConfig(
+            steps=3_200, batch_size=128, optimizer=C.OptimizerConfig(lr=1e-3, warmup_steps=200)
+        ),
+        sft=C.SFTConfig(epochs=2, batch_size=32, dropout=0.1, optimizer=C.OptimizerConfig(lr=3e-4)),
+        rm=C.RMConfig(epochs=1, batch_size=64, optimizer=C.OptimizerConfig(lr=1e-4)),
+        ppo=C.PPOConfig(
+            iterations=300,
+            batch_size=256,
+            minibatch_size=64,
+            ptx_coef=27.8,
+            ptx_per_episode=8,
+            policy_optimizer=C.OptimizerConfig(
+                lr=3e-5, schedule="constant", warmup_steps=10, warmup_init_ratio=0.1
+            ),
+            value_optimizer=C.OptimizerConfig(lr=1e-4, schedule="constant"),
+        ),
+        eval=C.EvalConfig(test_prompts=1_000, batch_size=250, samples_per_model=200),
+        checkpoint_every=50,
+    )

@@ -1,0 +1,182 @@
+"""Stages end to end on the tiny preset: the pipeline, the CLI, resume, a mesh change, and
+METHOD.md section 7 checks 1, 2, 5 and 6 on real checkpoints."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from rlhf_jax.configs import tiny
+from rlhf_jax import checkpoint, sharding
+from rlhf_jax.config import MeshConfig
+from rlhf_jax.data import instructlang as il
+from rlhf_jax.pipeline import run_pipeline
+from rlhf_jax.stages import common
+from rlhf_jax.stages.common import loader
+from rlhf_jax.stages.lm import run_lm_stage
+from rlhf_jax.stages.rm import demonstration_scores, load_reward_model, rm_config
+
+MODEL_KEYS = (
+    "gold_mean",
+    "gold_ci95",
+    "win_rate_vs_sft",
+    "kl_to_sft",
+    "pretrain_nll",
+    "fact_accuracy",
+    "eos_rate",
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("tiny")
+    config = tiny.get_config()
+    return config, workdir, run_pipeline(config, workdir)
+
+
+def test_pipeline_writes_summary_samples_and_report(tiny_run):
+    config, workdir, summary = tiny_run
+    saved = json.loads((workdir / "summary.json").read_text())
+    for name in ("base", "sft", "ppo", "ppo_ptx"):
+        assert set(MODEL_KEYS) <= set(saved["models"][name]), name
+    assert {"val_accuracy_noisy", "val_accuracy_gold"} <= set(saved["rm"])
+    assert {"pretrain", "sft", "rm", "ppo", "ppo_ptx", "eval"} <= set(saved["seconds"])
+    # The SFT model against itself: win rate 0.5 and KL 0 by construction.
+    assert saved["models"]["sft"]["win_rate_vs_sft"] == 0.5
+    assert saved["models"]["sft"]["kl_to_sft"] == 0.0
+    rows = [json.loads(line) for line in (workdir / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 * config.eval.samples_per_model
+    w = il.make_world(config.data.world_seed)
+    for row in rows[:16]:  # the text form round-trips into the same gold reward
+        prompt, response = il.encode_text(row["prompt"]), il.encode_text(row["response"])
+        assert row["gold"] == pytest.approx(il.gold_reward(prompt, response, world=w))
+    report = (workdir / "report.md").read_text()
+    assert "| ppo_ptx |" in report and (workdir / "gold.png").exists()
+
+
+def test_ppo_logs_ratio_one_and_zero_initial_kl(tiny_run):
+    _, workdir, _ = tiny_run
+    for stage in ("ppo", "ppo_ptx"):
+        rows = [json.loads(x) for x in (workdir / stage / "metrics.jsonl").read_text().splitlines()]
+        assert rows[0]["objective/kl"] == 0.0  # check 2
+        assert all(r["ppo/policy/first_approxkl"] < 1e-8 for r in rows)  # check 1
+        assert ("ppo/loss/ptx" in rows[0]) == (stage == "ppo_ptx")
+
+
+def test_rm_bias_centres_the_demonstrations(tiny_run):
+    config, workdir, _ = tiny_run
+    mesh = sharding.make_mesh(config.mesh)
+    params, bias = load_reward_model(config, workdir, mesh)
+    scores = demonstration_scores(params, rm_config(config), config, workdir)
+    assert len(scores) == config.data.sft_train
+    assert abs(float(np.mean(scores) - bias)) < 1e-5  # check 6
+    assert float(np.std(scores)) > 0
+
+
+def test_rm_reads_the_eos_token(tiny_run):
+    config, workdir, _ = tiny_run
+    P = config.data.prompt_len
+    batch = next(iter(loader(config, workdir, "rm_val", 16, 0, epochs=1, shuffle=False)))
+    last = P + batch["response_mask"].sum(-1) - 1  # the index reward_scores reads
+    tokens = np.take_along_axis(batch["tokens"], last[..., None], -1)[..., 0]
+    has_eos = (batch["tokens"][..., P:] == il.EOS_ID).any(-1) & (batch["valid"] > 0)
+    assert has_eos.any()
+    np.testing.assert_array_equal(tokens[has_eos], il.EOS_ID)  # check 5
+
+
+def _small(**kw):
+    config = tiny.get_config()
+    return dataclasses.replace(
+        config, sft=dataclasses.replace(config.sft, epochs=1), checkpoint_every=3, **kw
+    )
+
+
+def _export(config, workdir, stage):
+    from rlhf_jax.pipeline import load_policy
+
+    return jax.tree.map(np.asarray, jax.device_get(load_policy(config, workdir, stage)))
+
+
+def test_interrupted_stage_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    config = _small()
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    for workdir in (whole, parts):
+        run_lm_stage(config, workdir, "pretrain")
+    run_lm_stage(config, whole, "sft")
+
+    real, calls = sharding.shard_batch, {"n": 0}
+
+    def preempted(batch, mesh):  # a preemption while the 5th SFT batch is being fed
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(batch, mesh)
+
+    monkeypatch.setattr(common.sharding, "shard_batch", preempted)
+    with pytest.raises(KeyboardInterrupt):
+        run_lm_stage(config, parts, "sft")
+    monkeypatch.setattr(common.sharding, "shard_batch", real)
+    assert checkpoint.StageCheckpointer(parts, "sft").latest_step() == 3
+    run_lm_stage(config, parts, "sft")  # resumes from step 3: params, optimiser, rng, data
+
+    jax.tree.map(
+        np.testing.assert_array_equal, _export(config, parts, "sft"), _export(config, whole, "sft")
+    )
+
+    def rows(workdir):  # the last row logged for each step
+        lines = (workdir / "sft" / "metrics.jsonl").read_text().splitlines()
+        return {r["step"]: r for r in map(json.loads, lines)}
+
+    assert rows(parts) == rows(whole)
+
+
+def test_checkpoint_from_a_data8_mesh_feeds_a_2x2x2_mesh(tmp_path):
+    flat = _small(mesh=MeshConfig(data=8))
+    cube = _small(mesh=MeshConfig(data=2, fsdp=2, tensor=2))
+    run_lm_stage(flat, tmp_path, "pretrain")
+    from rlhf_jax.pipeline import load_policy
+
+    on_cube = load_policy(cube, tmp_path, "pretrain")
+    q = on_cube["layers_0"]["attn"]["q"]["kernel"]
+    assert q.sharding.mesh.shape == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert q.sharding.spec == jax.P("fsdp", "tensor", None)
+    jax.tree.map(
+        np.testing.assert_array_equal, jax.device_get(on_cube), _export(flat, tmp_path, "pretrain")
+    )
+    run_lm_stage(cube, tmp_path, "sft")  # the next stage runs on the other mesh
+    assert checkpoint.StageCheckpointer(tmp_path, "sft").latest_step() == 8
+
+
+def _cli(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    return subprocess.run(
+        [sys.executable, "-m", "rlhf_jax.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_cli_runs_a_stage_with_overrides_and_rejects_unknown_fields(tmp_path):
+    preset = os.path.abspath("configs/tiny.py")
+    ok = _cli(
+        "pretrain",
+        f"--config={preset}",
+        f"--workdir={tmp_path / 'run'}",
+        "--config.pretrain.steps=3",
+        "--config.log_every=1",
+        cwd=tmp_path,
+    )
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    lines = (tmp_path / "run" / "pretrain" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]
+    assert "[pretrain] 3 steps" in ok.stdout
+    bad = _cli("pretrain", f"--config={preset}", "--config.pretrain.stepz=3", cwd=tmp_path)
+    assert bad.returncode != 0 and "stepz" in bad.stderr
