@@ -11,9 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from rlhf_jax.configs import tiny
 from rlhf_jax import checkpoint, sharding
 from rlhf_jax.config import MeshConfig
+from rlhf_jax.configs import tiny
 from rlhf_jax.data import instructlang as il
 from rlhf_jax.pipeline import run_pipeline
 from rlhf_jax.stages import common
