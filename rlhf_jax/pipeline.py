@@ -163,31 +163,47 @@ def _curves(stage_dir: Path) -> dict[str, list[float]]:
     return {name: [r[k] for r in rows if k in r] for name, k in keys.items()}
 
 
+class _Evaluator:
+    """What every evaluation shares: the world, the test prompts and held-out documents, one
+    sampling stream for all models, and the SFT model every other model is compared with."""
+
+    def __init__(self, config: Config, workdir, heldout: np.ndarray, mesh):
+        self.config, self.workdir, self.mesh, self.heldout = config, workdir, mesh, heldout
+        self.world, self.model = prepare.world(config), _policy_model(config)
+        self.test = _read_all(config, workdir, "test", "prompt_tokens")[: config.eval.test_prompts]
+        self.sft = load_policy(config, workdir, "sft", mesh)
+        self.sft_eval = self._evaluate("sft", self.sft, reference=(self.sft, None))
+
+    def _evaluate(self, name: str, params, reference) -> evaluate.ModelEval:
+        return evaluate.evaluate_model(
+            name,
+            params,
+            self.model,
+            self.world,
+            self.test,
+            self.heldout,
+            rng=jax.random.key(self.config.seed + 6),
+            batch_size=self.config.eval.batch_size,
+            max_new_tokens=self.config.data.response_len,
+            reference=reference,
+        )
+
+    def stage(self, name: str, stage: str) -> evaluate.ModelEval:
+        if stage == "sft":
+            return self.sft_eval
+        params = load_policy(self.config, self.workdir, stage, self.mesh)
+        return self._evaluate(name, params, reference=(self.sft, self.sft_eval.golds))
+
+
 def evaluate_all(config: Config, workdir, heldout: np.ndarray) -> tuple[dict, list[dict]]:
     """Evaluate every model the run has, and the RM; returns (summary, samples)."""
     mesh = sharding.make_mesh(config.mesh)
-    w, model = prepare.world(config), _policy_model(config)
-    test = _read_all(config, workdir, "test", "prompt_tokens")[: config.eval.test_prompts]
-    kw = dict(
-        rng=jax.random.key(config.seed + 6),
-        batch_size=config.eval.batch_size,
-        max_new_tokens=config.data.response_len,
-    )
-    sft = load_policy(config, workdir, "sft", mesh)
-    sft_eval = evaluate.evaluate_model(
-        "sft", sft, model, w, test, heldout, reference=(sft, None), **kw
-    )
-    evals = {"sft": sft_eval}
-    for name, stage in MODELS.items():
-        if name != "sft" and stage_exists(workdir, stage):
-            params = load_policy(config, workdir, stage, mesh)
-            evals[name] = evaluate.evaluate_model(
-                name, params, model, w, test, heldout, reference=(sft, sft_eval.golds), **kw
-            )
+    ev = _Evaluator(config, workdir, heldout, mesh)
+    evals = {n: ev.stage(n, s) for n, s in MODELS.items() if stage_exists(workdir, s)}
     summary = {
         "config": config.name,
         "seed": config.seed,
-        "models": {name: evals[name].summary() for name in MODELS if name in evals},
+        "models": {name: e.summary() for name, e in evals.items()},
         "rm": rm_summary(config, workdir, mesh),
     }
     samples = [s for e in evals.values() for s in e.samples(config.eval.samples_per_model)]
@@ -228,23 +244,9 @@ def rm_summary(config: Config, workdir, mesh) -> dict:
 def evaluate_stage(config: Config, workdir, stage: str) -> dict:
     """``rlhf-jax eval``: one stage's exported policy against the SFT model."""
     _require_world(config)
-    mesh = sharding.make_mesh(config.mesh)
-    w, model = prepare.world(config), _policy_model(config)
-    test = _read_all(config, workdir, "test", "prompt_tokens")[: config.eval.test_prompts]
     heldout = _read_all(config, workdir, "heldout", "tokens")
-    kw = dict(
-        rng=jax.random.key(config.seed + 6),
-        batch_size=config.eval.batch_size,
-        max_new_tokens=config.data.response_len,
-    )
-    sft = load_policy(config, workdir, "sft", mesh)
-    sft_eval = evaluate.evaluate_model(
-        "sft", sft, model, w, test, heldout, reference=(sft, None), **kw
-    )
-    params = load_policy(config, workdir, stage, mesh)
-    return evaluate.evaluate_model(
-        stage, params, model, w, test, heldout, reference=(sft, sft_eval.golds), **kw
-    ).summary()
+    ev = _Evaluator(config, workdir, heldout, sharding.make_mesh(config.mesh))
+    return ev.stage(stage, stage).summary()
 
 
 def generate_text(

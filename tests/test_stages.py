@@ -164,19 +164,38 @@ def _cli(*args, cwd):
     )
 
 
-def test_cli_runs_a_stage_with_overrides_and_rejects_unknown_fields(tmp_path):
+def test_cli_runs_every_stage_eval_and_generate(tmp_path):
     preset = os.path.abspath("configs/tiny.py")
-    ok = _cli(
-        "pretrain",
-        f"--config={preset}",
-        f"--workdir={tmp_path / 'run'}",
-        "--config.pretrain.steps=3",
-        "--config.log_every=1",
-        cwd=tmp_path,
-    )
-    assert ok.returncode == 0, ok.stderr[-3000:]
+    common_args = (f"--config={preset}", f"--workdir={tmp_path / 'run'}", "--config.log_every=1")
+    runs = [
+        ("pretrain", "--config.pretrain.steps=3"),
+        ("sft",),
+        ("rm",),
+        ("ppo", "--config.ppo.iterations=1", "--config.ppo.ptx_coef=0"),
+    ]
+    for command, *overrides in runs:
+        out = _cli(command, *common_args, *overrides, cwd=tmp_path)
+        assert out.returncode == 0, (command, out.stderr[-3000:])
+        assert f"[{command}]" in out.stdout, out.stdout[-2000:]
     lines = (tmp_path / "run" / "pretrain" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]
-    assert "[pretrain] 3 steps" in ok.stdout
+    assert checkpoint.StageCheckpointer(tmp_path / "run", "ppo").latest_step() == 1
+
+    ev = _cli("eval", *common_args, "--stage=ppo", cwd=tmp_path)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert {"gold_mean", "win_rate_vs_sft", "kl_to_sft"} <= set(json.loads(ev.stdout))
+    gen = _cli(
+        "generate", *common_args, "--stage=ppo", "--prompt=<bos> REV c3 c9 c1 <sep>", cwd=tmp_path
+    )
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    prompt, response = gen.stdout.strip().splitlines()[-1].split(" -> ")
+    assert prompt == "<bos> REV c3 c9 c1 <sep>"
+    il.encode_text(response)  # decodes into the world's tokens
+
+
+def test_cli_rejects_unknown_fields_and_commands(tmp_path):
+    preset = os.path.abspath("configs/tiny.py")
     bad = _cli("pretrain", f"--config={preset}", "--config.pretrain.stepz=3", cwd=tmp_path)
     assert bad.returncode != 0 and "stepz" in bad.stderr
+    bad = _cli("train", f"--config={preset}", cwd=tmp_path)
+    assert bad.returncode != 0 and "expected one command out of pretrain" in bad.stderr

@@ -240,22 +240,28 @@ def _iteration_metrics(ro: rollout.Rollout, stats: dict, kl_coef, seq_kl, ptx_co
     return out
 
 
+def _layout(config: Config, policy: TrainState, value: TrainState, scalar) -> PPOState:
+    """A PPOState-shaped tree of per-leaf descriptions (shardings or abstract values), built from
+    those of the two TrainStates: reference and EMA mirror the policy params, the reward model
+    mirrors the value params, and the counters and key mirror the policy's."""
+    return PPOState(
+        iteration=policy.step,
+        policy=policy,
+        value=value,
+        ref_params=policy.params,
+        reward_params=value.params,
+        reward_bias=scalar,
+        kl_coef=scalar,
+        ema_params=policy.params if config.ppo.ema_decay > 0 else None,
+        rng=policy.rng,
+    )
+
+
 def ppo_state_shardings(config: Config, policy_tx, value_tx, mesh) -> PPOState:
     rules = config.mesh.rules
     pol = train_state_shardings(config.model, policy_tx, mesh, rules)
     val = train_state_shardings(rm_config(config), value_tx, mesh, rules)
-    rep = sharding.replicated(mesh)
-    return PPOState(
-        iteration=rep,
-        policy=pol,
-        value=val,
-        ref_params=pol.params,
-        reward_params=val.params,
-        reward_bias=rep,
-        kl_coef=rep,
-        ema_params=pol.params if config.ppo.ema_decay > 0 else None,
-        rng=rep,
-    )
+    return _layout(config, pol, val, sharding.replicated(mesh))
 
 
 def init_ppo_state(
@@ -283,18 +289,7 @@ def init_ppo_state(
 def abstract_ppo_state(config: Config, policy_tx, value_tx) -> PPOState:
     pol = abstract_state(config.model, policy_tx)
     val = abstract_state(rm_config(config), value_tx)
-    scalar = jax.ShapeDtypeStruct((), jnp.float32)
-    return PPOState(
-        iteration=jax.ShapeDtypeStruct((), jnp.int32),
-        policy=pol,
-        value=val,
-        ref_params=pol.params,
-        reward_params=val.params,
-        reward_bias=scalar,
-        kl_coef=scalar,
-        ema_params=pol.params if config.ppo.ema_decay > 0 else None,
-        rng=pol.rng,
-    )
+    return _layout(config, pol, val, jax.ShapeDtypeStruct((), jnp.float32))
 
 
 def jit_ppo_iteration(iteration, shardings: PPOState, mesh, with_ptx: bool):
