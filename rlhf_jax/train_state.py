@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 
 from rlhf_jax import sharding
 from rlhf_jax.config import ModelConfig, OptimizerConfig
-from rlhf_jax.model import abstract_params
+from rlhf_jax.model import Transformer, abstract_params, init_params
 
 
 class TrainState(struct.PyTreeNode):
@@ -86,6 +86,14 @@ def new_train_state(params, tx, rng) -> TrainState:
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), rng)
 
 
+def apply_gradients(tx: optax.GradientTransformation, state: TrainState, grads) -> TrainState:
+    """One optimiser step: the update from ``grads``, the new params, ``step + 1``."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return state.replace(
+        step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
+    )
+
+
 def train_state_shardings(model: ModelConfig, tx, mesh: Mesh, rules) -> TrainState:
     """NamedShardings of a whole TrainState (optimiser moments follow their parameters)."""
     boxed = abstract_params(model)
@@ -105,8 +113,6 @@ def create_train_state(params, tx, rng: jax.Array, shardings: TrainState) -> Tra
 
 def init_model_params(model: ModelConfig, rng: jax.Array, mesh: Mesh, rules):
     """Randomly initialised params, materialised directly in their shardings."""
-    from rlhf_jax.model import Transformer
-
     tokens = jnp.zeros((1, 1), jnp.int32)
     params, _ = sharding.init_sharded(
         lambda: Transformer(model).init(rng, tokens)["params"], mesh, rules
@@ -117,8 +123,6 @@ def init_model_params(model: ModelConfig, rng: jax.Array, mesh: Mesh, rules):
 def scalar_head_params(lm_params: dict, scalar_model: ModelConfig, rng: jax.Array) -> dict:
     """RM initialisation (InstructGPT section 3.5): the LM's params without its unembedding, plus
     a fresh scalar head with std 1/sqrt(D+1) (N+)."""
-    from rlhf_jax.model import init_params
-
     head = init_params(scalar_model, rng)["score_head"]
     params = {k: v for k, v in lm_params.items() if k != "lm_head"}
     params["score_head"] = head

@@ -274,3 +274,14 @@ def test_sampling_on_an_8_device_mesh_equals_one_device():
     multi = rollout.sample(sparams, cfg, batch["p"], batch["m"], jax.random.key(1), **kw)
     np.testing.assert_array_equal(multi.tokens, single.tokens)
     np.testing.assert_allclose(multi.logprobs, single.logprobs, atol=1e-5)
+
+
+def test_equal_shapes_never_recompile():
+    cfg, params = _policy()
+    prompts, pmask = _prompts()
+    kw = dict(max_new_tokens=5, eos_id=EOS, pad_id=PAD)
+    rollout.sample(params, cfg, prompts, pmask, jax.random.key(0), **kw)
+    sizes = (rollout._prefill_jit._cache_size(), rollout._decode_jit._cache_size())
+    for seed in (1, 2):  # new keys and new prompt values, same shapes
+        rollout.sample(params, cfg, (prompts + seed) % 32, pmask, jax.random.key(seed), **kw)
+    assert (rollout._prefill_jit._cache_size(), rollout._decode_jit._cache_size()) == sizes

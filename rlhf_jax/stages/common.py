@@ -21,7 +21,13 @@ from rlhf_jax.checkpoint import StageCheckpointer
 from rlhf_jax.config import Config, ModelConfig
 from rlhf_jax.data import builders, loaders, prepare
 from rlhf_jax.model import Transformer, abstract_params
-from rlhf_jax.train_state import TrainState, init_model_params, params_shardings, state_key
+from rlhf_jax.train_state import (
+    TrainState,
+    apply_gradients,
+    init_model_params,
+    params_shardings,
+    state_key,
+)
 
 
 class MetricsLog:
@@ -76,11 +82,15 @@ def make_lm_step(
             return losses.sft_loss(logits, batch["tokens"], batch["loss_mask"])
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        new = apply_gradients(tx, state, grads)
         return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
+    return jit_step(step, shardings, mesh)
+
+
+def jit_step(step, shardings: TrainState, mesh):
+    """``step(state, batch) -> (state, metrics)`` jitted with the state's shardings (donated) and
+    every batch field split over (data, fsdp)."""
     batch_sh = sharding.batch_sharding(mesh, 2)
     return jax.jit(
         step, in_shardings=(shardings, batch_sh), out_shardings=(shardings, None), donate_argnums=0

@@ -22,7 +22,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from rlhf_jax import checkpoint, losses, rollout, sharding
 from rlhf_jax.config import Config
@@ -34,6 +33,7 @@ from rlhf_jax.train_state import (
     PPOState,
     TrainState,
     abstract_state,
+    apply_gradients,
     create_train_state,
     ema_update,
     key_data,
@@ -43,13 +43,6 @@ from rlhf_jax.train_state import (
 )
 
 EOS_ID, PAD_ID = 2, 0  # defaults of the built-in world; overridable per call
-
-
-def _grad_step(tx, ts: TrainState, grads) -> TrainState:
-    updates, opt_state = tx.update(grads, ts.opt_state, ts.params)
-    return ts.replace(
-        step=ts.step + 1, params=optax.apply_updates(ts.params, updates), opt_state=opt_state
-    )
 
 
 def make_ppo_iteration(
@@ -162,11 +155,11 @@ def make_ppo_iteration(
                 # fuses it into the optimiser, and ptx_coef = 0 must reproduce PPO exactly.
                 if cfg.ptx_coef != 0:
                     grads = jax.tree.map(lambda g, h: g + cfg.ptx_coef * h, grads, g_ptx)
-            policy = _grad_step(policy_tx, policy, grads)
+            policy = apply_gradients(policy_tx, policy, grads)
             (vf_loss, vstats), vgrads = jax.value_and_grad(value_loss, has_aux=True)(
                 value.params, mb
             )
-            value = _grad_step(value_tx, value, vgrads)
+            value = apply_gradients(value_tx, value, vgrads)
             if ema is not None:
                 ema = ema_update(ema, policy.params, cfg.ema_decay)
             stats = {

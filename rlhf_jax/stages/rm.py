@@ -24,6 +24,7 @@ from rlhf_jax.stages.common import (
     MetricsLog,
     config_json,
     initial_params,
+    jit_step,
     loader,
     split_size,
     stage_exists,
@@ -31,6 +32,7 @@ from rlhf_jax.stages.common import (
 from rlhf_jax.train_state import (
     TrainState,
     abstract_state,
+    apply_gradients,
     create_train_state,
     key_data,
     make_optimizer,
@@ -58,15 +60,9 @@ def make_rm_step(model: ModelConfig, tx, shardings: TrainState, mesh, prompt_len
             return losses.ranking_loss(rewards, batch["ranks"], valid=batch["valid"])
 
         (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-        return new, {"loss": loss, "accuracy": accuracy}
+        return apply_gradients(tx, state, grads), {"loss": loss, "accuracy": accuracy}
 
-    batch_sh = sharding.batch_sharding(mesh, 2)
-    return jax.jit(
-        step, in_shardings=(shardings, batch_sh), out_shardings=(shardings, None), donate_argnums=0
-    )
+    return jit_step(step, shardings, mesh)
 
 
 def demonstration_scores(
