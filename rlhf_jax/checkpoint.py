@@ -95,7 +95,8 @@ class StageCheckpointer:
         ``read_only``: a view of another stage's checkpoints that never creates, deletes or writes
         anything, so it is safe to open while that stage is still running.
         """
-        self.directory = epath.Path(workdir) / stage
+        # Orbax needs absolute paths; a relative workdir (the CLI default runs/<name>) is resolved.
+        self.directory = epath.Path(os.path.abspath(workdir)) / stage
         if read_only and not self.directory.exists():
             raise FileNotFoundError(f"no checkpoint directory {self.directory}")
         self._mngr = _manager(self.directory, keep=None if read_only else keep, read_only=read_only)

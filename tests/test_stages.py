@@ -166,7 +166,8 @@ def _cli(*args, cwd):
 
 def test_cli_runs_every_stage_eval_and_generate(tmp_path):
     preset = os.path.abspath("configs/tiny.py")
-    common_args = (f"--config={preset}", f"--workdir={tmp_path / 'run'}", "--config.log_every=1")
+    # A relative work directory, as the CLI's default runs/<name> is.
+    common_args = (f"--config={preset}", "--workdir=run", "--config.log_every=1")
     runs = [
         ("pretrain", "--config.pretrain.steps=3"),
         ("sft",),
@@ -199,3 +200,71 @@ def test_cli_rejects_unknown_fields_and_commands(tmp_path):
     assert bad.returncode != 0 and "stepz" in bad.stderr
     bad = _cli("train", f"--config={preset}", cwd=tmp_path)
     assert bad.returncode != 0 and "expected one command out of pretrain" in bad.stderr
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_stages_run_on_user_jsonl_data(tmp_path):
+    from rlhf_jax.data import instructlang_corpus as ic
+    from rlhf_jax.data.tokenizer import save_tokenizer
+    from rlhf_jax.stages.ppo import run_ppo
+    from rlhf_jax.stages.rm import run_rm
+
+    w = il.make_world(0)
+    rng = np.random.default_rng(0)
+    prompts = ic.sample_prompts(rng, 64)
+    demos = ic.make_demonstrations(w, prompts, rng)
+    text = lambda row: il.decode_text(ic.unpad(row))  # noqa: E731
+    data = dataclasses.replace(
+        tiny.get_config().data,
+        source="jsonl",
+        tokenizer=save_tokenizer(tmp_path / "tokenizer"),
+        demonstrations=_write_jsonl(
+            tmp_path / "demos.jsonl",
+            [
+                {"prompt": text(p), "response": text(d).removesuffix(" <eos>")}
+                for p, d in zip(prompts, demos)
+            ],
+        ),
+        comparisons=_write_jsonl(
+            tmp_path / "comparisons.jsonl",
+            [
+                {"prompt": text(p), "responses": [text(d), "c0 c1", "x0"], "ranks": [0, 1, 2]}
+                for p, d in zip(prompts[:32], demos)
+            ],
+        ),
+        prompts=_write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": text(p)} for p in prompts]),
+        pretraining=_write_jsonl(
+            tmp_path / "text.jsonl", [{"text": text(d)} for d in ic.make_pretraining_corpus(w, 64)]
+        ),
+    )
+    config = _small(data=data)
+    config = dataclasses.replace(
+        config, ppo=dataclasses.replace(config.ppo, iterations=1, ptx_coef=0.0)
+    )
+    workdir = tmp_path / "run"
+    run_lm_stage(config, workdir, "sft")  # no pretrain stage: starts from a fresh init
+    run_rm(config, workdir)
+    run_ppo(config, workdir, "ppo")
+    assert checkpoint.StageCheckpointer(workdir, "ppo").latest_step() == 1
+    assert (workdir / "data" / "rlhf_comparisons" / "user").is_dir()
+
+
+def test_init_from_an_hf_checkpoint_checks_the_architecture(tmp_path):
+    from rlhf_jax.config import model_config
+    from rlhf_jax.hf import save_checkpoint
+    from rlhf_jax.model import init_params
+
+    model = model_config("tiny", vocab_size=64, max_len=24)
+    params = init_params(model, jax.random.key(3))
+    save_checkpoint(tmp_path / "hf", model, params)
+    mesh = sharding.make_mesh(MeshConfig())
+    config = dataclasses.replace(tiny.get_config(), init_from=str(tmp_path / "hf"))
+    loaded = common.initial_params(config, tmp_path, None, config.model, mesh)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded), params)
+    wider = dataclasses.replace(config.model, mlp_dim=128)
+    with pytest.raises(ValueError, match="mlp_dim=64 vs 128"):
+        common.initial_params(config, tmp_path, None, wider, mesh)

@@ -166,6 +166,24 @@ def pad_to(x: np.ndarray, length: int, pad: int = 0) -> np.ndarray:
     return np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)], constant_values=pad)
 
 
+# The ModelConfig fields that fix the parameter shapes and the forward pass of a checkpoint.
+ARCHITECTURE_FIELDS = (
+    "family",
+    "vocab_size",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "dim_head",
+    "mlp_dim",
+    "tie_embeddings",
+    "use_bias",
+    "qkv_bias",
+    "norm_eps",
+    "rope_theta",
+)
+
+
 def initial_params(config: Config, workdir, previous: str | None, model: ModelConfig, mesh):
     """Where a stage's params come from when it has no checkpoint of its own (DESIGN.md load
     order): the previous stage's exported params, else an HF import (``init_from``), else a fresh
@@ -178,7 +196,21 @@ def initial_params(config: Config, workdir, previous: str | None, model: ModelCo
     if config.init_from:
         from rlhf_jax.hf import load_checkpoint
 
-        _, params = load_checkpoint(config.init_from, dtype=model.dtype)
+        hf_model, params = load_checkpoint(config.init_from, dtype=model.dtype)
+        # Learned positions (GPT-2) make the context length part of the parameter shapes.
+        fields = ARCHITECTURE_FIELDS + (("max_len",) if model.family == "gpt2" else ())
+        different = {
+            f: (getattr(hf_model, f), getattr(model, f))
+            for f in fields
+            if getattr(hf_model, f) != getattr(model, f)
+        }
+        if different:
+            raise ValueError(
+                f"init_from={config.init_from}: the checkpoint's architecture differs from "
+                "config.model in (checkpoint, config): "
+                + ", ".join(f"{f}={a!r} vs {b!r}" for f, (a, b) in different.items())
+                + "; set --config.model.<field> to match"
+            )
         return jax.device_put(params, shardings)
     return init_model_params(model, jax.random.key(config.seed), mesh, config.mesh.rules)
 
