@@ -11,3 +11,40 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def two_processes():
+    """Run a script as a real 2-process JAX job (gloo collectives, 2 CPU devices each).
+
+    The script gets ``sys.argv[1:] = [process_id, coordinator_port, *args]`` and must print
+    ``OK <process_id>`` when it succeeds.
+    """
+
+    def run(source: str, *args: str) -> None:
+        with socket.socket() as s:  # a free port for the coordinator
+            s.bind(("127.0.0.1", 0))
+            port = str(s.getsockname()[1])
+        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", source, str(i), port, *args],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for i in range(2)
+        ]
+        outputs = [p.communicate(timeout=240)[0] for p in procs]
+        for i, (p, out) in enumerate(zip(procs, outputs)):
+            assert p.returncode == 0 and f"OK {i}" in out, out[-3000:]
+
+    return run

@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -246,23 +245,7 @@ _TWO_PROCESS_WORKER = textwrap.dedent("""
 """)
 
 
-def test_two_process_save_and_restore(tmp_path):
-    with socket.socket() as s:  # a free port for the coordinator
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _TWO_PROCESS_WORKER, str(i), port, str(tmp_path)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=240)[0] for p in procs]
-    for i, (p, out) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0 and f"OK {i}" in out, out[-3000:]
+def test_two_process_save_and_restore(tmp_path, two_processes):
+    two_processes(_TWO_PROCESS_WORKER, str(tmp_path))
     # JSON files come from process 0 only.
     assert json.loads((tmp_path / "sft" / "config.json").read_text()) == {"pid": 0}
