@@ -3,7 +3,7 @@
 Every config is a plain dataclass declared with ``unsafe_hash=True`` so it can be a static argument
 of ``jax.jit``. They are built by the preset files in ``configs/`` (``get_config(arg)``), overridden
 from the command line by ``ml_collections.config_flags`` (``--config.ppo.kl_coef=0.05``), and never
-mutated after parsing.
+mutated after parsing. Batch sizes are global: each process of a multi-host run loads its share.
 """
 
 import dataclasses

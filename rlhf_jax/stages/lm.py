@@ -68,17 +68,19 @@ def run_lm_stage(config: Config, workdir: str | os.PathLike, stage: str, *, mesh
     cfg = config.sft if is_sft else config.pretrain
     model = dataclasses.replace(config.model, dropout=cfg.dropout)
 
-    # Data: SFT = demonstrations (+ a pretraining share); pretraining = text only.
+    # Data: SFT = demonstrations (+ a pretraining share); pretraining = text only. Batch sizes are
+    # global; each process loads its share.
+    procs = jax.process_count()
     if is_sft:
         n_ptx = round(cfg.batch_size * cfg.ptx_fraction)
         n_demo = cfg.batch_size - n_ptx
-        iters = [iter(loader(config, workdir, "sft", n_demo, config.seed, epochs=cfg.epochs))]
+        demos = loader(config, workdir, "sft", n_demo // procs, config.seed, epochs=cfg.epochs)
+        iters = [iter(demos)]
         if n_ptx:
-            iters.append(iter(loader(config, workdir, "pretrain", n_ptx, config.seed + 1)))
-        per_epoch = split_size(config, workdir, "sft") // (n_demo * jax.process_count())
-        total = cfg.epochs * per_epoch
+            iters.append(iter(loader(config, workdir, "pretrain", n_ptx // procs, config.seed + 1)))
+        total = cfg.epochs * (split_size(config, workdir, "sft") // n_demo)
     else:
-        iters = [iter(loader(config, workdir, "pretrain", cfg.batch_size, config.seed))]
+        iters = [iter(loader(config, workdir, "pretrain", cfg.batch_size // procs, config.seed))]
         total = cfg.steps
 
     def batches():

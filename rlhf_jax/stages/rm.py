@@ -84,11 +84,10 @@ def run_rm(config: Config, workdir: str | os.PathLike, *, mesh=None) -> dict:
     """Train the RM on the comparison dataset; resumes its own checkpoint if there is one."""
     mesh = mesh or sharding.make_mesh(config.mesh)
     cfg, model, P = config.rm, rm_config(config), config.data.prompt_len
-    data = loader(config, workdir, "rm", cfg.batch_size, config.seed, epochs=cfg.epochs)
+    procs = jax.process_count()  # batch sizes are global; each process loads its share
+    data = loader(config, workdir, "rm", cfg.batch_size // procs, config.seed, epochs=cfg.epochs)
     iters = [iter(data)]
-    total = cfg.epochs * (
-        split_size(config, workdir, "rm") // (cfg.batch_size * jax.process_count())
-    )
+    total = cfg.epochs * (split_size(config, workdir, "rm") // cfg.batch_size)
     tx = make_optimizer(cfg.optimizer, total)
     shardings = train_state_shardings(model, tx, mesh, config.mesh.rules)
     ckpt = checkpoint.StageCheckpointer(
