@@ -39,7 +39,10 @@ def _build(config, sft=None, reward=None, with_ptx=None):
     state = init_ppo_state(config, policy_tx, value_tx, shardings, sft, reward, 0.25)
     with_ptx = cfg.ptx_coef > 0 if with_ptx is None else with_ptx
     step = jit_ppo_iteration(
-        make_ppo_iteration(config, policy_tx, value_tx), shardings, mesh, with_ptx
+        make_ppo_iteration(config, policy_tx, value_tx, eos_id=2, pad_id=0),
+        shardings,
+        mesh,
+        with_ptx,
     )
     return mesh, state, step
 

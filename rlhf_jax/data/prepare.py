@@ -63,6 +63,16 @@ def tokenizer_dir(config: Config, workdir: str | os.PathLike) -> Path:
     return path
 
 
+def special_ids(config: Config, workdir: str | os.PathLike) -> tuple[int, int]:
+    """(EOS, PAD) token ids: the world's, or those of the user's tokenizer (PAD defaults to 0)."""
+    if config.data.source == "instructlang":
+        return il.EOS_ID, il.PAD_ID
+    from rlhf_jax.hf import load_tokenizer
+
+    tok = load_tokenizer(config.data.tokenizer)
+    return int(tok.eos_token_id), int(tok.pad_token_id or 0)
+
+
 def world(config: Config) -> il.World:
     return il.make_world(config.data.world_seed)
 

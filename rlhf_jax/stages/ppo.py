@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from rlhf_jax import checkpoint, losses, rollout, sharding
 from rlhf_jax.config import Config
-from rlhf_jax.data import loaders
+from rlhf_jax.data import loaders, prepare
 from rlhf_jax.model import Transformer
 from rlhf_jax.stages.common import Loop, MetricsLog, config_json, initial_params, loader
 from rlhf_jax.stages.rm import load_reward_model, rm_config
@@ -42,11 +42,9 @@ from rlhf_jax.train_state import (
     train_state_shardings,
 )
 
-EOS_ID, PAD_ID = 2, 0  # defaults of the built-in world; overridable per call
-
 
 def make_ppo_iteration(
-    config: Config, policy_tx, value_tx, *, eos_id: int = EOS_ID, pad_id: int = PAD_ID
+    config: Config, policy_tx, value_tx, *, eos_id: int, pad_id: int
 ) -> Callable:
     """The whole PPO iteration as one traceable function (jit it with ``jit_ppo_iteration``)."""
     cfg = config.ppo
@@ -341,9 +339,9 @@ def run_ppo(
         for it, s in zip(iters, data_state["iterators"]):
             loaders.set_iterator_state(it, s)
 
-    step = jit_ppo_iteration(
-        make_ppo_iteration(config, policy_tx, value_tx), shardings, mesh, with_ptx
-    )
+    eos_id, pad_id = prepare.special_ids(config, workdir)
+    iteration = make_ppo_iteration(config, policy_tx, value_tx, eos_id=eos_id, pad_id=pad_id)
+    step = jit_ppo_iteration(iteration, shardings, mesh, with_ptx)
 
     def batches():
         while True:
