@@ -2,12 +2,14 @@
 
     rlhf-jax pipeline                                   # default preset, built-in world
     rlhf-jax sft --config=configs/tiny.py --workdir=runs/tiny --config.sft.epochs=2
+    rlhf-jax seeds --seeds=0,1,2                        # the pipeline per seed, mean ± sd
     rlhf-jax eval --workdir=runs/default --stage=ppo
     rlhf-jax generate --workdir=runs/default --stage=ppo --prompt="<bos> REV c3 c9 c1 <sep>"
 
 ``--config=<file>.py[:arg]`` picks a preset (default: the package's ``configs/default.py``) and
 ``--config.<field>=<value>`` overrides any field; unknown fields and bad values are rejected.
-The work directory defaults to ``runs/<config name>``.
+The work directory defaults to ``runs/<config name>`` (``seeds``: ``runs/<config name>-seeds``,
+one ``seed<k>/`` run directory per seed and ``seeds.md`` beside them).
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ("pretrain", "sft", "rm", "ppo", "pipeline", "eval", "generate")
+COMMANDS = ("pretrain", "sft", "rm", "ppo", "pipeline", "seeds", "eval", "generate")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Preset file, e.g. configs/default.py[:arg].", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>).")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "seeds: the seeds to run, comma-separated.")
 _STAGE = flags.DEFINE_string("stage", "ppo", "eval/generate: whose exported policy to use.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "generate: prompt text (repeatable).")
 _MAX_TOKENS = flags.DEFINE_integer("max_new_tokens", 0, "generate: tokens (0: data.response_len).")
@@ -61,6 +64,11 @@ def _run(argv: list[str]) -> None:
         from rlhf_jax.pipeline import run_pipeline
 
         run_pipeline(config, workdir)
+    elif command == "seeds":
+        from rlhf_jax.pipeline import run_seeds
+
+        seeds_dir = Path(_WORKDIR.value or Path("runs") / f"{config.name}-seeds")
+        print(run_seeds(config, seeds_dir, _seeds()))
     elif command == "eval":
         from rlhf_jax.pipeline import evaluate_stage
 
@@ -78,6 +86,15 @@ def _run(argv: list[str]) -> None:
                 temperature=_TEMPERATURE.value,
             )
             print(f"{prompt} -> {response}")
+
+
+def _seeds() -> list[int]:
+    try:
+        return [int(s) for s in _SEEDS.value]
+    except ValueError:
+        raise app.UsageError(
+            f"--seeds: expected comma-separated integers, got {_SEEDS.value}"
+        ) from None
 
 
 def main() -> None:

@@ -1,7 +1,9 @@
 """Evaluation of a policy (or any checkpoint) on the built-in InstructLang world.
 
 What INSTRUCTLANG.md section 0 asks each model's row of the report to hold: gold reward of one
-T = 1 sample per test prompt with a 95% interval, paired win rate and KL against the SFT model,
+T = 1 sample per test prompt with a 95% interval, the paired gold gain over the SFT model (with its
+interval: the per-prompt differences share the prompt, so it is far tighter than the two gold
+intervals side by side), paired win rate and KL against the SFT model,
 held-out pretraining NLL (the alignment tax), fact-probe accuracy, EOS rate and the Table-3-style
 metadata; plus the reward model's validation accuracy against noisy and gold order.
 
@@ -247,6 +249,7 @@ class ModelEval:
     pretrain_nll: float
     fact_accuracy: float
     win_rate_vs_sft: tuple[float, float, float] | None  # (rate, lo, hi)
+    gold_gain_vs_sft: tuple[float, float, float] | None  # paired gold - SFT gold: (mean, lo, hi)
     kl_to_sft: float | None
     prompt_texts: list[str]
     response_texts: list[str]
@@ -258,12 +261,14 @@ class ModelEval:
     def summary(self) -> dict[str, Any]:
         """Plain floats (NaN as None): the report's and ``summary.json``'s entry for this model."""
         mean, lo, hi = self.gold_ci95
-        win = self.win_rate_vs_sft
+        win, gain = self.win_rate_vs_sft, self.gold_gain_vs_sft
         out = {
             "gold_mean": mean,
             "gold_ci95": [lo, hi],
             "win_rate_vs_sft": None if win is None else win[0],
             "win_rate_ci95": None if win is None else [win[1], win[2]],
+            "gold_gain_vs_sft": None if gain is None else gain[0],
+            "gold_gain_ci95": None if gain is None else [gain[1], gain[2]],
             "kl_to_sft": self.kl_to_sft,
             "pretrain_nll": self.pretrain_nll,
             "fact_accuracy": self.fact_accuracy,
@@ -304,9 +309,10 @@ def evaluate_model(
     """Everything the report needs about one model (see the module docstring).
 
     Use the same ``rng`` for every model, so all models answer the same prompts with the same
-    random stream. ``reference = (sft_params, sft_golds[, sft_config])`` adds the paired win rate
-    and the KL to the SFT model; pass ``(sft_params, None)`` to evaluate the SFT model against
-    itself (win rate 0.5 and KL 0 exactly, computed all the same as a check).
+    random stream. ``reference = (sft_params, sft_golds[, sft_config])`` adds the paired win rate,
+    the paired gold gain and the KL to the SFT model; pass ``(sft_params, None)`` to evaluate the
+    SFT model against itself (win rate 0.5, gain and KL 0 exactly, computed all the same as a
+    check).
     """
     test_prompts = np.asarray(test_prompts, np.int32)
     kw = dict(batch_size=batch_size)
@@ -318,11 +324,12 @@ def evaluate_model(
     no_docs = heldout_docs is None
     nll = float("nan") if no_docs else heldout_nll(params, config, heldout_docs, **kw)
 
-    win, kl = None, None
+    win, gain, kl = None, None, None
     if reference is not None:
         ref = Reference(*reference)
         ref_golds = golds if ref.golds is None else np.asarray(ref.golds)
         win = win_rate(golds, ref_golds)
+        gain = mean_ci95(golds - ref_golds)
         logp = sequence_logprob(params, config, test_prompts, responses, mask, **kw)
         ref_cfg = ref.config or config
         ref_logp = sequence_logprob(ref.params, ref_cfg, test_prompts, responses, mask, **kw)
@@ -336,6 +343,7 @@ def evaluate_model(
         pretrain_nll=nll,
         fact_accuracy=fact_accuracy(params, config, world, **kw),
         win_rate_vs_sft=win,
+        gold_gain_vs_sft=gain,
         kl_to_sft=kl,
         prompt_texts=prompt_texts,
         response_texts=response_texts,

@@ -280,3 +280,22 @@ def generate_text(
     )
     n = int(np.asarray(out.mask).sum())
     return tok.decode(np.asarray(out.tokens[0, :n]).tolist())
+
+
+def run_seeds(config: Config, workdir: str | os.PathLike, seeds: list[int]) -> str:
+    """``rlhf-jax seeds``: the pipeline once per seed into ``<workdir>/seed<k>/``, then
+    ``<workdir>/seeds.md``, the mean ± sd table over seeds (also returned). The world is the same
+    for every seed (``data.world_seed``); the seed changes every initialisation and sample. Runs
+    that already finished are only re-read, so an interrupted sweep resumes."""
+    workdir = Path(workdir)
+    summaries = []
+    for seed in seeds:
+        run_dir = workdir / f"seed{seed}"
+        summary_file = run_dir / "summary.json"
+        if summary_file.exists():
+            summaries.append(json.loads(summary_file.read_text()))
+        else:
+            summaries.append(run_pipeline(dataclasses.replace(config, seed=seed), run_dir))
+    text = report.seeds_markdown(summaries)
+    (workdir / "seeds.md").write_text(text)
+    return text

@@ -90,6 +90,10 @@ def _claim_c1(models: dict) -> Claim:
         return Claim("C1", None, ev + " (needs base, sft, ppo)")
     ok = g["base"] < g["sft"] < g["ppo"]
     ev += "; need base < sft < ppo"
+    gain_lo = _num((models["ppo"].get("gold_gain_ci95") or [None])[0])
+    if gain_lo is not None:  # the paired interval: PPO beats SFT beyond sampling noise
+        ok = ok and gain_lo > 0
+        ev += f" with the paired ppo - sft gain's 95% lower bound {gain_lo:.3f} > 0"
     if g.get("ppo_ptx") is not None:
         ok = ok and g["sft"] < g["ppo_ptx"] and abs(g["ppo"] - g["ppo_ptx"]) <= GOLD_TOLERANCE
         ev += f", sft < ppo_ptx, |ppo - ppo_ptx| = {abs(g['ppo'] - g['ppo_ptx']):.3f}"
@@ -230,11 +234,13 @@ def _plot_gold(run_dir: Path, models: dict) -> str | None:
 HOW_TO_READ = (
     "Each row is one model answering the same held-out test prompts once at temperature 1; the "
     "gold reward is the world's hidden truth (1 = the ideal answer, -1 = no EOS or toxic), shown "
-    "with a 95% interval over prompts. Win rate and KL compare each model with the SFT model on "
-    "the same prompts (SFT itself must show 0.5 and 0), and pretraining NLL and fact accuracy "
-    "measure what alignment costs in language modelling (the alignment tax). The reward model "
-    "section says how often the learned reward orders a validation pair like the noisy labelers "
-    "and like the gold reward; the claims below are decided automatically from these numbers."
+    "with a 95% interval over prompts. The paired gain, win rate and KL compare each model with "
+    "the SFT model on the same prompts (SFT itself must show 0, 0.5 and 0); the gain's interval "
+    "comes from the per-prompt differences, so it is what decides whether a model beats SFT. "
+    "Pretraining NLL and fact accuracy measure what alignment costs in language modelling (the "
+    "alignment tax). The reward model section says how often the learned reward orders a "
+    "validation pair like the noisy labelers and like the gold reward; the claims below are "
+    "decided automatically from these numbers."
 )
 
 
@@ -248,16 +254,17 @@ def _interval(value: Any, ci: Any, digits: int = 3) -> str:
 
 def _model_table(models: dict) -> list[str]:
     lines = [
-        "| model | gold mean [95% CI] | win rate vs SFT [95% CI] | KL to SFT (nats) "
-        "| pretrain NLL | fact acc. | EOS rate | attempts task | follows LIM | hallucination "
-        "| toxic |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | gold mean [95% CI] | gold - SFT, paired [95% CI] | win rate vs SFT [95% CI] "
+        "| KL to SFT (nats) | pretrain NLL | fact acc. | EOS rate | attempts task | follows LIM "
+        "| hallucination | toxic |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in _ordered(models):
         s = models[m]
         cells = [
             m,
             _interval(s.get("gold_mean"), s.get("gold_ci95")),
+            _interval(s.get("gold_gain_vs_sft"), s.get("gold_gain_ci95")),
             _interval(s.get("win_rate_vs_sft"), s.get("win_rate_ci95")),
             _fmt(s.get("kl_to_sft"), 2),
             _fmt(s.get("pretrain_nll")),
@@ -352,3 +359,72 @@ def write_report(
     plots = {"gold": [gold] if gold else [], "curves": _plot_curves(run_dir, curves or {})}
     text = render_markdown(summary, samples, check_claims(summary), plots)
     (run_dir / "report.md").write_text(text)
+
+
+# --------------------------------------------------------------------------------------------------
+# Several seeds
+
+SEED_COLUMNS = (
+    ("gold_mean", "gold reward", 3),
+    ("gold_gain_vs_sft", "gold - SFT (paired)", 3),
+    ("win_rate_vs_sft", "win rate vs SFT", 3),
+    ("kl_to_sft", "KL to SFT (nats)", 2),
+    ("pretrain_nll", "pretraining NLL", 3),
+    ("fact_accuracy", "fact accuracy", 3),
+    ("eos_rate", "EOS rate", 3),
+)
+
+
+def _mean_sd(values: list[float | None], digits: int) -> str:
+    """``mean ± sd`` (sample sd, ddof = 1) over the finite values; ``--`` if there are none."""
+    xs = [v for v in (_num(x) for x in values) if v is not None]
+    if not xs:
+        return "--"
+    mean = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def seeds_markdown(summaries: list[dict]) -> str:
+    """Mean ± sd over runs of the same preset with different seeds (``rlhf-jax seeds``): the
+    model table, RM accuracy, minutes per run, and how many seeds pass each claim."""
+    seeds = ", ".join(str(s.get("seed", "?")) for s in summaries)
+    minutes = [
+        sum(v for v in s.get("seconds", {}).values() if _num(v) is not None) / 60 for s in summaries
+    ]
+    config = summaries[0].get("config", "?") if summaries else "?"
+    lines = [
+        f"# `{config}` over {len(summaries)} seeds ({seeds})",
+        "",
+        "Each cell is the mean ± sd over seeds of the per-run number (one sample per test prompt "
+        "at T = 1). Minutes per run: " + _mean_sd(minutes, 1) + ".",
+        "",
+        "| model | " + " | ".join(title for _, title, _ in SEED_COLUMNS) + " |",
+        "|---|" + "---|" * len(SEED_COLUMNS),
+    ]
+    names = _ordered({m for s in summaries for m in s.get("models", {})})
+    for m in names:
+        rows = [s["models"].get(m, {}) for s in summaries]
+        cells = [_mean_sd([r.get(k) for r in rows], d) for k, _, d in SEED_COLUMNS]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    rm = [s.get("rm") or {} for s in summaries]
+    lines += [
+        "",
+        "RM validation accuracy: "
+        + _mean_sd([r.get("val_accuracy_noisy") for r in rm], 3)
+        + " against the noisy labels, "
+        + _mean_sd([r.get("val_accuracy_gold") for r in rm], 3)
+        + " against gold order.",
+        "",
+        "| claim | seeds passing |",
+        "|---|---|",
+    ]
+    verdicts: dict[str, list[bool | None]] = {}
+    for s in summaries:
+        for c in check_claims(s):
+            verdicts.setdefault(c.name, []).append(c.passed)
+    for name, passed in verdicts.items():
+        lines.append(
+            f"| {name}: {STATEMENTS[name]} | {sum(p is True for p in passed)} of {len(passed)} |"
+        )
+    return "\n".join(lines) + "\n"

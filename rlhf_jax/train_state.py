@@ -129,6 +129,13 @@ def scalar_head_params(lm_params: dict, scalar_model: ModelConfig, rng: jax.Arra
     return params
 
 
+def shift_scalar_head(params: dict, delta) -> dict:
+    """``params`` of a scalar-head model whose output is shifted by ``delta`` (a copy)."""
+    head = dict(params["score_head"])
+    head["bias"] = head["bias"] + jnp.asarray(delta, head["bias"].dtype)
+    return {**params, "score_head": head}
+
+
 def params_shardings(model: ModelConfig, mesh: Mesh, rules):
     return sharding.tree_shardings(abstract_params(model), mesh, rules)
 

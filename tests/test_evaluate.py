@@ -125,6 +125,7 @@ def test_sft_against_itself_has_half_win_rate_and_zero_kl(world):
         "sft", params, cfg, world, prompts, docs, reference=(params, None), **kw
     )
     assert sft.win_rate_vs_sft == (0.5, 0.5, 0.5)
+    assert sft.gold_gain_vs_sft == (0.0, 0.0, 0.0)
     assert sft.kl_to_sft == 0.0
 
     # The same rng reproduces the SFT samples, so passing its golds back gives the same answer.
@@ -139,9 +140,16 @@ def test_sft_against_itself_has_half_win_rate_and_zero_kl(world):
         "ppo", other, other_cfg, world, prompts, docs, reference=(params, sft.golds), **kw
     )
     assert math.isfinite(ppo.kl_to_sft) and ppo.kl_to_sft != 0.0
+    # The gain is the mean of the per-prompt differences, with the interval of that mean.
+    diff = ppo.golds - sft.golds
+    half = 1.96 * diff.std(ddof=1) / math.sqrt(len(diff))
+    np.testing.assert_allclose(
+        ppo.gold_gain_vs_sft, (diff.mean(), diff.mean() - half, diff.mean() + half), rtol=1e-12
+    )
 
     s = json.loads(json.dumps(sft.summary()))
-    for key in ("gold_mean", "win_rate_vs_sft", "kl_to_sft", "pretrain_nll", "fact_accuracy"):
+    keys = ("gold_mean", "win_rate_vs_sft", "gold_gain_vs_sft", "kl_to_sft", "pretrain_nll")
+    for key in keys + ("fact_accuracy",):
         assert isinstance(s[key], float)
     assert s["gold_mean"] == pytest.approx(float(np.mean(sft.golds)))
     assert s["gold_ci95"][0] <= s["gold_mean"] <= s["gold_ci95"][1]
@@ -252,6 +260,8 @@ def _row(gold, win, kl, nll, fact, halluc, toxic, follows):
         "gold_ci95": [gold - 0.03, gold + 0.03],
         "win_rate_vs_sft": win,
         "win_rate_ci95": [win - 0.03, win + 0.03],
+        "gold_gain_vs_sft": gold - 0.70,
+        "gold_gain_ci95": [gold - 0.72, gold - 0.68],
         "kl_to_sft": kl,
         "pretrain_nll": nll,
         "fact_accuracy": fact,
@@ -283,6 +293,11 @@ def test_check_claims_on_hand_built_summaries():
     assert list(claims) == ["C1", "C2", "C4", "C5", "C10"]
     assert all(c.passed for c in claims.values()), [c.line() for c in claims.values()]
     assert "|ppo - ppo_ptx| = 0.020" in claims["C1"].evidence
+
+    noisy = _summary()  # PPO's mean is above SFT's, but the paired interval includes 0
+    noisy["models"]["ppo"]["gold_gain_ci95"] = [-0.01, 0.31]
+    claims = {c.name: c for c in report.check_claims(noisy)}
+    assert claims["C1"].passed is False and "lower bound -0.010" in claims["C1"].evidence
 
     worse = _summary()
     worse["models"]["ppo"]["gold_mean"] = 0.6  # below SFT, and 0.23 under PPO-ptx
@@ -337,7 +352,8 @@ def test_write_report(tmp_path, with_ptx):
 
     md = (out / "report.md").read_text()
     assert "`tiny`" in md and "seed 0" in md and "ppo 300.0 s" in md
-    assert "| base | 0.010 [-0.020, 0.040] | 0.100 [0.070, 0.130] | 9.00 | 2.000 |" in md
+    row = "| base | 0.010 [-0.020, 0.040] | -0.690 [-0.710, -0.670] | 0.100 [0.070, 0.130] | 9.00 |"
+    assert row in md
     assert "| sft | 0.700 [0.670, 0.730] |" in md
     assert ("| ppo_ptx |" in md) == with_ptx
     assert "| val_accuracy_noisy | 0.740 |" in md
@@ -347,3 +363,21 @@ def test_write_report(tmp_path, with_ptx):
     for name in pngs:
         assert f"]({name})" in md
     assert md.count("c9 c3 <eos>") == 3 * len(summary["models"])
+
+
+def test_seeds_markdown_is_mean_and_sd_over_seeds():
+    a, b, c = _summary(), _summary(), _summary()
+    b["seed"], c["seed"] = 1, 2
+    b["models"]["ppo"]["gold_mean"] = 0.87
+    c["models"]["ppo"]["gold_mean"] = 0.60  # below SFT: C1 fails for this seed
+    c["models"]["ppo"]["kl_to_sft"] = None  # left out of the mean; C4 fails for this seed
+    md = report.seeds_markdown([a, b, c])
+    # Hand calculation: ppo gold 0.85, 0.87, 0.60: mean 0.77333, deviations 0.07667, 0.09667,
+    # -0.17333, sd = sqrt(sum of squares / 2) = 0.15044.
+    assert "| ppo | 0.773 ± 0.150 |" in md
+    assert "| 6.00 ± 0.00 |" in md  # KL: the two seeds that have it
+    assert "over 3 seeds (0, 1, 2)" in md and "Minutes per run: 7.2 ± 0.0" in md
+    assert "0.740 ± 0.000 against the noisy labels" in md
+    assert "| C1: gold reward: base < SFT < PPO ~ PPO-ptx | 2 of 3 |" in md
+    assert "| C4: KL(pi || pi_sft) stays bounded (finite, a few nats) at beta > 0 | 2 of 3 |" in md
+    assert "| C10: hallucination, toxicity and constraint following" in md and "| 3 of 3 |" in md

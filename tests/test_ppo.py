@@ -93,6 +93,19 @@ def test_first_iteration_has_ratio_one_zero_kl_and_frozen_params_stay_frozen():
     assert int(state.iteration) == 2 and int(state.policy.step) == 4  # 2 x 2 minibatches
 
 
+def test_value_starts_as_the_normalised_reward_model():
+    # The value function starts as the RM (InstructGPT section 3.5) minus the RM's bias (0.25
+    # in _build), so that at iteration 0 it predicts rewards on the scale PPO actually sees.
+    config = _config(MODEL)
+    _, state, _ = _build(config)
+    tokens = np.random.default_rng(2).integers(3, 32, (4, 9)).astype(np.int32)
+    mask = np.ones_like(tokens)
+    critic = Transformer(rm_config(config))
+    values = critic.apply({"params": state.value.params}, tokens, mask)
+    rewards = critic.apply({"params": state.reward_params}, tokens, mask)
+    np.testing.assert_allclose(np.asarray(values), np.asarray(rewards) - 0.25, atol=1e-6)
+
+
 def test_ptx_coef_zero_reproduces_ppo_bit_for_bit_and_ptx_touches_only_the_policy():
     prompts_seeds = (0, 1)
 

@@ -38,6 +38,7 @@ from rlhf_jax.train_state import (
     ema_update,
     key_data,
     make_optimizer,
+    shift_scalar_head,
     state_key,
     train_state_shardings,
 )
@@ -259,13 +260,20 @@ def init_ppo_state(
     config: Config, policy_tx, value_tx, shardings: PPOState, sft_params, reward_params, reward_bias
 ) -> PPOState:
     """The state at iteration 0: policy, reference (and EMA) from the SFT params; value and
-    reward from the RM params (InstructGPT section 3.5: the value function starts as the RM)."""
+    reward from the RM params (InstructGPT section 3.5: the value function starts as the RM).
+
+    The value network starts as the *normalised* RM, the function that gives the reward: its head
+    bias absorbs ``-reward_bias``. Starting from the raw RM instead would offset every value by the
+    bias (about 5 in the default run) against returns near 0, and GAE turns that offset into a
+    length-dependent advantage at the last tokens that the critic needs hundreds of steps to undo.
+    """
     copy = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731  (distinct, donatable buffers)
     cfg = config.ppo
+    value_params = shift_scalar_head(copy(reward_params), -jnp.asarray(reward_bias, jnp.float32))
     return PPOState(
         iteration=jnp.zeros((), jnp.int32),
         policy=create_train_state(sft_params, policy_tx, key_data(config.seed), shardings.policy),
-        value=create_train_state(reward_params, value_tx, key_data(config.seed), shardings.value),
+        value=create_train_state(value_params, value_tx, key_data(config.seed), shardings.value),
         ref_params=jax.device_put(copy(sft_params), shardings.ref_params),
         reward_params=jax.device_put(copy(reward_params), shardings.reward_params),
         reward_bias=jnp.asarray(reward_bias, jnp.float32),
