@@ -2,6 +2,7 @@
 
 import json
 import os
+import tempfile
 import re
 
 import numpy as np
@@ -160,9 +161,14 @@ def test_prompts_and_pretraining_round_trip(tmp_path, tok):
     np.testing.assert_array_equal(b["mask"], [[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]])
 
 
-def test_python_records_and_their_errors(tmp_path):
+def test_python_records_and_their_errors(tmp_path, monkeypatch):
+    system_tmp = tmp_path / "system_tmp"  # stands in for /tmp: building leaves nothing there
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    tmp_path = tmp_path / "data"
     records = [{"prompt": [5, 6], "responses": [[7, 1], np.array([8, 9, 1])], "ranks": [1, 0]}]
     path = builders.build_dataset("comparisons", "world", tmp_path, {"test": records}, eos_id=1)
+    assert os.listdir(system_tmp) == []
     assert builders.read_metadata(path)["splits"] == {"test": 1}
     bad = [*records, {"prompt": [5], "responses": [[7, 1], [8, 2]], "ranks": [0, 1]}]
     with pytest.raises(DataError, match=r"^split 'test' record 1: field 'responses\[1\]': .*EOS"):

@@ -18,6 +18,7 @@ front instead of failing mid-training.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -229,15 +230,16 @@ def build_dataset(
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
     ok = False
     try:
-        builder = BUILDERS[kind](
-            data_dir=os.fspath(tmp),
-            config=tfds.core.BuilderConfig(name=name),
-            file_format="array_record",
-            split_records=sources,
-            budgets=budgets,
-            eos_id=eos_id,
-        )
-        builder.download_and_prepare()
+        with _tempdir_inside(tmp):
+            builder = BUILDERS[kind](
+                data_dir=os.fspath(tmp),
+                config=tfds.core.BuilderConfig(name=name),
+                file_format="array_record",
+                split_records=sources,
+                budgets=budgets,
+                eos_id=eos_id,
+            )
+            builder.download_and_prepare()
         _swap_into_place(Path(os.fspath(builder.data_path)), final, tmp / "previous")
         ok = True
     finally:
@@ -245,6 +247,19 @@ def build_dataset(
         if not ok and created_root and not any(root.iterdir()):
             root.rmdir()
     return final
+
+
+@contextlib.contextmanager
+def _tempdir_inside(path: Path) -> Iterator[None]:
+    """Point ``tempfile`` at ``path`` for a while: a new tfds builder makes a scratch directory
+    with ``tempfile.mkdtemp`` (``DatasetInfo.initialize_from_bucket``) and never removes it, so
+    without this every dataset we build would leave an empty directory in the system temp dir."""
+    saved = tempfile.tempdir
+    tempfile.tempdir = os.fspath(path)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = saved
 
 
 def _swap_into_place(built: Path, final: Path, trash: Path) -> None:
