@@ -211,6 +211,10 @@ class PPOConfig:
     )
     value_optimizer: OptimizerConfig = _opt(lr=1e-4, schedule="constant")
     ema_decay: float = 0.992  # 0 disables the EMA of the policy weights
+    # Iterations at the start that train only the value network (policy, its optimiser state and
+    # EMA stay put), so the RM-initialised critic is calibrated at intermediate tokens before its
+    # advantages move the policy. Not in InstructGPT; OpenRLHF's --freezing_actor_steps.
+    freeze_policy_iterations: int = 0
     whiten_rewards: bool = False
     no_eos_penalty: bool = False  # replace the score of responses without EOS by no_eos_score
     no_eos_score: float = -1.0
@@ -250,6 +254,7 @@ class DataConfig:
 @dataclasses.dataclass(unsafe_hash=True)
 class EvalConfig:
     test_prompts: int = 1000  # evaluation prompts per model
+    samples_per_prompt: int = 1  # T = 1 answers per prompt; a prompt's gold is their mean
     batch_size: int = 250
     samples_per_model: int = 200  # decoded samples written to samples.jsonl
 

@@ -1,11 +1,12 @@
 """Evaluation of a policy (or any checkpoint) on the built-in InstructLang world.
 
-What INSTRUCTLANG.md section 0 asks each model's row of the report to hold: gold reward of one
-T = 1 sample per test prompt with a 95% interval, the paired gold gain over the SFT model (with its
-interval: the per-prompt differences share the prompt, so it is far tighter than the two gold
-intervals side by side), paired win rate and KL against the SFT model,
-held-out pretraining NLL (the alignment tax), fact-probe accuracy, EOS rate and the Table-3-style
-metadata; plus the reward model's validation accuracy against noisy and gold order.
+What INSTRUCTLANG.md section 0 asks each model's row of the report to hold: gold reward of k
+T = 1 samples per test prompt (``eval.samples_per_prompt``) with a 95% interval over prompts, the
+paired gold gain over the SFT model (with its interval: the per-prompt differences share the
+prompt, so it is far tighter than the two gold intervals side by side), paired win rate and KL
+against the SFT model, held-out pretraining NLL (the alignment tax), fact-probe accuracy, EOS
+rate and the Table-3-style metadata; plus the reward model's validation accuracy against noisy and
+gold order.
 
 Model work goes through a few module-level jitted functions with the config static, so each model
 shape compiles once per batch shape; every batched loop pads its last batch to a full one (and
@@ -214,12 +215,19 @@ def mean_ci95(x) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
+def per_prompt(x) -> np.ndarray:
+    """[N] per-prompt means of golds (or outcomes) shaped [N] or [N, k samples per prompt]."""
+    x = np.asarray(x, np.float64)
+    return x.reshape(x.shape[0], -1).mean(axis=1) if x.ndim else x
+
+
 def win_rate(gold_a, gold_b) -> tuple[float, float, float]:
-    """Paired win rate of a over b: per prompt 1 if a > b, 0.5 if equal, 0 if less; with its CI."""
+    """Paired win rate of a over b, with its CI over prompts: each pair of samples scores 1 if a >
+    b, 0.5 if equal, 0 if less; golds are [N] or [N, k] (the k pairs of a prompt are averaged)."""
     a, b = np.asarray(gold_a, np.float64), np.asarray(gold_b, np.float64)
     if a.shape != b.shape:
         raise ValueError(f"win_rate needs paired golds, got shapes {a.shape} and {b.shape}")
-    return mean_ci95(np.where(a > b, 1.0, np.where(a == b, 0.5, 0.0)))
+    return mean_ci95(per_prompt(np.where(a > b, 1.0, np.where(a == b, 0.5, 0.0))))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -244,7 +252,7 @@ class ModelEval:
     """One model's evaluation; ``summary()`` is its JSON-ready row of the report."""
 
     name: str
-    golds: np.ndarray  # [N] gold of the one sample per test prompt
+    golds: np.ndarray  # [N, k] gold of the k samples per test prompt
     metadata: dict[str, float]  # instructlang.metadata_means
     pretrain_nll: float
     fact_accuracy: float
@@ -256,7 +264,7 @@ class ModelEval:
 
     @property
     def gold_ci95(self) -> tuple[float, float, float]:
-        return mean_ci95(self.golds)
+        return mean_ci95(per_prompt(self.golds))
 
     def summary(self) -> dict[str, Any]:
         """Plain floats (NaN as None): the report's and ``summary.json``'s entry for this model."""
@@ -274,6 +282,7 @@ class ModelEval:
             "fact_accuracy": self.fact_accuracy,
             "eos_rate": self.metadata["eos"],
             "n_prompts": len(self.golds),
+            "samples_per_prompt": int(self.golds.shape[1]),
         }
         out.update({k: v for k, v in self.metadata.items() if k not in ("gold", "eos")})
         return {k: _none_if_nan(v) if isinstance(v, float) else v for k, v in out.items()}
@@ -282,7 +291,7 @@ class ModelEval:
         """The first ``k`` test prompts with this model's response (through EOS) and its gold."""
         return [
             {"model": self.name, "prompt": p, "response": r, "gold": float(g)}
-            for p, r, g in zip(self.prompt_texts[:k], self.response_texts[:k], self.golds[:k])
+            for p, r, g in zip(self.prompt_texts[:k], self.response_texts[:k], self.golds[:k, 0])
         ]
 
 
@@ -305,22 +314,28 @@ def evaluate_model(
     batch_size: int,
     max_new_tokens: int,
     reference: tuple | None = None,
+    samples_per_prompt: int = 1,
 ) -> ModelEval:
     """Everything the report needs about one model (see the module docstring).
 
-    Use the same ``rng`` for every model, so all models answer the same prompts with the same
-    random stream. ``reference = (sft_params, sft_golds[, sft_config])`` adds the paired win rate,
-    the paired gold gain and the KL to the SFT model; pass ``(sft_params, None)`` to evaluate the
+    Each test prompt is answered ``samples_per_prompt`` (k) times; its gold is the mean of its k
+    samples, and every interval is over prompts. Use the same ``rng`` for every model, so all
+    models answer the same prompts with the same random stream (common random numbers: the
+    paired differences then hold far less sampling noise than two independent estimates).
+    ``reference = (sft_params, sft_golds[, sft_config])`` adds the paired win rate, the paired
+    gold gain and the KL to the SFT model; pass ``(sft_params, None)`` to evaluate the
     SFT model against itself (win rate 0.5, gain and KL 0 exactly, computed all the same as a
     check).
     """
     test_prompts = np.asarray(test_prompts, np.int32)
     kw = dict(batch_size=batch_size)
+    n, k = len(test_prompts), samples_per_prompt
+    prompts = np.repeat(test_prompts, k, axis=0)  # prompt i's samples are rows i*k .. i*k+k-1
     responses, mask = sample_responses(
-        params, config, test_prompts, rng=rng, max_new_tokens=max_new_tokens, **kw
+        params, config, prompts, rng=rng, max_new_tokens=max_new_tokens, **kw
     )
-    golds = il.gold_rewards(test_prompts, responses, world=world)
-    meta = il.metadata_means(il.response_metadata(test_prompts, responses, world=world))
+    golds = il.gold_rewards(prompts, responses, world=world).reshape(n, k)
+    meta = il.metadata_means(il.response_metadata(prompts, responses, world=world))
     no_docs = heldout_docs is None
     nll = float("nan") if no_docs else heldout_nll(params, config, heldout_docs, **kw)
 
@@ -329,13 +344,13 @@ def evaluate_model(
         ref = Reference(*reference)
         ref_golds = golds if ref.golds is None else np.asarray(ref.golds)
         win = win_rate(golds, ref_golds)
-        gain = mean_ci95(golds - ref_golds)
-        logp = sequence_logprob(params, config, test_prompts, responses, mask, **kw)
+        gain = mean_ci95(per_prompt(golds - ref_golds))
+        logp = sequence_logprob(params, config, prompts, responses, mask, **kw)
         ref_cfg = ref.config or config
-        ref_logp = sequence_logprob(ref.params, ref_cfg, test_prompts, responses, mask, **kw)
+        ref_logp = sequence_logprob(ref.params, ref_cfg, prompts, responses, mask, **kw)
         kl = float(np.mean(logp - ref_logp))
 
-    prompt_texts, response_texts = _texts(test_prompts, responses, mask)
+    prompt_texts, response_texts = _texts(test_prompts, responses[::k], mask[::k])
     return ModelEval(
         name=name,
         golds=golds,

@@ -186,6 +186,7 @@ class _Evaluator:
             batch_size=self.config.eval.batch_size,
             max_new_tokens=self.config.data.response_len,
             reference=reference,
+            samples_per_prompt=self.config.eval.samples_per_prompt,
         )
 
     def stage(self, name: str, stage: str) -> evaluate.ModelEval:

@@ -2,8 +2,8 @@
 
 import json
 import os
-import tempfile
 import re
+import tempfile
 
 import numpy as np
 import pytest

@@ -141,7 +141,7 @@ def test_sft_against_itself_has_half_win_rate_and_zero_kl(world):
     )
     assert math.isfinite(ppo.kl_to_sft) and ppo.kl_to_sft != 0.0
     # The gain is the mean of the per-prompt differences, with the interval of that mean.
-    diff = ppo.golds - sft.golds
+    diff = (ppo.golds - sft.golds)[:, 0]  # one sample per prompt
     half = 1.96 * diff.std(ddof=1) / math.sqrt(len(diff))
     np.testing.assert_allclose(
         ppo.gold_gain_vs_sft, (diff.mean(), diff.mean() - half, diff.mean() + half), rtol=1e-12
@@ -158,7 +158,29 @@ def test_sft_against_itself_has_half_win_rate_and_zero_kl(world):
     samples = sft.samples(3)
     assert [x["model"] for x in samples] == ["sft"] * 3
     assert samples[0]["prompt"].startswith("<bos>") and "<pad>" not in samples[0]["prompt"]
-    assert samples[0]["gold"] == sft.golds[0]
+    assert samples[0]["gold"] == sft.golds[0, 0]
+
+    # k samples per prompt: the rows of the same stream over the prompts repeated k times; a
+    # prompt's gold is the mean of its k, and its win rate the mean of its k paired outcomes.
+    k4 = dict(kw, samples_per_prompt=4)
+    sft4 = evaluate.evaluate_model("sft", params, cfg, world, prompts, docs, **k4)
+    four = evaluate.evaluate_model(
+        "ppo", other, other_cfg, world, prompts, docs, reference=(params, sft4.golds), **k4
+    )
+    assert four.golds.shape == (12, 4)
+    rep = np.repeat(prompts, 4, axis=0)
+    responses, _ = evaluate.sample_responses(
+        other, other_cfg, rep, rng=jax.random.key(7), batch_size=8, max_new_tokens=R
+    )
+    np.testing.assert_array_equal(four.golds.ravel(), il.gold_rewards(rep, responses, world=world))
+    s4 = four.summary()
+    assert s4["samples_per_prompt"] == 4 and s4["n_prompts"] == 12
+    assert s4["gold_mean"] == pytest.approx(four.golds.mean())
+    outcome = np.where(four.golds > sft4.golds, 1.0, np.where(four.golds == sft4.golds, 0.5, 0.0))
+    assert s4["win_rate_vs_sft"] == pytest.approx(outcome.mean())
+    d = (four.golds - sft4.golds).mean(axis=1)
+    half = 1.96 * d.std(ddof=1) / math.sqrt(12)
+    np.testing.assert_allclose(four.gold_gain_vs_sft, (d.mean(), d.mean() - half, d.mean() + half))
 
 
 # --------------------------------------------------------------------------------------------------

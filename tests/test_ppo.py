@@ -106,6 +106,24 @@ def test_value_starts_as_the_normalised_reward_model():
     np.testing.assert_allclose(np.asarray(values), np.asarray(rewards) - 0.25, atol=1e-6)
 
 
+def test_frozen_policy_iterations_train_only_the_value():
+    config = _config(MODEL, freeze_policy_iterations=1, ema_decay=0.9)
+    mesh, state, step = _build(config)
+    policy, ema, value = _host((state.policy, state.ema_params, state.value.params))
+    state, metrics, _ = step(state, _prompts(mesh, 16, 32), None)
+    # Iteration 0 is frozen: policy params, optimiser state, step and EMA are untouched...
+    jax.tree.map(np.testing.assert_array_equal, _host(state.policy), policy)
+    jax.tree.map(np.testing.assert_allclose, _host(state.ema_params), ema)
+    # ...while the value network trains on the same rollout.
+    moved = jax.tree.map(lambda a, b: np.any(a != b), _host(state.value.params), value)
+    assert all(jax.tree.leaves(moved))
+    state, metrics, _ = step(state, _prompts(mesh, 16, 32, seed=1), None)
+    assert int(state.policy.step) == 2  # iteration 1 updates the policy (2 minibatches)
+    assert float(metrics["objective/kl"]) == 0.0  # its rollout still came from the SFT policy
+    state, metrics, _ = step(state, _prompts(mesh, 16, 32, seed=2), None)
+    assert float(metrics["objective/kl"]) != 0.0
+
+
 def test_ptx_coef_zero_reproduces_ppo_bit_for_bit_and_ptx_touches_only_the_policy():
     prompts_seeds = (0, 1)
 

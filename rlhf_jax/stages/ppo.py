@@ -154,7 +154,11 @@ def make_ppo_iteration(
                 # fuses it into the optimiser, and ptx_coef = 0 must reproduce PPO exactly.
                 if cfg.ptx_coef != 0:
                     grads = jax.tree.map(lambda g, h: g + cfg.ptx_coef * h, grads, g_ptx)
-            policy = apply_gradients(policy_tx, policy, grads)
+            updated = apply_gradients(policy_tx, policy, grads)
+            if cfg.freeze_policy_iterations > 0:  # critic warm-up: keep policy and its optimiser
+                frozen = state.iteration < cfg.freeze_policy_iterations
+                updated = jax.tree.map(lambda o, n: jnp.where(frozen, o, n), policy, updated)
+            policy = updated
             (vf_loss, vstats), vgrads = jax.value_and_grad(value_loss, has_aux=True)(
                 value.params, mb
             )
