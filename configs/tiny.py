@@ -39,6 +39,8 @@ def get_config(arg: str | None = None) -> C.Config:
             ptx_per_episode=2,
             ptx_coef=1.0,
         ),
-        eval=C.EvalConfig(test_prompts=64, batch_size=32, samples_per_model=8),
+        eval=C.EvalConfig(
+            test_prompts=64, samples_per_prompt=2, batch_size=32, samples_per_model=8
+        ),
         log_every=1,
     )

@@ -11,11 +11,11 @@ import jax
 import numpy as np
 import pytest
 
-from rlhf_jax import checkpoint, sharding
+from rlhf_jax import checkpoint, pipeline, sharding
 from rlhf_jax.config import MeshConfig
 from rlhf_jax.configs import tiny
 from rlhf_jax.data import instructlang as il
-from rlhf_jax.pipeline import run_pipeline
+from rlhf_jax.pipeline import run_seeds
 from rlhf_jax.stages import common
 from rlhf_jax.stages.common import loader
 from rlhf_jax.stages.lm import run_lm_stage
@@ -34,9 +34,24 @@ MODEL_KEYS = (
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("tiny")
+    # Through ``rlhf-jax seeds`` with one seed: the pipeline runs into <root>/seed0.
+    root = tmp_path_factory.mktemp("tiny")
     config = tiny.get_config()
-    return config, workdir, run_pipeline(config, workdir)
+    run_seeds(config, root, [0])
+    workdir = root / "seed0"
+    return config, workdir, json.loads((workdir / "summary.json").read_text())
+
+
+def test_seeds_table_and_finished_runs_are_only_reread(tiny_run, monkeypatch):
+    config, workdir, summary = tiny_run
+    table = (workdir.parent / "seeds.md").read_text()
+    assert "over 1 seeds (0)" in table and "| ppo_ptx |" in table
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished seed ran again")
+
+    monkeypatch.setattr(pipeline, "run_pipeline", must_not_run)
+    assert pipeline.run_seeds(config, workdir.parent, [0]) == table
 
 
 def test_pipeline_writes_summary_samples_and_report(tiny_run):
@@ -49,6 +64,8 @@ def test_pipeline_writes_summary_samples_and_report(tiny_run):
     # The SFT model against itself: win rate 0.5 and KL 0 by construction.
     assert saved["models"]["sft"]["win_rate_vs_sft"] == 0.5
     assert saved["models"]["sft"]["kl_to_sft"] == 0.0
+    assert saved["models"]["sft"]["gold_gain_vs_sft"] == 0.0
+    assert saved["models"]["ppo"]["samples_per_prompt"] == config.eval.samples_per_prompt == 2
     rows = [json.loads(line) for line in (workdir / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 4 * config.eval.samples_per_model
     w = il.make_world(config.data.world_seed)
