@@ -385,6 +385,12 @@ def _mean_sd(values: list[float | None], digits: int) -> str:
     return f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
+def _samples_per_prompt(summaries: list[dict]) -> str:
+    ks = {m.get("samples_per_prompt", 1) for s in summaries for m in s.get("models", {}).values()}
+    ks_text = "/".join(str(k) for k in sorted(ks)) or "1"
+    return f"{ks_text} sample{'' if ks_text == '1' else 's'} per test prompt"
+
+
 def seeds_markdown(summaries: list[dict]) -> str:
     """Mean ± sd over runs of the same preset with different seeds (``rlhf-jax seeds``): the
     model table, RM accuracy, minutes per run, and how many seeds pass each claim."""
@@ -396,8 +402,10 @@ def seeds_markdown(summaries: list[dict]) -> str:
     lines = [
         f"# `{config}` over {len(summaries)} seeds ({seeds})",
         "",
-        "Each cell is the mean ± sd over seeds of the per-run number (one sample per test prompt "
-        "at T = 1). Minutes per run: " + _mean_sd(minutes, 1) + ".",
+        "Each cell is the mean ± sd over seeds of the per-run number "
+        f"({_samples_per_prompt(summaries)} at T = 1). Minutes per run: "
+        + _mean_sd(minutes, 1)
+        + ".",
         "",
         "| model | " + " | ".join(title for _, title, _ in SEED_COLUMNS) + " |",
         "|---|" + "---|" * len(SEED_COLUMNS),

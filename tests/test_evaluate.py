@@ -399,6 +399,7 @@ def test_seeds_markdown_is_mean_and_sd_over_seeds():
     assert "| ppo | 0.773 ± 0.150 |" in md
     assert "| 6.00 ± 0.00 |" in md  # KL: the two seeds that have it
     assert "over 3 seeds (0, 1, 2)" in md and "Minutes per run: 7.2 ± 0.0" in md
+    assert "(1 sample per test prompt at T = 1)" in md  # rows without the key: one sample
     assert "0.740 ± 0.000 against the noisy labels" in md
     assert "| C1: gold reward: base < SFT < PPO ~ PPO-ptx | 2 of 3 |" in md
     assert "| C4: KL(pi || pi_sft) stays bounded (finite, a few nats) at beta > 0 | 2 of 3 |" in md
