@@ -48,8 +48,9 @@ def get_config(arg: str | None = None) -> C.Config:
             # beta = 0.5, not the paper's 0.02: with 20k episodes (the paper used 256k) and an RM
             # that orders two SFT samples of one prompt right only 58% of the time, the policy
             # drifts more than it improves unless the KL term holds it near SFT. Paired gold gain
-            # over SFT of PPO-ptx (gamma 1) on the seed-0 SFT and RM: beta 0.1: -0.013, 0.2:
-            # +0.008, 0.5: +0.012, 1.0: +0.014 (and beta 0.02: -0.048 with a weaker RM).
+            # of PPO over SFT (seed 0, 4 samples per prompt): beta 0.02: -0.032 [-0.042, -0.023]
+            # at KL 1.69 nats; beta 0.5: +0.023 [0.017, 0.029] at KL 0.06. PPO-ptx (gamma 1, one
+            # sample per prompt): beta 0.1: -0.013, 0.2: +0.008, 0.5: +0.012, 1.0: +0.014.
             kl_coef=0.5,
             ptx_per_episode=2,
             policy_optimizer=C.OptimizerConfig(
