@@ -218,7 +218,7 @@ def mean_ci95(x) -> tuple[float, float, float]:
 def per_prompt(x) -> np.ndarray:
     """[N] per-prompt means of golds (or outcomes) shaped [N] or [N, k samples per prompt]."""
     x = np.asarray(x, np.float64)
-    return x.reshape(x.shape[0], -1).mean(axis=1) if x.ndim else x
+    return x.reshape(len(x), -1).mean(axis=1)
 
 
 def win_rate(gold_a, gold_b) -> tuple[float, float, float]:

@@ -232,9 +232,10 @@ def _plot_gold(run_dir: Path, models: dict) -> str | None:
 # Markdown
 
 HOW_TO_READ = (
-    "Each row is one model answering the same held-out test prompts once at temperature 1; the "
-    "gold reward is the world's hidden truth (1 = the ideal answer, -1 = no EOS or toxic), shown "
-    "with a 95% interval over prompts. The paired gain, win rate and KL compare each model with "
+    "Each row is one model answering the same held-out test prompts at temperature 1 "
+    "(eval.samples_per_prompt times each; a prompt's gold is the mean of its answers); the gold "
+    "reward is the world's hidden truth (1 = the ideal answer, -1 = no EOS or toxic), shown with "
+    "a 95% interval over prompts. The paired gain, win rate and KL compare each model with "
     "the SFT model on the same prompts (SFT itself must show 0, 0.5 and 0); the gain's interval "
     "comes from the per-prompt differences, so it is what decides whether a model beats SFT. "
     "Pretraining NLL and fact accuracy measure what alignment costs in language modelling (the "

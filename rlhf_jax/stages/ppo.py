@@ -269,7 +269,8 @@ def init_ppo_state(
     The value network starts as the *normalised* RM, the function that gives the reward: its head
     bias absorbs ``-reward_bias``. Starting from the raw RM instead would offset every value by the
     bias (about 5 in the default run) against returns near 0, and GAE turns that offset into a
-    length-dependent advantage at the last tokens that the critic needs hundreds of steps to undo.
+    length-dependent advantage at the last tokens, which Adam at the value LR (about 1e-4 per step
+    on the head bias) would take tens of thousands of steps to remove.
     """
     copy = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731  (distinct, donatable buffers)
     cfg = config.ppo
