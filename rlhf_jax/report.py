@@ -401,7 +401,7 @@ def seeds_markdown(summaries: list[dict]) -> str:
     ]
     config = summaries[0].get("config", "?") if summaries else "?"
     lines = [
-        f"# `{config}` over {len(summaries)} seeds ({seeds})",
+        f"# `{config}` over {len(summaries)} seed{'' if len(summaries) == 1 else 's'} ({seeds})",
         "",
         "Each cell is the mean ± sd over seeds of the per-run number "
         f"({_samples_per_prompt(summaries)} at T = 1). Minutes per run: "

@@ -45,7 +45,7 @@ def tiny_run(tmp_path_factory):
 def test_seeds_table_and_finished_runs_are_only_reread(tiny_run, monkeypatch):
     config, workdir, summary = tiny_run
     table = (workdir.parent / "seeds.md").read_text()
-    assert "over 1 seeds (0)" in table and "| ppo_ptx |" in table
+    assert "over 1 seed (0)" in table and "| ppo_ptx |" in table
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished seed ran again")
