@@ -387,9 +387,9 @@ def _mean_sd(values: list[float | None], digits: int) -> str:
 
 
 def _samples_per_prompt(summaries: list[dict]) -> str:
-    ks = {m.get("samples_per_prompt", 1) for s in summaries for m in s.get("models", {}).values()}
-    ks_text = "/".join(str(k) for k in sorted(ks)) or "1"
-    return f"{ks_text} sample{'' if ks_text == '1' else 's'} per test prompt"
+    ks = sorted({m.get("samples_per_prompt", 1) for s in summaries for m in s["models"].values()})
+    ks = ks or [1]
+    return f"{'/'.join(map(str, ks))} sample{'' if ks == [1] else 's'} per test prompt"
 
 
 def seeds_markdown(summaries: list[dict]) -> str:
