@@ -1,6 +1,6 @@
 """default: the main job. The whole InstructGPT recipe on the built-in InstructLang world.
 
-    rlhf-jax pipeline            # the same as --config=configs/default.py
+    rlhf-jax pipeline            # the same as --config=default
 
 S-size models (128 wide, 4 layers) with reduced corpora and iteration counts, so that pretraining,
 SFT, comparison sampling, RM, PPO, PPO-ptx, evaluation and the report take at most 15 minutes on
@@ -10,23 +10,26 @@ need them to learn the tasks.
 """
 
 from rlhf_jax import config as C
+from rlhf_jax.instructlang.config import InstructLangConfig, SplitSizes, WorldConfig
 
 
-def get_config(arg: str | None = None) -> C.Config:
+def get_config(arg: str | None = None) -> InstructLangConfig:
     del arg
-    return C.Config(
+    return InstructLangConfig(
         name="default",
         model=C.model_config("S", vocab_size=64, max_len=24),
-        data=C.DataConfig(
+        world=WorldConfig(
             pretrain_docs=100_000,
             heldout_docs=2_000,
-            sft_train=4_000,
-            sft_val=500,
-            rm_train=4_000,
-            rm_val=500,
-            ppo_train=10_000,
-            ppo_val=500,
-            test=1_000,
+            splits=SplitSizes(
+                sft_train=4_000,
+                sft_val=500,
+                rm_train=4_000,
+                rm_val=500,
+                ppo_train=10_000,
+                ppo_val=500,
+                test=1_000,
+            ),
         ),
         pretrain=C.PretrainConfig(
             steps=600,
@@ -42,8 +45,8 @@ def get_config(arg: str | None = None) -> C.Config:
             iterations=80,
             batch_size=256,
             minibatch_size=64,
-            # gamma = 27.8 (the paper's) swamps PPO's gradient under our mean-token L_ptx; METHOD.md
-            # 4.2 says to sweep it, and this preset uses 1.0.
+            # gamma = 27.8 (the paper's) swamps PPO's gradient under our mean-token L_ptx;
+            # docs/method.md section 4.2 says to sweep it, and this preset uses 1.0.
             ptx_coef=1.0,
             # beta = 0.5, not the paper's 0.02: with 20k episodes (the paper used 256k) and an RM
             # that orders two SFT samples of one prompt right only 58% of the time, the policy

@@ -1,6 +1,6 @@
-"""paper: the faithful small-scale replication settings of INSTRUCTLANG.md section 4, one run.
+"""paper: the faithful small-scale replication of docs/instructlang.md section 4, one run.
 
-    rlhf-jax pipeline --config=configs/paper.py --config.seed=0
+    rlhf-jax pipeline --config=paper --config.seed=0
 
 S-size models (128 wide, 4 layers) on the full-size world (200k pretraining documents, 4k/6k/10k
 SFT/RM/PPO prompts), 300 PPO iterations of 256 episodes, PPO-ptx with 8 pretraining sequences
@@ -10,14 +10,15 @@ Sweeps (policy LR, gamma, beta) and seeds are separate runs with overrides, e.g.
 """
 
 from rlhf_jax import config as C
+from rlhf_jax.instructlang.config import InstructLangConfig, WorldConfig
 
 
-def get_config(arg: str | None = None) -> C.Config:
+def get_config(arg: str | None = None) -> InstructLangConfig:
     del arg
-    return C.Config(
+    return InstructLangConfig(
         name="paper",
         model=C.model_config("S", vocab_size=64, max_len=24),
-        data=C.DataConfig(),  # the section-2 sizes
+        world=WorldConfig(),  # the section-2 sizes
         pretrain=C.PretrainConfig(
             steps=3_200, batch_size=128, optimizer=C.OptimizerConfig(lr=1e-3, warmup_steps=200)
         ),

@@ -1,6 +1,6 @@
 """tiny: every stage for a few steps on a tiny model and a small InstructLang world (tests, CI).
 
-    rlhf-jax pipeline --config=configs/tiny.py --workdir=runs/tiny
+    rlhf-jax pipeline --config=tiny --workdir=runs/tiny
 
 Cost: well under a minute on 2 CPU cores (mostly compilation). Numbers are meaningless.
 """
@@ -8,23 +8,26 @@ Cost: well under a minute on 2 CPU cores (mostly compilation). Numbers are meani
 import dataclasses
 
 from rlhf_jax import config as C
+from rlhf_jax.instructlang.config import InstructLangConfig, SplitSizes, WorldConfig
 
 
-def get_config(arg: str | None = None) -> C.Config:
+def get_config(arg: str | None = None) -> InstructLangConfig:
     del arg
-    return C.Config(
+    return InstructLangConfig(
         name="tiny",
         model=C.model_config("tiny", vocab_size=64, max_len=24),
-        data=C.DataConfig(
+        world=WorldConfig(
             pretrain_docs=2_000,
             heldout_docs=200,
-            sft_train=256,
-            sft_val=64,
-            rm_train=128,
-            rm_val=64,
-            ppo_train=256,
-            ppo_val=64,
-            test=64,
+            splits=SplitSizes(
+                sft_train=256,
+                sft_val=64,
+                rm_train=128,
+                rm_val=64,
+                ppo_train=256,
+                ppo_val=64,
+                test=64,
+            ),
         ),
         pretrain=C.PretrainConfig(
             steps=20, batch_size=32, optimizer=C.OptimizerConfig(lr=1e-3, warmup_steps=5)

@@ -19,14 +19,15 @@ PRNG keys: typed keys (``jax.random.key``) are saved as they are; Orbax stores t
 ``key_data`` (uint32) and restores a typed key when the abstract leaf has a key dtype (as
 ``jax.eval_shape`` gives). Raw uint32 keys round-trip as ordinary arrays.
 
-Load order (DESIGN.md): ``resume_or_start`` resumes this stage's latest full state, else calls the
-stage's ``start()``, which loads the previous stage's ``exported_params`` or initialises.
+Load order (docs/design.md): ``resume_or_start`` resumes this stage's latest full state, else calls
+the stage's ``start()``, which loads the previous stage's ``exported_params`` or initialises.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -51,6 +52,18 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, os.PathLike):
         return os.fspath(x)
     return x
+
+
+class _QuietReadOnly(logging.Filter):
+    """Drops Orbax's two warnings about a read-only manager, which is what ``read_only`` asks for
+    (every stage that loads another stage's params opens one)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("read_only=True" in message or "Given directory is read only" in message)
+
+
+logging.getLogger("absl").addFilter(_QuietReadOnly())
 
 
 def _manager(directory: epath.Path, *, keep: int | None, read_only: bool) -> ocp.CheckpointManager:
@@ -232,7 +245,7 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
 def resume_or_start(
     ckpt: StageCheckpointer, abstract_state: Any, *, start: Callable[[], Any]
 ) -> tuple[Any, dict | None, bool]:
-    """DESIGN.md's load order: ``(state, data_state, resumed)``.
+    """The load order of docs/design.md: ``(state, data_state, resumed)``.
 
     Resumes this stage's latest committed checkpoint (full state and data-iterator state) if there
     is one; otherwise returns ``start()``, the stage's own fresh start (the previous stage's

@@ -1,107 +1,386 @@
 """The ``rlhf-jax`` command: one sub-command per stage, the whole pipeline, eval and generate.
 
+    rlhf-jax --help                                     # the commands
+    rlhf-jax ppo --help                                 # its flags and every config field it reads
     rlhf-jax pipeline                                   # default preset, built-in world
-    rlhf-jax sft --config=configs/tiny.py --workdir=runs/tiny --config.sft.epochs=2
-    rlhf-jax seeds --seeds=0,1,2                        # the pipeline per seed, mean ± sd
-    rlhf-jax eval --workdir=runs/default --stage=ppo
-    rlhf-jax generate --workdir=runs/default --stage=ppo --prompt="<bos> REV c3 c9 c1 <sep>"
+    rlhf-jax sft --config=tiny --workdir=runs/tiny --config.sft.epochs=2
 
-``--config=<file>.py[:arg]`` picks a preset (default: the package's ``configs/default.py``) and
-``--config.<field>=<value>`` overrides any field; unknown fields and bad values are rejected.
-The work directory defaults to ``runs/<config name>`` (``seeds``: ``runs/<config name>-seeds``,
-one ``seed<k>/`` run directory per seed and ``seeds.md`` beside them).
+``--config=<preset>[:arg]`` picks a preset: a name of the package's presets (``default``, ``tiny``,
+``paper``) or a ``.py`` file with ``get_config(arg)``; ``--config.<field>=<value>`` overrides any
+field (``config.apply_overrides``), and the result is validated before any work starts. A user
+mistake (a bad field or value, bad data, a stage run before the one it starts from) prints one
+line and exits with status 2; ``--verbose`` (or ``RLHF_JAX_VERBOSE=1``) shows the traceback too.
+The built-in world's commands dispatch to ``rlhf_jax.instructlang``; the rest is the library.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import importlib
+import importlib.util
 import json
+import logging
+import os
 import sys
-from importlib import resources
 from pathlib import Path
+from typing import Any
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from rlhf_jax import fields
+from rlhf_jax.errors import ConfigError, UserError
 
-COMMANDS = ("pretrain", "sft", "rm", "ppo", "pipeline", "seeds", "eval", "generate")
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Preset file, e.g. configs/default.py[:arg].", lock_config=True
-)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>).")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "seeds: the seeds to run, comma-separated.")
-_STAGE = flags.DEFINE_string("stage", "ppo", "eval/generate: whose exported policy to use.")
-_PROMPT = flags.DEFINE_multi_string("prompt", [], "generate: prompt text (repeatable).")
-_MAX_TOKENS = flags.DEFINE_integer("max_new_tokens", 0, "generate: tokens (0: data.response_len).")
-_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "generate: sampling temperature.")
+SHARED_FIELDS = ("name", "seed", "init_from", "keep_checkpoints", "checkpoint_every", "log_every")
+SHARED_SECTIONS = ("model", "mesh", "data", "world")
 
 
-def default_config_path() -> str:
-    return str(resources.files("rlhf_jax.configs") / "default.py")
+@dataclasses.dataclass(frozen=True)
+class Command:
+    summary: str
+    sections: tuple[str, ...]  # config sections the command reads beyond the shared ones
+    flags: tuple[str, ...] = ()
+    details: str = ""
 
 
-def _run(argv: list[str]) -> None:
-    logging.set_verbosity(logging.WARNING)  # Orbax and tfds log every file operation at INFO
-    if len(argv) != 2 or argv[1] not in COMMANDS:
-        raise app.UsageError(f"expected one command out of {', '.join(COMMANDS)}; got {argv[1:]}")
-    command, config = argv[1], _CONFIG.value
-    workdir = Path(_WORKDIR.value or Path("runs") / config.name)
+COMMANDS: dict[str, Command] = {
+    "pipeline": Command(
+        "the whole recipe on the built-in world, then report.md (the main job)",
+        ("pretrain", "sft", "rm", "ppo", "eval"),
+        details="Runs pretrain, sft, comparison sampling, rm, ppo and ppo_ptx (when "
+        "ppo.ptx_coef > 0) into --workdir, evaluates every model with the gold reward and "
+        "writes report.md, summary.json and samples.jsonl. Finished stages are reused.",
+    ),
+    "seeds": Command(
+        "the pipeline once per seed, then seeds.md (mean ± sd over seeds)",
+        ("pretrain", "sft", "rm", "ppo", "eval"),
+        ("seeds",),
+        details="Each seed runs into <workdir>/seed<k>/ (default workdir: runs/<name>-seeds); "
+        "finished seeds are only re-read.",
+    ),
+    "pretrain": Command(
+        "train the base model on the pretraining text",
+        ("pretrain",),
+        details="Starts from init_from (an HF checkpoint directory) or a fresh initialisation.",
+    ),
+    "sft": Command(
+        "supervised fine-tuning on demonstrations: the PPO init and KL reference",
+        ("sft",),
+        details="Starts from the pretrain stage of --workdir, else init_from, else a fresh "
+        "initialisation.",
+    ),
+    "rm": Command(
+        "train the reward model on ranked comparisons",
+        ("rm", "eval"),
+        details="Starts from the sft stage of --workdir (its unembedding replaced by a scalar "
+        "head). On the built-in world the comparisons are first sampled from that SFT model and "
+        "labelled.",
+    ),
+    "ppo": Command(
+        "PPO from the SFT model against the reward model; PPO-ptx when ppo.ptx_coef > 0",
+        ("ppo",),
+        details="Starts from the sft (policy, KL reference) and rm (reward, value init) stages "
+        "of --workdir; writes <workdir>/ppo, or <workdir>/ppo_ptx when ppo.ptx_coef > 0.",
+    ),
+    "eval": Command(
+        "evaluate one stage's policy against the SFT model and print JSON",
+        ("eval",),
+        ("stage",),
+        details="On the built-in world: gold reward, paired gain and win rate vs SFT, KL, "
+        "pretraining NLL, fact accuracy, metadata.",
+    ),
+    "generate": Command(
+        "sample responses to text prompts with one stage's policy",
+        (),
+        ("stage", "prompt", "max_new_tokens", "temperature"),
+    ),
+}
 
+EXAMPLES = """\
+  rlhf-jax pipeline                               # the main job: about 13 minutes on 2 CPU cores
+  rlhf-jax pipeline --config=tiny                 # every stage for a few steps: a smoke test
+  rlhf-jax ppo --workdir=runs/default --config.ppo.kl_coef=0.1 --config.ppo.ptx_coef=0"""
+
+FLAG_HELP = {
+    "config": "--config=<preset>[:arg]   a preset name (default, tiny, paper) or a .py file "
+    "with get_config(arg); default: default",
+    "workdir": "--workdir=<dir>           run directory (default: runs/<config name>)",
+    "verbose": "--verbose                 show the traceback of an error",
+    "seeds": "--seeds=0,1,2             the seeds to run",
+    "stage": "--stage=<stage>           whose exported policy to use (default: ppo)",
+    "prompt": "--prompt=<text>           a prompt (repeatable; the world has a default)",
+    "max_new_tokens": "--max_new_tokens=<n>      response tokens (default: data.response_len)",
+    "temperature": "--temperature=<t>         sampling temperature (default: 1; 0: greedy)",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage block
+        raise ConfigError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
+def _parser(command: str) -> _Parser:
+    p = _Parser(prog=f"rlhf-jax {command}", add_help=False, allow_abbrev=False)
+    p.add_argument("--config", default="default")
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--help", "-h", action="store_true")
+    flags = COMMANDS[command].flags
+    if "seeds" in flags:
+        p.add_argument("--seeds", default="0,1,2")
+    if "stage" in flags:
+        p.add_argument("--stage", default="ppo")
+    if "prompt" in flags:
+        p.add_argument("--prompt", action="append", default=[])
+    if "max_new_tokens" in flags:
+        p.add_argument("--max_new_tokens", type=int, default=0)
+    if "temperature" in flags:
+        p.add_argument("--temperature", type=float, default=1.0)
+    return p
+
+
+# --------------------------------------------------------------------------------------------------
+# Presets and overrides
+
+
+def load_preset(spec: str) -> Any:
+    """The config of ``<preset>[:arg]``: a package preset name or a ``.py`` file."""
+    name, _, arg = spec.partition(":")
+    if name.endswith(".py") or os.sep in name or "/" in name:
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(f"--config={spec}: no such preset file {path}")
+        spec_ = importlib.util.spec_from_file_location(f"rlhf_jax_preset_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec_)
+        spec_.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(f"rlhf_jax.configs.{name}")
+        except ModuleNotFoundError:
+            known = ", ".join(sorted(_preset_names()))
+            raise ConfigError(
+                f"--config={spec}: no preset named {name!r}; presets: {known}, or a .py file"
+            ) from None
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"--config={spec}: the preset has no get_config(arg) function")
+    return module.get_config(arg or None)
+
+
+def _preset_names() -> list[str]:
+    from importlib import resources
+
+    files = resources.files("rlhf_jax.configs").iterdir()
+    return [f.name[:-3] for f in files if f.name.endswith(".py") and not f.name.startswith("_")]
+
+
+def split_overrides(rest: list[str], prog: str) -> list[tuple[str, str]]:
+    """``--config.<path>=<value>`` (or ``--config.<path> <value>``) pairs from leftover args."""
+    overrides, i = [], 0
+    while i < len(rest):
+        arg = rest[i]
+        if not arg.startswith("--config."):
+            raise ConfigError(f"{prog}: unknown argument {arg!r} (see `{prog} --help`)")
+        key, eq, value = arg[len("--config.") :].partition("=")
+        if not eq:
+            if i + 1 >= len(rest):
+                raise ConfigError(f"{prog}: --config.{key} needs a value: --config.{key}=<value>")
+            value, i = rest[i + 1], i + 1
+        overrides.append((key, value))
+        i += 1
+    return overrides
+
+
+# --------------------------------------------------------------------------------------------------
+# Help
+
+
+def _fmt_value(value: Any) -> str:
+    if isinstance(value, str):
+        return value if value else "''"
+    if isinstance(value, tuple):
+        return "(...)"
+    return str(value)
+
+
+def _field_lines(config: Any, prefixes: tuple[str, ...], top: tuple[str, ...] = ()) -> list[str]:
+    rows = [
+        (path, _fmt_value(value), doc)
+        for path, value, doc in fields.field_docs(config)
+        if path in top or any(path.startswith(p + ".") for p in prefixes)
+    ]
+    width = max((len(p) + len(v) + 1 for p, v, _ in rows), default=0) + 2
+    return [f"  {f'{p}={v}':<{width}}{doc}" for p, v, doc in rows]
+
+
+def main_help() -> str:
+    width = max(map(len, COMMANDS)) + 2
+    lines = [
+        "rlhf-jax: the InstructGPT recipe (SFT, K-wise reward model, PPO / PPO-ptx) in JAX.",
+        "",
+        "usage: rlhf-jax <command> [--config=<preset>] [--workdir=<dir>] "
+        "[--config.<field>=<value> ...]",
+        "",
+        "commands:",
+        *[f"  {name:<{width}}{c.summary}" for name, c in COMMANDS.items()],
+        "",
+        "examples:",
+        EXAMPLES,
+        "",
+        "`rlhf-jax <command> --help` lists its flags and every config field it reads, with the "
+        "preset's value.",
+    ]
+    return "\n".join(lines)
+
+
+def command_help(command: str, config: Any, preset: str) -> str:
+    c = COMMANDS[command]
+    flags = ("config", "workdir", "verbose", *c.flags)
+    lines = [f"rlhf-jax {command}: {c.summary}.", ""]
+    if c.details:
+        lines += [c.details, ""]
+    lines += ["flags:", *[f"  {FLAG_HELP[f]}" for f in flags], ""]
+    lines.append(
+        f"config fields it reads (values of the preset {preset!r}; override any with "
+        "--config.<field>=<value>):"
+    )
+    own = tuple(s for s in c.sections if hasattr(config, s))
+    if own:
+        lines += _field_lines(config, own) + [""]
+        lines.append("shared by every command:")
+    shared = tuple(s for s in SHARED_SECTIONS if hasattr(config, s))
+    lines += _field_lines(config, shared, SHARED_FIELDS)
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Running a command
+
+
+class _Stdout(logging.Handler):
+    """The library's progress lines on whatever ``sys.stdout`` is when they are written."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stdout, flush=True)
+
+
+def _setup_logging() -> None:
+    library = logging.getLogger("rlhf_jax")
+    if not any(isinstance(h, _Stdout) for h in library.handlers):  # main() may run twice
+        library.addHandler(_Stdout())
+    library.setLevel(logging.INFO)
+    library.propagate = False
+    # Orbax and tfds log every file operation at INFO through absl.
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    import tensorflow_datasets as tfds
+
+    tfds.disable_progress_bar()
+
+
+def parse(argv: list[str]) -> tuple[str, argparse.Namespace, Any] | str:
+    """``(command, flags, validated config)``, or the help text to print."""
+    if not argv or argv[0] in ("--help", "-h", "help"):
+        return main_help()
+    command = argv[0]
+    if command not in COMMANDS:
+        raise ConfigError(
+            f"unknown command {command!r}; commands: {', '.join(COMMANDS)} (see `rlhf-jax --help`)"
+        )
+    args, rest = _parser(command).parse_known_args(argv[1:])
+    import rlhf_jax.instructlang  # noqa: F401  (registers the built-in world's data source)
+
+    config = load_preset(args.config)
+    if args.help:
+        return command_help(command, config, args.config)
+    config = fields.apply_overrides(config, split_overrides(rest, f"rlhf-jax {command}"))
+    return command, args, config.validate()
+
+
+def run(command: str, args: argparse.Namespace, config: Any) -> None:
+    workdir = Path(args.workdir or Path("runs") / config.name)
+    world = config.data.source == "instructlang"
     if command in ("pretrain", "sft"):
         from rlhf_jax.stages.lm import run_lm_stage
 
         run_lm_stage(config, workdir, command)
     elif command == "rm":
-        from rlhf_jax.pipeline import ensure_comparisons
         from rlhf_jax.stages.rm import run_rm
 
-        ensure_comparisons(config, workdir)
         run_rm(config, workdir)
     elif command == "ppo":
         from rlhf_jax.stages.ppo import run_ppo
 
         run_ppo(config, workdir, "ppo_ptx" if config.ppo.ptx_coef > 0 else "ppo")
     elif command == "pipeline":
-        from rlhf_jax.pipeline import run_pipeline
+        from rlhf_jax.instructlang.pipeline import run_pipeline
 
         run_pipeline(config, workdir)
     elif command == "seeds":
-        from rlhf_jax.pipeline import run_seeds
+        from rlhf_jax.instructlang.pipeline import run_seeds
 
-        seeds_dir = Path(_WORKDIR.value or Path("runs") / f"{config.name}-seeds")
-        print(run_seeds(config, seeds_dir, _seeds()))
+        seeds_dir = Path(args.workdir or Path("runs") / f"{config.name}-seeds")
+        print(run_seeds(config, seeds_dir, _seeds(args.seeds)))
     elif command == "eval":
-        from rlhf_jax.pipeline import evaluate_stage
-
-        print(json.dumps(evaluate_stage(config, workdir, _STAGE.value), indent=2))
-    else:
-        from rlhf_jax.pipeline import generate_text
-
-        for prompt in _PROMPT.value or ["<bos> REV c3 c9 c1 <sep>"]:
-            response = generate_text(
-                config,
-                workdir,
-                _STAGE.value,
-                prompt,
-                max_new_tokens=_MAX_TOKENS.value,
-                temperature=_TEMPERATURE.value,
+        if not world:
+            raise ConfigError(
+                "rlhf-jax eval scores a policy with the built-in world's gold reward "
+                f"(data.source='instructlang'); data.source={config.data.source!r} has no gold"
             )
-            print(f"{prompt} -> {response}")
+        from rlhf_jax.instructlang.evaluate import evaluate_stage
+
+        print(json.dumps(evaluate_stage(config, workdir, args.stage), indent=2))
+    else:
+        _generate(config, workdir, args)
 
 
-def _seeds() -> list[int]:
+def _generate(config: Any, workdir: Path, args: argparse.Namespace) -> None:
+    import jax
+
+    from rlhf_jax.data import sources
+    from rlhf_jax.evaluate import generate_text
+    from rlhf_jax.hf import load_tokenizer
+    from rlhf_jax.stages.driver import load_policy, policy_model
+
+    prompts = args.prompt
+    if not prompts:
+        if config.data.source != "instructlang":
+            raise ConfigError("rlhf-jax generate: give at least one --prompt=<text>")
+        prompts = ["<bos> REV c3 c9 c1 <sep>"]  # an example in the world's text form
+    tokenizer = load_tokenizer(sources.tokenizer_dir(config, workdir))
+    params = load_policy(config, workdir, args.stage)
+    for i, prompt in enumerate(prompts):
+        response = generate_text(
+            params,
+            policy_model(config),
+            tokenizer,
+            prompt,
+            jax.random.fold_in(jax.random.key(config.seed), i),
+            max_new_tokens=args.max_new_tokens or config.data.response_len,
+            temperature=args.temperature or 1.0,
+            greedy=args.temperature == 0,
+        )
+        print(f"{prompt} -> {response}")
+
+
+def _seeds(text: str) -> list[int]:
     try:
-        return [int(s) for s in _SEEDS.value]
+        return [int(s) for s in text.split(",")]
     except ValueError:
-        raise app.UsageError(
-            f"--seeds: expected comma-separated integers, got {_SEEDS.value}"
-        ) from None
+        raise ConfigError(f"--seeds={text}: expected comma-separated integers") from None
 
 
-def main() -> None:
-    argv = list(sys.argv)
-    if not any(a == "--config" or a.startswith("--config=") for a in argv):
-        argv.insert(1, f"--config={default_config_path()}")
-    app.run(_run, argv=argv)
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv or os.environ.get("RLHF_JAX_VERBOSE", "") not in ("", "0")
+    try:
+        parsed = parse(argv)
+        if isinstance(parsed, str):
+            print(parsed)
+            return
+        _setup_logging()
+        run(*parsed)
+    except UserError as e:
+        if verbose:
+            raise
+        print(f"rlhf-jax: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

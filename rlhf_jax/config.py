@@ -1,14 +1,24 @@
-"""Typed configuration: model, mesh, optimiser, and one dataclass per pipeline stage.
+"""Typed configuration: model, mesh, optimiser, data, one dataclass per stage, and their checks.
 
 Every config is a plain dataclass declared with ``unsafe_hash=True`` so it can be a static argument
-of ``jax.jit``. They are built by the preset files in ``configs/`` (``get_config(arg)``), overridden
-from the command line by ``ml_collections.config_flags`` (``--config.ppo.kl_coef=0.05``), and never
-mutated after parsing. Batch sizes are global: each process of a multi-host run loads its share.
+of ``jax.jit``. They are built by the preset files in ``configs/`` (``get_config(arg)``), changed
+from the command line with ``fields.apply_overrides`` (``--config.ppo.kl_coef=0.05``), checked with
+``fields.validate`` and never mutated after that. Batch sizes are global: each process of a
+multi-host run loads its share.
+
+Each field is declared with ``fields.field(default, doc, **checks)``, its one-line meaning and
+its checks (``rlhf_jax.fields``); checks that tie several fields together live in each class's
+``problems`` method.
 """
+
+from __future__ import annotations
 
 import dataclasses
 
 import jax.numpy as jnp
+
+from rlhf_jax.errors import ConfigError
+from rlhf_jax.fields import field, validate
 
 # Logical axis name -> mesh axis (or axes, or None = replicated). Parameters are annotated with the
 # logical names in model.py; sharding.py resolves them through this table.
@@ -24,6 +34,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("norm", None),
     ("scalar", None),
 )
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(unsafe_hash=True)
@@ -36,53 +47,54 @@ class ModelConfig:
     (reward and value models).
     """
 
-    family: str = "gpt2"  # "gpt2" | "llama"
-    vocab_size: int = 64
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 4
-    n_kv_heads: int = 4
-    head_dim: int = 0  # 0: d_model // n_heads
-    mlp_dim: int = 256
-    max_len: int = 64
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    tie_embeddings: bool = True
-    use_bias: bool = True  # biases on every dense layer and norm (GPT-2)
-    qkv_bias: bool = False  # biases on q/k/v only (Qwen2); implied by use_bias
-    dropout: float = 0.0
-    dtype: str = "float32"  # compute dtype
-    param_dtype: str = "float32"
-    head: str = "lm"  # "lm" | "scalar"
+    family: str = field("gpt2", "architecture family", choices=("gpt2", "llama"))
+    vocab_size: int = field(64, "vocabulary size V (rows of the embedding)", ge=1)
+    d_model: int = field(64, "model width D", ge=1)
+    n_layers: int = field(2, "transformer blocks L", ge=0)
+    n_heads: int = field(4, "query heads H", ge=1)
+    n_kv_heads: int = field(4, "key/value heads G (< n_heads: grouped-query attention)", ge=1)
+    head_dim: int = field(0, "width E of one head; 0: d_model // n_heads", ge=0)
+    mlp_dim: int = field(256, "MLP hidden width F", ge=1)
+    max_len: int = field(64, "longest sequence (the learned-position table of gpt2)", ge=1)
+    norm_eps: float = field(1e-5, "epsilon of LayerNorm / RMSNorm", gt=0)
+    rope_theta: float = field(10000.0, "RoPE base frequency (llama)", gt=0)
+    tie_embeddings: bool = field(True, "share the embedding with the unembedding")
+    use_bias: bool = field(True, "biases on every dense layer and norm (GPT-2)")
+    qkv_bias: bool = field(False, "biases on q/k/v only (Qwen2); implied by use_bias")
+    dropout: float = field(0.0, "residual dropout rate (stages set their own)", ge=0, lt=1)
+    dtype: str = field("float32", "compute dtype", choices=DTYPES)
+    param_dtype: str = field("float32", "parameter dtype", choices=DTYPES)
+    head: str = field(
+        "lm", "output head: next-token logits or one scalar", choices=("lm", "scalar")
+    )
 
     @property
-    def dim_head(self) -> int:
+    def resolved_head_dim(self) -> int:
+        """``head_dim``, or ``d_model // n_heads`` when it is 0."""
         return self.head_dim or self.d_model // self.n_heads
 
     @property
     def compute_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.dtype)
 
-    def validate(self) -> "ModelConfig":
-        problems = []
-        if self.family not in ("gpt2", "llama"):
-            problems.append(f"family={self.family!r}: expected 'gpt2' or 'llama'")
-        if self.head not in ("lm", "scalar"):
-            problems.append(f"head={self.head!r}: expected 'lm' or 'scalar'")
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
         if self.n_heads % self.n_kv_heads:
-            problems.append(
-                f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"
-            )
+            out.append(("n_kv_heads", f"n_heads={self.n_heads} is not a multiple of it"))
         if not self.head_dim and self.d_model % self.n_heads:
-            problems.append(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
-        if self.family == "llama" and self.dim_head % 2:
-            problems.append(f"head dim {self.dim_head} must be even for RoPE")
-        if problems:
-            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
-        return self
+            out.append(
+                ("n_heads", f"d_model={self.d_model} is not divisible by it (or set head_dim)")
+            )
+        elif self.family == "llama" and self.resolved_head_dim % 2:
+            out.append(("head_dim", f"head dim {self.resolved_head_dim} must be even for RoPE"))
+        return out
+
+    def validate(self) -> ModelConfig:
+        """This config, checked (``validate``); raises ``ConfigError`` naming each bad field."""
+        return validate(self, "model")
 
 
-# Named sizes. XS/S/M are the InstructLang sizes of INSTRUCTLANG.md section 3.
+# Named sizes. XS/S/M are the InstructLang sizes of docs/instructlang.md section 3.
 MODEL_SIZES: dict[str, dict] = {
     "tiny": dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, mlp_dim=64),
     "tiny-llama": dict(
@@ -114,7 +126,7 @@ MODEL_SIZES: dict[str, dict] = {
 def model_config(size: str, **overrides) -> ModelConfig:
     """A named size (``MODEL_SIZES``) with overrides, e.g. ``model_config("S", vocab_size=64)``."""
     if size not in MODEL_SIZES:
-        raise ValueError(f"unknown model size {size!r}; known sizes: {sorted(MODEL_SIZES)}")
+        raise ConfigError(f"unknown model size {size!r}; known sizes: {sorted(MODEL_SIZES)}")
     return ModelConfig(**{**MODEL_SIZES[size], **overrides}).validate()
 
 
@@ -122,14 +134,26 @@ def model_config(size: str, **overrides) -> ModelConfig:
 class MeshConfig:
     """Device mesh ``('data', 'fsdp', 'tensor')``; one size may be -1, meaning "all the rest"."""
 
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
-    rules: tuple[tuple[str, str | tuple[str, ...] | None], ...] = DEFAULT_RULES
+    data: int = field(-1, "data-parallel axis size (-1: all remaining devices)", ge=-1)
+    fsdp: int = field(1, "fully-sharded data-parallel axis size (-1: all remaining)", ge=-1)
+    tensor: int = field(1, "tensor-parallel axis size (-1: all remaining)", ge=-1)
+    rules: tuple[tuple[str, str | tuple[str, ...] | None], ...] = field(
+        DEFAULT_RULES, "logical axis -> mesh axis table (see sharding.py)"
+    )
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return (self.data, self.fsdp, self.tensor)
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = [
+            (a, "expected -1 or a size >= 1")
+            for a in ("data", "fsdp", "tensor")
+            if not getattr(self, a)
+        ]
+        if self.shape.count(-1) > 1:
+            out.append(("data", f"at most one axis may be -1, got {self.shape}"))
+        return out
 
 
 @dataclasses.dataclass(unsafe_hash=True)
@@ -140,140 +164,158 @@ class OptimizerConfig:
     silent; optax places eps like PyTorch); cosine to 10% of the peak.
     """
 
-    lr: float = 1e-4
-    schedule: str = "cosine"  # "cosine" | "constant"
-    warmup_steps: int = 0
-    warmup_init_ratio: float = 0.0  # LR at step 0, as a fraction of the peak
-    end_lr_ratio: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-5
-    weight_decay: float = 0.0
-    grad_clip: float = 0.0  # global-norm clip; 0 = off (InstructGPT does not state one)
-
-
-def _opt(**kw):
-    return dataclasses.field(default_factory=lambda: OptimizerConfig(**kw))
+    lr: float = field(1e-4, "peak learning rate", gt=0)
+    schedule: str = field("cosine", "after warmup", choices=("cosine", "constant"))
+    warmup_steps: int = field(0, "linear warmup steps", ge=0)
+    warmup_init_ratio: float = field(0.0, "LR at step 0, as a fraction of the peak", ge=0, le=1)
+    end_lr_ratio: float = field(0.1, "cosine: final LR as a fraction of the peak", ge=0, le=1)
+    b1: float = field(0.9, "Adam beta1", ge=0, lt=1)
+    b2: float = field(0.95, "Adam beta2", ge=0, lt=1)
+    eps: float = field(1e-5, "Adam epsilon (PyTorch placement)", gt=0)
+    weight_decay: float = field(0.0, "decoupled weight decay (AdamW)", ge=0)
+    grad_clip: float = field(0.0, "global-norm gradient clip; 0: off (the paper states none)", ge=0)
 
 
 @dataclasses.dataclass(unsafe_hash=True)
 class PretrainConfig:
-    """Language-model pretraining of the base model (built-in world only)."""
+    """Language-model pretraining of the base model on the pretraining text."""
 
-    steps: int = 2000
-    batch_size: int = 128
-    optimizer: OptimizerConfig = _opt(lr=1e-3, warmup_steps=200)
-    dropout: float = 0.0
+    steps: int = field(2000, "optimiser steps", ge=1)
+    batch_size: int = field(128, "documents per step (global)", ge=1)
+    optimizer: OptimizerConfig = field(OptimizerConfig(lr=1e-3, warmup_steps=200), "optimiser")
+    dropout: float = field(0.0, "residual dropout", ge=0, lt=1)
 
 
 @dataclasses.dataclass(unsafe_hash=True)
 class SFTConfig:
     """Supervised fine-tuning on demonstrations: the PPO init and KL reference (P appendix C.3)."""
 
-    epochs: int = 2
-    batch_size: int = 32
-    optimizer: OptimizerConfig = _opt(lr=3e-4)
-    prompt_loss_weight: float = 0.0  # 0: response-only loss (METHOD.md 1.1); 1: N+ behaviour
-    ptx_fraction: float = 0.1  # share of pretraining sequences mixed into each batch (P C.3)
-    dropout: float = 0.1
+    epochs: int = field(2, "passes over the demonstrations (the paper's PPO init: 2)", ge=1)
+    batch_size: int = field(32, "sequences per step, pretraining share included (global)", ge=1)
+    optimizer: OptimizerConfig = field(OptimizerConfig(lr=3e-4), "optimiser")
+    prompt_loss_weight: float = field(
+        0.0, "loss weight of prompt tokens (0: response only; 1: N+)", ge=0, le=1
+    )
+    ptx_fraction: float = field(
+        0.1, "share of each batch drawn from the pretraining text (P C.3: 10%)", ge=0, lt=1
+    )
+    dropout: float = field(0.1, "residual dropout", ge=0, lt=1)
+
+    def problems(self) -> list[tuple[str, str]]:
+        if self.batch_size - round(self.batch_size * self.ptx_fraction) < 1:
+            return [("ptx_fraction", f"leaves no demonstration in a batch of {self.batch_size}")]
+        return []
 
 
 @dataclasses.dataclass(unsafe_hash=True)
 class RMConfig:
     """Reward model on K-wise rankings, grouped per prompt (InstructGPT eq. 1, appendix C.2)."""
 
-    epochs: int = 1
-    batch_size: int = 64  # prompts, each with all of its C(K,2) comparisons
-    optimizer: OptimizerConfig = _opt(lr=1e-4)
+    epochs: int = field(1, "passes over the comparisons (the paper: 1; more overfits)", ge=1)
+    batch_size: int = field(64, "prompts per step, each with all its C(K,2) pairs (global)", ge=1)
+    optimizer: OptimizerConfig = field(OptimizerConfig(lr=1e-4), "optimiser")
 
 
 @dataclasses.dataclass(unsafe_hash=True)
 class PPOConfig:
     """PPO with a per-token KL penalty; PPO-ptx when ``ptx_coef > 0`` (InstructGPT appendix C.4)."""
 
-    iterations: int = 250
-    batch_size: int = 512  # episodes per iteration
-    minibatch_size: int = 64
-    epochs: int = 1
-    clip_eps: float = 0.2
-    value_clip_eps: float = 0.2
-    gamma: float = 1.0
-    lam: float = 0.95
-    kl_coef: float = 0.02
-    kl_target: float = 0.0  # > 0 switches on the Ziegler et al. adaptive controller
-    kl_horizon: int = 10000
-    temperature: float = 1.0
-    max_new_tokens: int = 12
-    ptx_coef: float = 0.0  # gamma of eq. 2; 27.8 in the paper
-    ptx_per_episode: int = 8  # pretraining sequences per RL episode (P C.4)
-    policy_optimizer: OptimizerConfig = _opt(
-        lr=1e-5, schedule="constant", warmup_steps=10, warmup_init_ratio=0.1
+    iterations: int = field(250, "rollout + update iterations", ge=1)
+    batch_size: int = field(512, "episodes per iteration (global)", ge=1)
+    minibatch_size: int = field(64, "episodes per optimiser step", ge=1)
+    epochs: int = field(1, "passes over each iteration's episodes (the paper: 1)", ge=1)
+    clip_eps: float = field(0.2, "policy ratio clip epsilon", gt=0)
+    value_clip_eps: float = field(0.2, "value clip epsilon", gt=0)
+    gamma: float = field(1.0, "GAE discount (the paper: 1)", ge=0, le=1)
+    lam: float = field(0.95, "GAE lambda", ge=0, le=1)
+    kl_coef: float = field(0.02, "beta: per-token KL penalty toward the SFT policy", ge=0)
+    kl_target: float = field(0.0, "> 0: adaptive beta toward this KL (Ziegler et al.)", ge=0)
+    kl_horizon: int = field(10000, "adaptive beta: horizon in episodes", ge=1)
+    temperature: float = field(1.0, "sampling temperature of the rollouts", gt=0)
+    max_new_tokens: int = field(12, "response tokens sampled per episode", ge=1)
+    ptx_coef: float = field(0.0, "gamma of eq. 2: > 0 is PPO-ptx (the paper: 27.8)", ge=0)
+    ptx_per_episode: int = field(8, "PPO-ptx: pretraining sequences per episode", ge=1)
+    policy_optimizer: OptimizerConfig = field(
+        OptimizerConfig(lr=1e-5, schedule="constant", warmup_steps=10, warmup_init_ratio=0.1),
+        "policy optimiser",
     )
-    value_optimizer: OptimizerConfig = _opt(lr=1e-4, schedule="constant")
-    ema_decay: float = 0.992  # 0 disables the EMA of the policy weights
+    value_optimizer: OptimizerConfig = field(
+        OptimizerConfig(lr=1e-4, schedule="constant"), "value-network optimiser"
+    )
+    ema_decay: float = field(0.992, "policy-weight EMA per step; 0: off", ge=0, lt=1)
     # Iterations at the start that train only the value network (policy, its optimiser state and
     # EMA stay put), so the RM-initialised critic is calibrated at intermediate tokens before its
     # advantages move the policy. Not in InstructGPT; OpenRLHF's --freezing_actor_steps.
-    freeze_policy_iterations: int = 0
-    whiten_rewards: bool = False
-    no_eos_penalty: bool = False  # replace the score of responses without EOS by no_eos_score
-    no_eos_score: float = -1.0
+    freeze_policy_iterations: int = field(0, "iterations that train only the value network", ge=0)
+    whiten_rewards: bool = field(False, "whiten per-token rewards without shifting (LHP)")
+    no_eos_penalty: bool = field(False, "score responses without EOS as no_eos_score")
+    no_eos_score: float = field(-1.0, "the score of a response without EOS, if penalised")
+
+    def problems(self) -> list[tuple[str, str]]:
+        if self.batch_size % self.minibatch_size:
+            return [("minibatch_size", f"batch_size={self.batch_size} is not a multiple of it")]
+        return []
 
 
 @dataclasses.dataclass(unsafe_hash=True)
 class DataConfig:
-    """Where each stage's data comes from: the built-in InstructLang world, or user JSONL files."""
+    """Where the stages' data comes from, and the fixed sequence lengths of every batch.
 
-    source: str = "instructlang"  # "instructlang" | "jsonl"
-    # JSONL source: a local HF tokenizer directory and one file per record kind.
-    tokenizer: str = ""
-    demonstrations: str = ""
-    comparisons: str = ""
-    prompts: str = ""
-    pretraining: str = ""
-    prompt_len: int = 12  # P: prompts are left-padded to this length
-    response_len: int = 12  # R: demonstrations and generated responses
-    text_len: int = 24  # pretraining sequences
-    # Built-in world (INSTRUCTLANG.md section 2): seed and split sizes.
-    world_seed: int = 0
-    pretrain_docs: int = 200_000
-    heldout_docs: int = 5_000
-    sft_train: int = 4_000
-    sft_val: int = 500
-    rm_train: int = 6_000
-    rm_val: int = 1_000
-    ppo_train: int = 10_000
-    ppo_val: int = 1_000
-    test: int = 1_000
-    rm_k_min: int = 4
-    rm_k_max: int = 9
-    labeler_tau: float = 0.25
-    deterministic_labels: bool = False
+    ``source`` names a data source (``rlhf_jax.data.sources``): ``jsonl`` imports the user's files
+    below; ``instructlang`` is the built-in world (its settings are ``world.*``).
+    """
+
+    source: str = field("jsonl", "data source: jsonl, or instructlang (the built-in world)")
+    tokenizer: str = field("", "jsonl: a local Hugging Face tokenizer directory")
+    demonstrations: str = field("", 'jsonl: {"prompt", "response"} per line (SFT)')
+    comparisons: str = field("", 'jsonl: {"prompt", "responses", "ranks"} per line (RM)')
+    prompts: str = field("", 'jsonl: {"prompt"} per line (PPO)')
+    pretraining: str = field("", 'jsonl: {"text"} per line (pretraining, SFT and PPO-ptx mix)')
+    prompt_len: int = field(12, "P: prompts are left-padded to this many tokens", ge=1)
+    response_len: int = field(12, "R: responses, EOS included", ge=1)
+    text_len: int = field(24, "T: pretraining sequences", ge=1)
 
 
 @dataclasses.dataclass(unsafe_hash=True)
 class EvalConfig:
-    test_prompts: int = 1000  # evaluation prompts per model
-    samples_per_prompt: int = 1  # T = 1 answers per prompt; a prompt's gold is their mean
-    batch_size: int = 250
-    samples_per_model: int = 200  # decoded samples written to samples.jsonl
+    """Evaluation of the trained policies on held-out prompts."""
+
+    test_prompts: int = field(1000, "held-out prompts per model", ge=1)
+    samples_per_prompt: int = field(
+        1, "T = 1 answers per prompt (a prompt's score is the mean)", ge=1
+    )
+    batch_size: int = field(250, "prompts per forward pass", ge=1)
+    samples_per_model: int = field(200, "decoded samples written to samples.jsonl", ge=0)
 
 
 @dataclasses.dataclass(unsafe_hash=True)
 class Config:
     """Everything one run needs; ``configs/<preset>.py:get_config(arg)`` returns one."""
 
-    name: str = "default"
-    seed: int = 0
-    model: ModelConfig = dataclasses.field(default_factory=lambda: model_config("S"))
-    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
-    sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
-    rm: RMConfig = dataclasses.field(default_factory=RMConfig)
-    ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)
-    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
-    init_from: str = ""  # a local HF checkpoint directory to start from instead of pretraining
-    keep_checkpoints: int = 2
-    checkpoint_every: int = 0  # steps (PPO: iterations) between checkpoints; 0 = end of stage only
-    log_every: int = 10
+    name: str = field("default", "run name: the default work directory is runs/<name>")
+    seed: int = field(0, "seed of every initialisation, shuffle and sample")
+    model: ModelConfig = field(model_config("S"), "the policy's architecture")
+    mesh: MeshConfig = field(MeshConfig(), "device mesh")
+    data: DataConfig = field(DataConfig(), "data")
+    pretrain: PretrainConfig = field(PretrainConfig(), "pretraining")
+    sft: SFTConfig = field(SFTConfig(), "supervised fine-tuning")
+    rm: RMConfig = field(RMConfig(), "reward model")
+    ppo: PPOConfig = field(PPOConfig(), "PPO / PPO-ptx")
+    eval: EvalConfig = field(EvalConfig(), "evaluation")
+    init_from: str = field(
+        "", "a local HF checkpoint directory to start from instead of pretraining"
+    )
+    keep_checkpoints: int = field(2, "checkpoints kept per stage", ge=1)
+    checkpoint_every: int = field(
+        0, "steps (PPO: iterations) between checkpoints; 0: at the end", ge=0
+    )
+    log_every: int = field(10, "steps between metric rows", ge=1)
+
+    def validate(self) -> Config:
+        """This config, checked (``validate``); raises ``ConfigError`` naming each bad field."""
+        return validate(self)
+
+
+def rm_config(config: Config) -> ModelConfig:
+    """The reward/value architecture: the policy's, with a scalar head and no dropout."""
+    return dataclasses.replace(config.model, head="scalar", dropout=0.0)

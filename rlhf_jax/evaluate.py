@@ -1,24 +1,23 @@
-"""Evaluation of a policy (or any checkpoint) on the built-in InstructLang world.
+"""Evaluation that needs no gold reward, for any data source: sampling, likelihoods, RM scores.
 
-What INSTRUCTLANG.md section 0 asks each model's row of the report to hold: gold reward of k
-T = 1 samples per test prompt (``eval.samples_per_prompt``) with a 95% interval over prompts, the
-paired gold gain over the SFT model (with its interval: the per-prompt differences share the
-prompt, so it is far tighter than the two gold intervals side by side), paired win rate and KL
-against the SFT model, held-out pretraining NLL (the alignment tax), fact-probe accuracy, EOS
-rate and the Table-3-style metadata; plus the reward model's validation accuracy against noisy and
-gold order.
+What every run can measure about a policy on held-out prompts (``evaluate_policy``): the reward
+model's score of its T = 1 samples with a 95% interval over prompts, the paired RM-score gain and
+RM win rate against a reference policy (the SFT model), the KL to that reference, held-out
+pretraining NLL (the alignment tax), EOS rate and response length; and about a reward model
+(``rm_metrics``): pairwise accuracy and ranking loss on held-out comparisons. The built-in world
+adds its gold reward on top (``rlhf_jax.instructlang.evaluate``).
 
-Model work goes through a few module-level jitted functions with the config static, so each model
-shape compiles once per batch shape; every batched loop pads its last batch to a full one (and
-drops the padding rows), so shapes never change. The scoring of what the models produced (fact
-answers, RM pairwise accuracy, win rates, intervals) is pure NumPy, testable without a model.
+Model work goes through a few module-level jitted functions with the model config static, so each
+model shape compiles once per batch shape; every batched loop pads its last batch to a full one
+(and drops the padding rows), so shapes never change. Statistics are pure NumPy.
 
-Choices the spec leaves open:
+Choices (intervals and paired statistics are ``rlhf_jax.stats``'s):
 
-- Intervals are normal approximations, ``mean +- 1.96 * sd / sqrt(n)`` with the sample sd
-  (ddof = 1); a single observation gives a zero-width interval.
-- ``kl_to_sft`` is the mean over this model's own T = 1 samples of ``sum_t log pi(y_t) - log
-  pi_sft(y_t)``, the unbiased "k1" estimate of KL(pi || pi_sft) per response; it can come out
+- Paired comparisons (win rate, gain) use the same prompts and, when the caller passes the same
+  ``rng`` to every model, the same random stream (common random numbers), so they hold far less
+  sampling noise than two independent estimates.
+- KL to the reference is the mean over this model's own samples of ``sum_t log pi(y_t) - log
+  pi_ref(y_t)``, the unbiased "k1" estimate of KL(pi || pi_ref) per response; it can come out
   slightly negative by sampling noise when the two policies are close.
 - RM pairwise accuracy counts a pair as right only when the preferred completion scores strictly
   higher (a reward tie is wrong), as ``losses.ranking_loss`` does; pairs are pooled over prompts.
@@ -28,8 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,18 +36,14 @@ from jaxtyping import Array, Bool, Float, Int, Shaped
 
 from rlhf_jax import losses, rollout
 from rlhf_jax.config import ModelConfig
-from rlhf_jax.data import instructlang as il
-from rlhf_jax.data import instructlang_corpus as corpus
 from rlhf_jax.model import Transformer
-
-Z95 = 1.96
-
+from rlhf_jax.stats import jsonable, mean_ci95, paired, per_prompt
 
 # --------------------------------------------------------------------------------------------------
 # Batching and the jitted model calls (one compilation per config and batch shape)
 
 
-def _batched(fn, arrays: tuple[np.ndarray, ...], batch_size: int) -> list[np.ndarray]:
+def batched(fn, arrays: tuple[np.ndarray, ...], batch_size: int) -> list[np.ndarray]:
     """``fn(i, *batch_i)`` over fixed-size batches of the rows of ``arrays``, outputs concatenated.
 
     The last batch is padded to ``batch_size`` by repeating row 0 and the padding rows' outputs
@@ -65,12 +59,14 @@ def _batched(fn, arrays: tuple[np.ndarray, ...], batch_size: int) -> list[np.nda
 
 
 @functools.partial(jax.jit, static_argnums=(1, 6))
-def _sequence_logprob_jit(params, config, prompts, prompt_mask, responses, resp_mask, temperature):
-    tokens, mask = rollout.full_sequence(prompts, prompt_mask, responses, resp_mask)
+def _sequence_logprob_jit(
+    params, config, prompts, prompt_mask, responses, response_mask, temperature
+):
+    tokens, mask = rollout.full_sequence(prompts, prompt_mask, responses, response_mask)
     logp = rollout.response_logprobs(
         params, config, tokens, mask, prompts.shape[1], temperature=temperature
     )
-    return (jnp.sum(jnp.where(resp_mask > 0, logp, 0.0), axis=-1),)
+    return (jnp.sum(jnp.where(response_mask > 0, logp, 0.0), axis=-1),)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 3))
@@ -103,10 +99,10 @@ def sample_responses(
     rng: jax.Array,
     batch_size: int,
     max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
     temperature: float = 1.0,
     greedy: bool = False,
-    eos_id: int = il.EOS_ID,
-    pad_id: int = il.PAD_ID,
 ) -> tuple[Int[np.ndarray, "N R"], Int[np.ndarray, "N R"]]:
     """One response per left-padded prompt, through ``rollout.sample`` in fixed-size batches.
 
@@ -129,7 +125,7 @@ def sample_responses(
         )
         return out.tokens, out.mask
 
-    tokens, mask = _batched(draw, (np.asarray(prompts, np.int32),), batch_size)
+    tokens, mask = batched(draw, (np.asarray(prompts, np.int32),), batch_size)
     return tokens.astype(np.int32), mask.astype(np.int32)
 
 
@@ -138,20 +134,37 @@ def sequence_logprob(
     config: ModelConfig,
     prompts: Int[np.ndarray | Array, "N P"],
     responses: Int[np.ndarray | Array, "N R"],
-    resp_mask: Shaped[np.ndarray | Array, "N R"],
+    response_mask: Shaped[np.ndarray | Array, "N R"],
     *,
     batch_size: int,
+    pad_id: int,
     temperature: float = 1.0,
-    pad_id: int = il.PAD_ID,
 ) -> Float[np.ndarray, " N"]:
-    """``log pi_T(y | x) = sum_t resp_mask_t * log pi_T(y_t | x, y_<t)``, teacher-forced [N]."""
+    """``log pi_T(y | x) = sum_t mask_t * log pi_T(y_t | x, y_<t)``, teacher-forced [N]."""
 
     def score(_, p, y, m):
         pmask = (p != pad_id).astype(np.int32)
         return _sequence_logprob_jit(params, config, p, pmask, y, m, float(temperature))
 
-    arrays = tuple(np.asarray(a, np.int32) for a in (prompts, responses, resp_mask))
-    return _batched(score, arrays, batch_size)[0].astype(np.float64)
+    arrays = tuple(np.asarray(a, np.int32) for a in (prompts, responses, response_mask))
+    return batched(score, arrays, batch_size)[0].astype(np.float64)
+
+
+def log_ratio(
+    policy: tuple[Any, ModelConfig],
+    reference: tuple[Any, ModelConfig],
+    prompts: Int[np.ndarray | Array, "N P"],
+    responses: Int[np.ndarray | Array, "N R"],
+    response_mask: Shaped[np.ndarray | Array, "N R"],
+    **kw,
+) -> Float[np.ndarray, " N"]:
+    """``log pi(y | x) - log pi_ref(y | x)`` per response, for ``policy = (params, config)`` and
+    ``reference`` likewise (``kw``: ``batch_size``, ``pad_id``, as for ``sequence_logprob``).
+    Its mean over samples of ``pi`` is the k1 estimate of KL(pi || pi_ref)."""
+    sequences = (prompts, responses, response_mask)
+    return sequence_logprob(*policy, *sequences, **kw) - sequence_logprob(
+        *reference, *sequences, **kw
+    )
 
 
 def heldout_nll(
@@ -160,14 +173,14 @@ def heldout_nll(
     docs: Int[np.ndarray | Array, "M T"],
     *,
     batch_size: int,
-    pad_id: int = il.PAD_ID,
+    pad_id: int,
 ) -> float:
     """Mean next-token NLL (nats) over every predicted real token of the right-padded ``docs``.
 
     ``sum_{m, t >= 1, docs[m, t] real} -log pi(docs[m, t] | docs[m, <t]) / (number of such
     tokens)``: pooled over the corpus, so long documents weigh more (not a mean of batch means).
     """
-    nll, count = _batched(
+    nll, count = batched(
         lambda _, d: _nll_rows_jit(params, config, d, pad_id),
         (np.asarray(docs, np.int32),),
         batch_size,
@@ -176,258 +189,239 @@ def heldout_nll(
     return float(nll.astype(np.float64).sum() / total) if total else float("nan")
 
 
-def fact_scores(
-    outputs: Int[np.ndarray, "N A"], answers: Int[np.ndarray, "N 2"]
-) -> Bool[np.ndarray, " N"]:
-    """Per probe: the first two generated tokens equal the KB pair (the scoring of E1)."""
-    outputs = np.asarray(outputs)
-    if outputs.shape[1] < 2:
-        return np.zeros(len(outputs), bool)
-    return np.all(outputs[:, :2] == np.asarray(answers), axis=1)
-
-
-def fact_accuracy(params, config: ModelConfig, world: il.World, *, batch_size: int) -> float:
-    """Share of the 32 fact probes ``BOS c_i IS`` whose greedy 2-token answer is the KB pair."""
-    probes, answers = corpus.fact_probes(world)
-    outputs, _ = sample_responses(
-        params,
-        config,
-        probes,
-        rng=jax.random.key(0),  # unused by greedy decoding
-        batch_size=min(batch_size, len(probes)),  # always 32 probes: no need for bigger batches
-        max_new_tokens=2,
-        greedy=True,
-    )
-    return float(np.mean(fact_scores(outputs, answers)))
-
-
-# --------------------------------------------------------------------------------------------------
-# Statistics
-
-
-def mean_ci95(x) -> tuple[float, float, float]:
-    """``(mean, lo, hi)`` with ``lo, hi = mean -+ 1.96 * sd / sqrt(n)`` (sample sd, ddof = 1)."""
-    x = np.asarray(x, np.float64).reshape(-1)
-    if x.size == 0:
-        return (float("nan"),) * 3
-    mean = float(x.mean())
-    half = Z95 * float(x.std(ddof=1)) / math.sqrt(x.size) if x.size > 1 else 0.0
-    return mean, mean - half, mean + half
-
-
-def per_prompt(x) -> np.ndarray:
-    """[N] per-prompt means of golds (or outcomes) shaped [N] or [N, k samples per prompt]."""
-    x = np.asarray(x, np.float64)
-    return x.reshape(len(x), -1).mean(axis=1)
-
-
-def win_rate(gold_a, gold_b) -> tuple[float, float, float]:
-    """Paired win rate of a over b, with its CI over prompts: each pair of samples scores 1 if a >
-    b, 0.5 if equal, 0 if less; golds are [N] or [N, k] (the k pairs of a prompt are averaged)."""
-    a, b = np.asarray(gold_a, np.float64), np.asarray(gold_b, np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"win_rate needs paired golds, got shapes {a.shape} and {b.shape}")
-    return mean_ci95(per_prompt(np.where(a > b, 1.0, np.where(a == b, 0.5, 0.0))))
-
-
-# --------------------------------------------------------------------------------------------------
-# One model's evaluation
-
-
-class Reference(NamedTuple):
-    """The SFT baseline: its params, its per-test-prompt golds (``None``: this model's own, for
-    evaluating the SFT model against itself) and its config (``None``: the evaluated model's)."""
-
-    params: Any
-    golds: np.ndarray | None = None
-    config: ModelConfig | None = None
-
-
-def _none_if_nan(x: float | None) -> float | None:
-    return None if x is None or not math.isfinite(x) else float(x)
-
-
-@dataclasses.dataclass
-class ModelEval:
-    """One model's evaluation; ``summary()`` is its JSON-ready row of the report."""
-
-    name: str
-    golds: np.ndarray  # [N, k] gold of the k samples per test prompt
-    metadata: dict[str, float]  # instructlang.metadata_means
-    pretrain_nll: float
-    fact_accuracy: float
-    win_rate_vs_sft: tuple[float, float, float] | None  # (rate, lo, hi)
-    gold_gain_vs_sft: tuple[float, float, float] | None  # paired gold - SFT gold: (mean, lo, hi)
-    kl_to_sft: float | None
-    prompt_texts: list[str]
-    response_texts: list[str]
-
-    @property
-    def gold_ci95(self) -> tuple[float, float, float]:
-        return mean_ci95(per_prompt(self.golds))
-
-    def summary(self) -> dict[str, Any]:
-        """Plain floats (NaN as None): the report's and ``summary.json``'s entry for this model."""
-        mean, lo, hi = self.gold_ci95
-        win, gain = self.win_rate_vs_sft, self.gold_gain_vs_sft
-        out = {
-            "gold_mean": mean,
-            "gold_ci95": [lo, hi],
-            "win_rate_vs_sft": None if win is None else win[0],
-            "win_rate_ci95": None if win is None else [win[1], win[2]],
-            "gold_gain_vs_sft": None if gain is None else gain[0],
-            "gold_gain_ci95": None if gain is None else [gain[1], gain[2]],
-            "kl_to_sft": self.kl_to_sft,
-            "pretrain_nll": self.pretrain_nll,
-            "fact_accuracy": self.fact_accuracy,
-            "eos_rate": self.metadata["eos"],
-            "n_prompts": len(self.golds),
-            "samples_per_prompt": int(self.golds.shape[1]),
-        }
-        out.update({k: v for k, v in self.metadata.items() if k not in ("gold", "eos")})
-        return {k: _none_if_nan(v) if isinstance(v, float) else v for k, v in out.items()}
-
-    def samples(self, k: int) -> list[dict[str, Any]]:
-        """The first ``k`` test prompts with this model's response (through EOS) and its gold."""
-        return [
-            {"model": self.name, "prompt": p, "response": r, "gold": float(g)}
-            for p, r, g in zip(self.prompt_texts[:k], self.response_texts[:k], self.golds[:k, 0])
-        ]
-
-
-def _texts(prompts: np.ndarray, responses: np.ndarray, mask: np.ndarray) -> tuple[list, list]:
-    prompt_texts = [il.decode_text(corpus.unpad(p)) for p in prompts]
-    # The mask runs through the first EOS, so this keeps a PAD the model itself generated.
-    response_texts = [il.decode_text(r[: int(m.sum())]) for r, m in zip(responses, mask)]
-    return prompt_texts, response_texts
-
-
-def evaluate_model(
-    name: str,
-    params,
-    config: ModelConfig,
-    world: il.World,
-    test_prompts: Int[np.ndarray | Array, "N P"],
-    heldout_docs: Int[np.ndarray | Array, "M T"] | None,
-    *,
-    rng: jax.Array,
-    batch_size: int,
-    max_new_tokens: int,
-    reference: tuple | None = None,
-    samples_per_prompt: int = 1,
-) -> ModelEval:
-    """Everything the report needs about one model (see the module docstring).
-
-    Each test prompt is answered ``samples_per_prompt`` (k) times; its gold is the mean of its k
-    samples, and every interval is over prompts. Use the same ``rng`` for every model, so all
-    models answer the same prompts with the same random stream (common random numbers: the
-    paired differences then hold far less sampling noise than two independent estimates).
-    ``reference = (sft_params, sft_golds[, sft_config])`` adds the paired win rate, the paired
-    gold gain and the KL to the SFT model; pass ``(sft_params, None)`` to evaluate the
-    SFT model against itself (win rate 0.5, gain and KL 0 exactly, computed all the same as a
-    check).
-    """
-    test_prompts = np.asarray(test_prompts, np.int32)
-    kw = dict(batch_size=batch_size)
-    n, k = len(test_prompts), samples_per_prompt
-    prompts = np.repeat(test_prompts, k, axis=0)  # prompt i's samples are rows i*k .. i*k+k-1
-    responses, mask = sample_responses(
-        params, config, prompts, rng=rng, max_new_tokens=max_new_tokens, **kw
-    )
-    golds = il.gold_rewards(prompts, responses, world=world).reshape(n, k)
-    meta = il.metadata_means(il.response_metadata(prompts, responses, world=world))
-    no_docs = heldout_docs is None
-    nll = float("nan") if no_docs else heldout_nll(params, config, heldout_docs, **kw)
-
-    win, gain, kl = None, None, None
-    if reference is not None:
-        ref = Reference(*reference)
-        ref_golds = golds if ref.golds is None else np.asarray(ref.golds)
-        win = win_rate(golds, ref_golds)
-        gain = mean_ci95(per_prompt(golds - ref_golds))
-        logp = sequence_logprob(params, config, prompts, responses, mask, **kw)
-        ref_cfg = ref.config or config
-        ref_logp = sequence_logprob(ref.params, ref_cfg, prompts, responses, mask, **kw)
-        kl = float(np.mean(logp - ref_logp))
-
-    prompt_texts, response_texts = _texts(test_prompts, responses[::k], mask[::k])
-    return ModelEval(
-        name=name,
-        golds=golds,
-        metadata=meta,
-        pretrain_nll=nll,
-        fact_accuracy=fact_accuracy(params, config, world, **kw),
-        win_rate_vs_sft=win,
-        gold_gain_vs_sft=gain,
-        kl_to_sft=kl,
-        prompt_texts=prompt_texts,
-        response_texts=response_texts,
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# Reward model
-
-
-def rm_metrics(
-    rewards: Float[np.ndarray | Array, "N K"],
-    ranks: Int[np.ndarray | Array, "N K"],
-    valid: Shaped[np.ndarray | Array, "N K"],
-    golds: Float[np.ndarray | Array, "N K"],
-) -> dict[str, float]:
-    """Pairwise accuracy of given rewards against noisy ranks and gold order, and the ranking loss.
-
-    A pair (i, j) of valid completions of one prompt counts for ``val_accuracy_noisy`` when
-    ``ranks_i < ranks_j`` (i preferred) and for ``val_accuracy_gold`` when ``gold_i > gold_j``; it
-    is right when ``r_i > r_j`` strictly. Accuracies pool all pairs; ``val_loss`` is
-    ``losses.ranking_loss`` over all prompts at once (its mean over prompts with a pair).
-    """
-    r = np.asarray(rewards, np.float64)
-    ok = np.asarray(valid) != 0
-    both = ok[:, :, None] & ok[:, None, :]
-    right = r[:, :, None] > r[:, None, :]
-    ranks = np.asarray(ranks)
-    golds = np.asarray(golds, np.float64)
-    noisy = both & (ranks[:, :, None] < ranks[:, None, :])
-    gold = both & (golds[:, :, None] > golds[:, None, :])
-    loss, _ = losses.ranking_loss(
-        jnp.asarray(rewards, jnp.float32), jnp.asarray(ranks, jnp.int32), valid=jnp.asarray(ok)
-    )
-
-    def acc(pairs: np.ndarray) -> float:
-        return float((right & pairs).sum() / pairs.sum()) if pairs.any() else float("nan")
-
-    return {
-        "val_accuracy_noisy": acc(noisy),
-        "val_accuracy_gold": acc(gold),
-        "val_loss": float(loss),
-        "val_pairs_noisy": int(noisy.sum()),
-        "val_pairs_gold": int(gold.sum()),
-    }
-
-
-def rm_accuracy(
+def comparison_scores(
     rm_params,
     rm_config: ModelConfig,
     bias,
     tokens: Int[np.ndarray | Array, "N K T"],
     attention_mask: Shaped[np.ndarray | Array, "N K T"],
     response_mask: Shaped[np.ndarray | Array, "N K T"],
-    ranks: Int[np.ndarray | Array, "N K"],
-    valid: Shaped[np.ndarray | Array, "N K"],
-    golds: Float[np.ndarray | Array, "N K"],
     *,
     prompt_len: int,
     batch_size: int,
-) -> dict[str, float]:
-    """RM validation metrics on the loaders' comparison layout (``[prompt P ; response R]`` per
-    completion): ``rollout.reward_scores`` of every completion (minus ``bias``), in batches of
-    ``batch_size`` prompts, then ``rm_metrics``."""
+) -> Float[np.ndarray, "N K"]:
+    """The RM's normalised score (minus ``bias``) of every completion in the loaders' comparison
+    layout (``[prompt P ; response R]`` per completion), in batches of ``batch_size`` prompts."""
     arrays = tuple(np.asarray(a, np.int32) for a in (tokens, attention_mask, response_mask))
     bias = jnp.asarray(bias, jnp.float32)
-    (rewards,) = _batched(
+    (rewards,) = batched(
         lambda _, t, am, rm: _rm_scores_jit(rm_params, rm_config, t, am, rm, prompt_len, bias),
         arrays,
         batch_size,
     )
-    return rm_metrics(rewards, ranks, valid, golds)
+    return rewards
+
+
+def response_scores(
+    rm_params,
+    rm_config: ModelConfig,
+    bias,
+    prompts: Int[np.ndarray, "N P"],
+    responses: Int[np.ndarray, "N R"],
+    response_mask: Int[np.ndarray, "N R"],
+    *,
+    batch_size: int,
+    pad_id: int,
+) -> Float[np.ndarray, " N"]:
+    """The RM's normalised score of each (left-padded prompt, response) pair."""
+    prompt_mask = (prompts != pad_id).astype(np.int32)
+    tokens = np.concatenate([prompts, responses], axis=1)[:, None]
+    attention = np.concatenate([prompt_mask, response_mask], axis=1)[:, None]
+    full_response_mask = np.concatenate([np.zeros_like(prompt_mask), response_mask], axis=1)
+    scores = comparison_scores(
+        rm_params,
+        rm_config,
+        bias,
+        tokens,
+        attention,
+        full_response_mask[:, None],
+        prompt_len=prompts.shape[1],
+        batch_size=batch_size,
+    )
+    return scores[:, 0].astype(np.float64)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reward model
+
+
+def preferred_pairs(
+    order: Shaped[np.ndarray | Array, "N K"],
+    valid: Shaped[np.ndarray | Array, "N K"],
+    *,
+    lower_is_better: bool,
+) -> Bool[np.ndarray, "N K K"]:
+    """``pairs[n, i, j]``: completions i and j of prompt n are valid and i is preferred, by ranks
+    (``lower_is_better``: rank 0 = best) or by scores (higher = better); ties are no pair."""
+    o = np.asarray(order, np.float64)
+    ok = np.asarray(valid) != 0
+    better = o[:, :, None] < o[:, None, :] if lower_is_better else o[:, :, None] > o[:, None, :]
+    return ok[:, :, None] & ok[:, None, :] & better
+
+
+def pairwise_accuracy(
+    rewards: Float[np.ndarray | Array, "N K"], pairs: Bool[np.ndarray, "N K K"]
+) -> float:
+    """Share of ``pairs`` (i preferred to j) whose reward orders them strictly right."""
+    r = np.asarray(rewards, np.float64)
+    right = r[:, :, None] > r[:, None, :]
+    return float((right & pairs).sum() / pairs.sum()) if pairs.any() else float("nan")
+
+
+def rm_metrics(
+    rewards: Float[np.ndarray | Array, "N K"],
+    ranks: Int[np.ndarray | Array, "N K"],
+    valid: Shaped[np.ndarray | Array, "N K"],
+) -> dict[str, float]:
+    """Pairwise accuracy of given rewards against the comparisons' ranks, and the ranking loss.
+
+    ``val_accuracy`` pools every pair (i, j) of valid completions of one prompt with ``ranks_i <
+    ranks_j``; ``val_loss`` is ``losses.ranking_loss`` over all prompts at once (its mean over
+    prompts with a pair); ``val_pairs`` counts the pairs.
+    """
+    pairs = preferred_pairs(ranks, valid, lower_is_better=True)
+    loss, _ = losses.ranking_loss(
+        jnp.asarray(rewards, jnp.float32),
+        jnp.asarray(ranks, jnp.int32),
+        valid=jnp.asarray(np.asarray(valid) != 0),
+    )
+    return {
+        "val_accuracy": pairwise_accuracy(rewards, pairs),
+        "val_loss": float(loss),
+        "val_pairs": int(pairs.sum()),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# One policy's evaluation without gold
+
+
+@dataclasses.dataclass
+class PolicyEval:
+    """One policy on the held-out prompts; ``summary()`` is its JSON-ready row."""
+
+    name: str
+    rm_scores: np.ndarray | None  # [N, k] normalised RM score of the k samples per prompt
+    eos: np.ndarray  # [N, k] whether each sample ended with EOS
+    lengths: np.ndarray  # [N, k] response tokens, EOS included
+    heldout_nll: float
+    rm_vs_sft: tuple[tuple[float, float, float], tuple[float, float, float]] | None
+    kl_to_sft: float | None
+    prompts: np.ndarray  # [N P]
+    responses: np.ndarray  # [N, R] the first sample of each prompt
+    response_mask: np.ndarray  # [N, R]
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.rm_scores is not None:
+            mean, lo, hi = mean_ci95(per_prompt(self.rm_scores))
+            out.update(rm_score_mean=mean, rm_score_ci95=[lo, hi])
+        if self.rm_vs_sft is not None:
+            (win, wlo, whi), (gain, glo, ghi) = self.rm_vs_sft
+            out.update(
+                rm_win_rate_vs_sft=win,
+                rm_win_rate_ci95=[wlo, whi],
+                rm_gain_vs_sft=gain,
+                rm_gain_ci95=[glo, ghi],
+            )
+        out.update(
+            kl_to_sft=self.kl_to_sft,
+            heldout_nll=self.heldout_nll,
+            eos_rate=float(self.eos.mean()),
+            response_length=float(self.lengths.mean()),
+            n_prompts=len(self.eos),
+            samples_per_prompt=int(self.eos.shape[1]),
+        )
+        return jsonable(out)
+
+
+def evaluate_policy(
+    name: str,
+    params,
+    config: ModelConfig,
+    test_prompts: Int[np.ndarray | Array, "N P"],
+    *,
+    rng: jax.Array,
+    batch_size: int,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    reward: tuple[Any, ModelConfig, Any] | None = None,
+    reference: tuple[Any, ModelConfig, np.ndarray | None] | None = None,
+    heldout_docs: Int[np.ndarray | Array, "M T"] | None = None,
+    samples_per_prompt: int = 1,
+) -> PolicyEval:
+    """Everything measurable about one policy without a gold reward (see the module docstring).
+
+    Each test prompt is answered ``samples_per_prompt`` (k) times at T = 1. ``reward = (params,
+    config, bias)`` scores the samples with the RM; ``reference = (params, config, rm_scores)``
+    adds the KL to the reference policy and, with the reference's own ``[N, k]`` RM scores (from
+    its ``evaluate_policy`` with the same ``rng``), the paired RM win rate and gain; ``None``
+    scores compare the policy with itself (win rate 0.5, gain 0). ``heldout_docs`` adds the
+    held-out NLL.
+    """
+    test_prompts = np.asarray(test_prompts, np.int32)
+    n, k = len(test_prompts), samples_per_prompt
+    kw = dict(batch_size=batch_size, pad_id=pad_id)
+    prompts = np.repeat(test_prompts, k, axis=0)  # prompt i's samples are rows i*k .. i*k+k-1
+    responses, mask = sample_responses(
+        params, config, prompts, rng=rng, max_new_tokens=max_new_tokens, eos_id=eos_id, **kw
+    )
+    eos = np.any((responses == eos_id) & (mask > 0), axis=1).reshape(n, k)
+    scores = None
+    if reward is not None:
+        rm_params, rm_cfg, bias = reward
+        scores = response_scores(rm_params, rm_cfg, bias, prompts, responses, mask, **kw)
+        scores = scores.reshape(n, k)
+    nll = float("nan")
+    if heldout_docs is not None:
+        nll = heldout_nll(params, config, heldout_docs, **kw)
+    vs_sft, kl = None, None
+    if reference is not None:
+        ref_params, ref_cfg, ref_scores = reference
+        ratio = log_ratio((params, config), (ref_params, ref_cfg), prompts, responses, mask, **kw)
+        kl = float(np.mean(ratio))
+        if scores is not None:
+            vs_sft = paired(scores, scores if ref_scores is None else ref_scores)
+    return PolicyEval(
+        name=name,
+        rm_scores=scores,
+        eos=eos,
+        lengths=mask.sum(axis=1).reshape(n, k),
+        heldout_nll=nll,
+        rm_vs_sft=vs_sft,
+        kl_to_sft=kl,
+        prompts=test_prompts,
+        responses=responses[::k],
+        response_mask=mask[::k],
+    )
+
+
+def generate_text(
+    params,
+    config: ModelConfig,
+    tokenizer,
+    prompt: str,
+    rng: jax.Array,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    greedy: bool = False,
+) -> str:
+    """One response to a text prompt, decoded with ``tokenizer`` (a HF tokenizer)."""
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    tokens = np.asarray([ids], np.int32)
+    out = rollout.sample(
+        params,
+        config,
+        tokens,
+        np.ones_like(tokens),
+        rng,
+        temperature=temperature,
+        greedy=greedy,
+        max_new_tokens=max_new_tokens,
+        eos_id=tokenizer.eos_token_id,
+        pad_id=tokenizer.pad_token_id or 0,
+    )
+    n = int(np.asarray(out.mask).sum())
+    return tokenizer.decode(np.asarray(out.tokens[0, :n]).tolist())

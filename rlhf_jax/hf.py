@@ -55,6 +55,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from rlhf_jax.config import ModelConfig
+from rlhf_jax.errors import UserError
 from rlhf_jax.model import init_params
 
 # model_type -> (our family, architectures we accept).
@@ -69,8 +70,12 @@ _PREFIX = {"gpt2": "transformer.", "llama": "model."}
 _IGNORED = re.compile(r"(\.attn\.(masked_)?bias|rotary_emb\.inv_freq)$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint directory that this module cannot read or a model it cannot write."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A checkpoint directory without its config or weights files."""
 
 
 class Row(NamedTuple):
@@ -246,7 +251,7 @@ def _from_hf_config(c: Any, model_type: str, **overrides: Any) -> ModelConfig:
 
 
 def _to_hf_config(config: ModelConfig, overrides: dict[str, Any]) -> Any:
-    E = config.dim_head
+    E = config.resolved_head_dim
     if config.family == "gpt2":
         if not config.use_bias or config.n_kv_heads != config.n_heads:
             raise CheckpointError(
@@ -299,14 +304,14 @@ def load_checkpoint(
     """Read a local HF checkpoint directory into ``(ModelConfig, params)``.
 
     ``dtype`` is the compute dtype and ``param_dtype`` the dtype of the returned NumPy arrays;
-    ``dropout`` is ours (HF's dropout rates are ignored). Raises ``FileNotFoundError`` for a
+    ``dropout`` is ours (HF's dropout rates are ignored). Raises ``CheckpointNotFoundError`` for a
     missing config or weights file and ``CheckpointError`` for unsupported models, missing
     tensors and shape mismatches, each naming the culprit.
     """
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"no config.json in checkpoint directory {path}")
+        raise CheckpointNotFoundError(f"no config.json in checkpoint directory {path}")
     raw = json.loads(config_file.read_text())
     model_type, archs = raw.get("model_type"), raw.get("architectures") or []
     supported = ", ".join(f"{a} ({t})" for t, (_, names) in SUPPORTED.items() for a in names)
@@ -328,7 +333,9 @@ def load_checkpoint(
         with safe_open(single, framework="np") as f:
             where = dict.fromkeys(f.keys(), single)
     else:
-        raise FileNotFoundError(f"no weights in {path}: expected {single.name} or {index.name}")
+        raise CheckpointNotFoundError(
+            f"no weights in {path}: expected {single.name} or {index.name}"
+        )
     listing, prefix = (index if index.is_file() else single), _PREFIX[config.family]
     stored = {k: k for k in where}  # our HF name -> name in the file
     if not any(k.startswith(prefix) for k in where):  # GPT2Model-style names, without the prefix
@@ -345,7 +352,7 @@ def load_checkpoint(
     flat, pdt = {}, jnp.dtype(param_dtype)
     for file, file_rows in by_file.items():
         if not file.is_file():
-            raise FileNotFoundError(f"weights file {file} (listed in {listing}) is missing")
+            raise CheckpointNotFoundError(f"weights file {file} (listed in {listing}) is missing")
         with safe_open(file, framework="np") as f:
             names = set(f.keys())
             for row in file_rows:

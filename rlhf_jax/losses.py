@@ -22,7 +22,7 @@ Where this module departs from the papers (each function's docstring says it aga
   C(K, 2) (InstructGPT eq. 1); the two agree when all K completions are valid and untied. Ties are
   dropped as in InstructGPT appendix C.2.
 - ``kl_penalized_rewards`` adds the score at the last valid response token (the EOS index), as
-  METHOD.md 3.1 decides; LHP reads it at the last position and N+ one step after EOS.
+  docs/method.md 3.1 decides; LHP reads it at the last position and N+ one step after EOS.
 - ``value_loss`` clips the value prediction, which is not in the PPO paper (it comes from OpenAI
   baselines, LHP and N+).
 - ``masked_whiten`` uses the biased (population) variance, as LHP's ``whiten`` does.
@@ -106,7 +106,7 @@ def masked_mean(
 def masked_whiten(
     x: Float[Array, "*shape"], mask: Shaped[Array, "*shape"], *, shift_mean: bool = True
 ) -> Float[Array, "*shape"]:
-    """Whitening with statistics over valid entries only (METHOD.md 3.4).
+    """Whitening with statistics over valid entries only (docs/method.md 3.4).
 
     ``mu = masked_mean(x)``, ``var = masked_mean((x - mu)^2)`` (biased, as LHP's ``whiten``),
     ``out = (x - mu) / sqrt(var + 1e-8)``; with ``shift_mean=False`` the mean is added back
@@ -143,7 +143,7 @@ def token_logprobs(
     Logits and tokens are *aligned*: ``logits[:, t]`` is the distribution the token ``tokens[:, t]``
     was drawn from (shift them yourself; ``sft_loss`` does the shift). Divide by the sampling
     temperature so that PPO ratios are computed under the distribution that was sampled
-    (METHOD.md 3.7; LHP and N+ do the same).
+    (docs/method.md 3.7; LHP and N+ do the same).
 
     Args:
       logits: [B, T, V], any float dtype; upcast to float32 first.
@@ -161,7 +161,7 @@ def token_logprobs(
 def sft_loss(
     logits: Float[Array, "B T V"], tokens: Int[Array, "B T"], loss_mask: Shaped[Array, "B T"]
 ) -> Float[Array, ""]:
-    """Mean next-token negative log-likelihood over weighted target tokens (METHOD.md 1.1).
+    """Mean next-token negative log-likelihood over weighted target tokens (docs/method.md 1.1).
 
     ``L = -sum_{b,t>=1} m[b,t] * log pi(tokens[b,t] | logits[b,t-1]) / sum_{b,t>=1} m[b,t]``
 
@@ -191,7 +191,7 @@ def ptx_loss(
     Eq. 2 maximises ``gamma * E_{x ~ D_pretrain}[log pi(x)]``; this returns its negation per token,
     ``L_ptx = -mean_{masked t} log pi(tokens[t] | tokens[<t])``, with the ``sft_loss`` conventions
     (``logits[:, t]`` predicts ``tokens[:, t+1]``; ``mask`` marks target tokens). The paper does
-    not state the normalisation; the per-token mean is METHOD.md 4.2's choice, so sweep gamma
+    not state the normalisation; the per-token mean is docs/method.md 4.2's choice, so sweep gamma
     (27.8 in the paper) when you change it. Minimise ``L_pi + gamma * L_ptx``.
 
     Args:
@@ -224,7 +224,7 @@ def ranking_loss(
     ``loss = mean of loss_b over the prompts with N_b > 0``.
 
     Departure from the paper: eq. 1 divides by C(K, 2); here N_b excludes ties and invalid
-    completions (METHOD.md 2.2), which is the same when all K completions are valid and untied.
+    completions (docs/method.md 2.2), which is the same when all K completions are valid and untied.
     Prompts with fewer than two valid completions, or only ties, contribute nothing (no NaN in the
     loss or its gradient); a batch with no pair at all gives loss 0.
 
@@ -279,7 +279,7 @@ def kl_penalized_rewards(
     *,
     kl_coef: Scalar,
 ) -> tuple[Float[Array, "B R"], Float[Array, "B R"]]:
-    """Per-token PPO rewards with the KL penalty toward the SFT policy (METHOD.md 3.1).
+    """Per-token PPO rewards with the KL penalty toward the SFT policy (docs/method.md 3.1).
 
     ``k_t = log pi(y_t) - log pi_SFT(y_t)`` (the sampled-token "k1" estimate),
     ``r_t = -kl_coef * k_t + 1[t = t_e] * score`` for valid t, and 0 at masked positions, where
@@ -322,7 +322,7 @@ def gae(
     ``delta_t = r_t + gamma * V_{t+1} - V_t``, ``A_t = sum_{l>=0} (gamma lam)^l delta_{t+l}``,
     computed backwards as ``A_t = delta_t + gamma * lam * A_{t+1}`` with a reverse ``lax.scan``;
     returns (value targets) are ``R_t = A_t + V_t`` (LHP, N+). V and A after the last valid token
-    are 0: the episode ends there (METHOD.md 3.4). InstructGPT states gamma = 1 (P C.4) but not
+    are 0: the episode ends there (docs/method.md 3.4). InstructGPT states gamma = 1 (P C.4) but not
     lambda; the default 0.95 follows LHP, N+ and Gao et al.
 
     Masked positions get zero advantage and zero return, and their rewards and values are ignored.
@@ -409,7 +409,7 @@ def value_loss(
     *,
     clip_eps: Scalar = 0.2,
 ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
-    """Clipped value loss of METHOD.md 3.5 (OpenAI baselines, LHP, N+; not in the PPO paper).
+    """Clipped value loss of docs/method.md 3.5 (OpenAI baselines, LHP, N+; not in the PPO paper).
 
     ``V_clip = V_old + clip(V - V_old, -eps, eps)``,
     ``L_V = 0.5 * masked_mean_t max((V - R)^2, (V_clip - R)^2)``.
@@ -457,8 +457,8 @@ class KLEstimates(NamedTuple):
 def kl_estimates(
     logprobs: Float[Array, "*shape"], ref_logprobs: Float[Array, "*shape"]
 ) -> KLEstimates:
-    """k1, k2, k3 estimators of KL(pi || pi_ref) per sampled token (METHOD.md 6; J. Schulman,
-    "Approximating KL divergence", 2020).
+    """k1, k2, k3 estimators of KL(pi || pi_ref) per sampled token (docs/method.md section 6;
+    J. Schulman, "Approximating KL divergence", 2020).
 
     With ``log r = ref_logprobs - logprobs`` (samples drawn from pi):
     ``k1 = -log r``, ``k2 = (log r)^2 / 2``, ``k3 = (r - 1) - log r``.
@@ -479,7 +479,8 @@ def kl_estimates(
 def full_kl(
     logits: Float[Array, "B T V"], ref_logits: Float[Array, "B T V"], mask: Shaped[Array, "B T"]
 ) -> Float[Array, "B T"]:
-    """Exact per-token KL(pi || pi_ref) = ``sum_v pi(v) (log pi(v) - log pi_ref(v))`` (METHOD.md 6).
+    """Exact per-token KL(pi || pi_ref) = ``sum_v pi(v) (log pi(v) - log pi_ref(v))``
+    (docs/method.md section 6).
 
     Lower-variance than the sampled estimators when V is small enough to afford; sum over t for the
     sequence KL. Vocabulary entries with pi(v) = 0 (e.g. -inf logits) contribute exactly 0.

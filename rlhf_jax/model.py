@@ -41,7 +41,7 @@ class KVCache(NamedTuple):
 
 def init_cache(config: ModelConfig, batch: int, length: int) -> KVCache:
     """An empty cache with room for ``length`` tokens (prompt plus generated)."""
-    shape = (batch, length, config.n_kv_heads, config.dim_head)
+    shape = (batch, length, config.n_kv_heads, config.resolved_head_dim)
     zeros = tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(config.n_layers))
     return KVCache(
         k=zeros,
@@ -130,7 +130,7 @@ class Attention(nn.Module):
     def __call__(self, x, positions, key_mask, query_offset, layer_cache):
         """``key_mask`` [B S] marks attendable slots; query i sits at slot ``query_offset + i``."""
         cfg = self.config
-        H, G, E = cfg.n_heads, cfg.n_kv_heads, cfg.dim_head
+        H, G, E = cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
         bias = cfg.use_bias or cfg.qkv_bias
         q = Dense((H, E), ("embed",), ("heads", "head_dim"), cfg, bias, name="q")(x)
         k = Dense((G, E), ("embed",), ("kv_heads", "head_dim"), cfg, bias, name="k")(x)
@@ -283,8 +283,8 @@ def abstract_params(config: ModelConfig):
 
 
 def init_params(config: ModelConfig, rng: jax.Array):
-    """Freshly initialised, unboxed params on the default device (tests; sharded init is in
-    ``sharding.init_sharded_params``)."""
+    """Freshly initialised, unboxed params on the default device (tests; a sharded init is
+    ``train_state.init_model_params``)."""
     tokens = jnp.zeros((1, 1), jnp.int32)
     return nn.meta.unbox(Transformer(config).init(rng, tokens)["params"])
 

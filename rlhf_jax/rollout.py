@@ -1,9 +1,9 @@
 """Jitted sampling with a KV cache, and scoring a rollout into a PPO batch.
 
-Layout (METHOD.md section 3.7): prompts are left-padded to length P, exactly R = ``max_new_tokens``
-response tokens follow, and everything after a row's first EOS is padding with mask 0. The full
-sequence is ``[prompt; response]`` of length T = P + R, and response token ``t`` sits at position
-``P + t``; the logits and values that predict it are read at position ``P + t - 1``.
+Layout (docs/method.md section 3.7): prompts are left-padded to length P, exactly
+R = ``max_new_tokens`` response tokens follow, and everything after a row's first EOS is padding
+with mask 0. The full sequence is ``[prompt; response]`` of length T = P + R, and response token
+``t`` sits at position ``P + t``; the logits and values that predict it are read at ``P + t - 1``.
 
 Sampling is a prefill over the prompt followed by a ``lax.while_loop`` of one-token decodes over an
 explicit ``KVCache``; the loop stops as soon as every row has produced EOS. The log-probability
@@ -26,9 +26,6 @@ from jaxtyping import Array, Bool, Float, Int, Shaped
 from rlhf_jax import losses
 from rlhf_jax.config import ModelConfig
 from rlhf_jax.model import KVCache, Transformer, init_cache
-
-IntLike = Int[Array | np.ndarray, "..."]
-
 
 # --------------------------------------------------------------------------------------------------
 # Sampling
@@ -134,7 +131,7 @@ def decode(
     return jax.lax.while_loop(cond, body, state)
 
 
-def response_mask(tokens: Int[Array, "B R"], eos_id: int) -> Int[Array, "B R"]:
+def mask_through_eos(tokens: Int[Array, "B R"], eos_id: int) -> Int[Array, "B R"]:
     """1 on every token up to and including the first EOS (all ones when there is none)."""
     is_eos = (tokens == eos_id).astype(jnp.int32)
     eos_before = jnp.cumsum(is_eos, axis=1) - is_eos
@@ -156,7 +153,7 @@ def generate(
     """The traceable core of ``sample``, for use inside a larger jitted function."""
     state = prefill(params, config, prompt_tokens, prompt_mask, max_new_tokens, pad_id)
     state = decode(params, config, state, rng, sampler, eos_id, pad_id)
-    mask = response_mask(state.tokens, eos_id)
+    mask = mask_through_eos(state.tokens, eos_id)
     # Rows stop writing after EOS, so masked slots already hold pad_id and log-prob 0.
     return Sample(state.tokens, mask, state.logprobs)
 
@@ -197,17 +194,17 @@ def sample(
     sampler = Sampler(temperature, top_k, top_p, greedy)
     state = _prefill_jit(params, config, prompt_tokens, prompt_mask, max_new_tokens, pad_id)
     state = _decode_jit(params, config, state, rng, sampler, eos_id, pad_id)
-    return Sample(state.tokens, response_mask(state.tokens, eos_id), state.logprobs)
+    return Sample(state.tokens, mask_through_eos(state.tokens, eos_id), state.logprobs)
 
 
 # --------------------------------------------------------------------------------------------------
 # Scoring
 
 
-def full_sequence(prompt_tokens, prompt_mask, response_tokens, resp_mask):
+def full_sequence(prompt_tokens, prompt_mask, response_tokens, response_mask):
     """``[prompt; response]`` tokens and attention mask [B P+R]."""
     tokens = jnp.concatenate([prompt_tokens, response_tokens], axis=1)
-    mask = jnp.concatenate([prompt_mask, resp_mask], axis=1).astype(jnp.int32)
+    mask = jnp.concatenate([prompt_mask, response_mask], axis=1).astype(jnp.int32)
     return tokens, mask
 
 
@@ -241,17 +238,17 @@ def reward_scores(
     tokens: Int[Array, "*B T"],
     mask,
     prompt_len: int,
-    resp_mask,
+    response_mask,
     *,
     bias=0.0,
 ) -> Float[Array, "*B"]:
     """The reward model's scalar at each row's last valid response token (the EOS, if any), minus
-    ``bias`` (the normalisation of METHOD.md section 2.3). Works for any leading batch shape."""
+    ``bias`` (the normalisation of docs/method.md section 2.3). Any leading batch shape works."""
     lead = tokens.shape[:-1]
     flat = Transformer(config).apply(
         {"params": params}, tokens.reshape(-1, tokens.shape[-1]), mask.reshape(-1, mask.shape[-1])
     )
-    last = prompt_len + jnp.sum(resp_mask.reshape(flat.shape[0], -1), axis=-1) - 1
+    last = prompt_len + jnp.sum(response_mask.reshape(flat.shape[0], -1), axis=-1) - 1
     score = jnp.take_along_axis(flat, last[:, None], axis=1)[:, 0]
     return score.reshape(lead) - bias
 
@@ -260,7 +257,7 @@ class RolloutParams(NamedTuple):
     """The four networks of InstructGPT's PPO (the last two share ``critic_config``)."""
 
     policy: dict
-    reference: dict
+    ref: dict
     value: dict
     reward: dict
 
@@ -289,7 +286,7 @@ def score(
     prompt_tokens: Int[Array, "B P"],
     prompt_mask: Shaped[Array, "B P"],
     response_tokens: Int[Array, "B R"],
-    resp_mask: Shaped[Array, "B R"],
+    response_mask: Shaped[Array, "B R"],
     *,
     eos_id: int,
     kl_coef: float | Float[Array, ""],
@@ -300,7 +297,7 @@ def score(
     no_eos_score: float | None = None,
     whiten_rewards: bool = False,
 ) -> Rollout:
-    """Turn sampled responses into a PPO batch (METHOD.md sections 3.1-3.4).
+    """Turn sampled responses into a PPO batch (docs/method.md sections 3.1-3.4).
 
     Policy log-probs are recomputed by a teacher-forced forward with the sampling temperature (so
     the first PPO ratio is exactly 1); reference log-probs likewise; values and the RM score come
@@ -310,35 +307,35 @@ def score(
     whitens the per-token rewards without shifting their mean before GAE.
     """
     P = prompt_tokens.shape[1]
-    resp_mask = resp_mask.astype(jnp.int32)
-    tokens, mask = full_sequence(prompt_tokens, prompt_mask, response_tokens, resp_mask)
+    response_mask = response_mask.astype(jnp.int32)
+    tokens, mask = full_sequence(prompt_tokens, prompt_mask, response_tokens, response_mask)
     logprobs = response_logprobs(
         params.policy, policy_config, tokens, mask, P, temperature=temperature
     )
     ref_logprobs = response_logprobs(
-        params.reference, policy_config, tokens, mask, P, temperature=temperature
+        params.ref, policy_config, tokens, mask, P, temperature=temperature
     )
     values = response_values(params.value, critic_config, tokens, mask, P)
     scores = reward_scores(
-        params.reward, critic_config, tokens, mask, P, resp_mask, bias=reward_bias
+        params.reward, critic_config, tokens, mask, P, response_mask, bias=reward_bias
     )
     if no_eos_score is not None:
-        has_eos = jnp.any((response_tokens == eos_id) & (resp_mask > 0), axis=1)
+        has_eos = jnp.any((response_tokens == eos_id) & (response_mask > 0), axis=1)
         scores = jnp.where(has_eos, scores, no_eos_score)
 
     rewards, kl = losses.kl_penalized_rewards(
-        scores, logprobs, ref_logprobs, resp_mask, kl_coef=kl_coef
+        scores, logprobs, ref_logprobs, response_mask, kl_coef=kl_coef
     )
     if whiten_rewards:
-        rewards = losses.masked_whiten(rewards, resp_mask, shift_mean=False)
-    advantages, returns = losses.gae(rewards, values, resp_mask, gamma=gamma, lam=lam)
-    advantages = losses.masked_whiten(advantages, resp_mask)
-    zero = lambda x: jnp.where(resp_mask > 0, x, 0.0)  # noqa: E731
+        rewards = losses.masked_whiten(rewards, response_mask, shift_mean=False)
+    advantages, returns = losses.gae(rewards, values, response_mask, gamma=gamma, lam=lam)
+    advantages = losses.masked_whiten(advantages, response_mask)
+    zero = lambda x: jnp.where(response_mask > 0, x, 0.0)  # noqa: E731
     return Rollout(
         prompt_tokens,
         prompt_mask.astype(jnp.int32),
         response_tokens,
-        resp_mask,
+        response_mask,
         zero(logprobs),
         zero(ref_logprobs),
         zero(values),

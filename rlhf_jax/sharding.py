@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from rlhf_jax.config import MeshConfig
+from rlhf_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both data-parallel axes
@@ -27,19 +28,19 @@ def mesh_shape(config: MeshConfig, n_devices: int) -> tuple[int, int, int]:
     """Resolve the (at most one) -1 entry of the mesh config against ``n_devices``."""
     sizes = list(config.shape)
     if sizes.count(-1) > 1:
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
+        raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
     if any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: sizes must be positive or -1")
+        raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))}: sizes must be positive or -1")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if n_devices % known:
-            raise ValueError(
+            raise ConfigError(
                 f"mesh {dict(zip(MESH_AXES, sizes))}: the fixed axes use {known} devices, which "
                 f"does not divide the {n_devices} available devices"
             )
         sizes[sizes.index(-1)] = n_devices // known
     if math.prod(sizes) != n_devices:
-        raise ValueError(
+        raise ConfigError(
             f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
             f"but {n_devices} are available"
         )
@@ -79,7 +80,7 @@ def _check_divisible(name: str, shape, spec: PartitionSpec, mesh: Mesh) -> None:
         axes = (axes,) if isinstance(axes, str) else tuple(axes)
         n = math.prod(mesh.shape[a] for a in axes)
         if size % n:
-            raise ValueError(
+            raise ConfigError(
                 f"{name}: dimension {dim} has size {size}, which is not divisible by mesh axes "
                 f"{axes} of total size {n} (mesh {dict(mesh.shape)})"
             )
@@ -116,7 +117,7 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
         x = np.asarray(x)
         global_len = x.shape[0] * jax.process_count()
         if global_len % n:
-            raise ValueError(
+            raise ConfigError(
                 f"batch field {_path_name(path)!r}: global batch size {global_len} is not "
                 f"divisible by the data-parallel mesh size {n} (data x fsdp)"
             )

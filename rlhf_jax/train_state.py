@@ -46,7 +46,8 @@ class PPOState(struct.PyTreeNode):
 
 
 def state_key(rng_data: jax.Array, step) -> jax.Array:
-    """The key for one step: ``fold_in(key, step)`` of the stored key (DESIGN.md decision 10)."""
+    """The key for one step: ``fold_in(key, step)`` of the stored key (docs/design.md,
+    decision 10)."""
     return jax.random.fold_in(jax.random.wrap_key_data(rng_data), step)
 
 

@@ -1,4 +1,5 @@
-"""Evaluation numbers (NLL, fact probes, win rates, RM accuracy) and the run report."""
+"""The library's evaluation without gold: NLL, intervals, win rates, KL, RM scores and accuracy,
+and a whole policy's evaluation. Models and data are random; nothing here needs the world."""
 
 import json
 import math
@@ -8,36 +9,48 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import evaluate, report, rollout
+from rlhf_jax import evaluate, rollout, stats
 from rlhf_jax.config import model_config
-from rlhf_jax.data import instructlang as il
-from rlhf_jax.data import instructlang_corpus as corpus
 from rlhf_jax.model import Transformer, init_params
 
-P, R = il.PROMPT_LEN, il.RESPONSE_LEN
+P, R, V = 8, 6, 64
+EOS, PAD = 2, 0
 
 
 def _model(seed=0, **kw):
-    cfg = model_config("tiny", vocab_size=64, max_len=32, **kw)
+    cfg = model_config("tiny", vocab_size=V, max_len=32, **kw)
     return cfg, init_params(cfg, jax.random.key(seed))
 
 
-@pytest.fixture(scope="module")
-def world():
-    return il.make_world(0)
+def _docs(n, length=16, seed=0):
+    """Right-padded random documents of lengths 3..length."""
+    rng = np.random.default_rng(seed)
+    docs = np.zeros((n, length), np.int32)
+    for i, size in enumerate(rng.integers(3, length + 1, n)):
+        docs[i, :size] = rng.integers(3, V, size)
+    return docs
+
+
+def _prompts(n, seed=0):
+    """Left-padded random prompts of lengths 2..P."""
+    rng = np.random.default_rng(seed)
+    prompts = np.zeros((n, P), np.int32)
+    for i, size in enumerate(rng.integers(2, P + 1, n)):
+        prompts[i, P - size :] = rng.integers(3, V, size)
+    return prompts
 
 
 # --------------------------------------------------------------------------------------------------
 # Held-out NLL
 
 
-def test_heldout_nll_matches_float64_numpy(world):
+def test_heldout_nll_matches_float64_numpy():
     cfg, params = _model()
-    docs = corpus.make_pretraining_corpus(world, 5, split="heldout")  # documents of mixed length
-    got = evaluate.heldout_nll(params, cfg, docs, batch_size=2)  # 2 + 2 + 1 (padded) rows
+    docs = _docs(5)  # documents of mixed length
+    got = evaluate.heldout_nll(params, cfg, docs, batch_size=2, pad_id=PAD)  # 2 + 2 + 1 (padded)
 
     # Reference: float64 log-softmax of the model's logits, pooled over predicted real tokens.
-    real = docs != il.PAD_ID
+    real = docs != PAD
     logits = jax.jit(Transformer(cfg).apply)({"params": params}, docs, real)
     logits = np.asarray(logits, np.float64)
     logits = logits - logits.max(-1, keepdims=True)
@@ -51,12 +64,11 @@ def test_heldout_nll_matches_float64_numpy(world):
     assert abs(np.mean(batch_means) - want) > 1e-4
 
 
-def test_heldout_nll_of_uniform_model_is_log_v(world):
+def test_heldout_nll_of_uniform_model_is_log_v():
     # Tied embeddings at zero give logits 0 everywhere: every token costs log(64) nats.
     cfg, params = _model()
     params = {**params, "embed": jnp.zeros_like(params["embed"])}
-    docs = corpus.make_pretraining_corpus(world, 7, split="heldout")
-    got = evaluate.heldout_nll(params, cfg, docs, batch_size=4)
+    got = evaluate.heldout_nll(params, cfg, _docs(7), batch_size=4, pad_id=PAD)
     assert got == pytest.approx(math.log(64), rel=1e-6)
 
 
@@ -66,157 +78,69 @@ def test_heldout_nll_of_uniform_model_is_log_v(world):
 
 def test_mean_ci95_hand_worked():
     # x = 1..4: mean 2.5, sample sd sqrt(5/3) = 1.290994, half width 1.96 * 1.290994 / 2 = 1.265174.
-    mean, lo, hi = evaluate.mean_ci95([1.0, 2.0, 3.0, 4.0])
+    mean, lo, hi = stats.mean_ci95([1.0, 2.0, 3.0, 4.0])
     assert mean == 2.5
     assert (lo, hi) == pytest.approx((2.5 - 1.265174, 2.5 + 1.265174), abs=1e-6)
-    assert evaluate.mean_ci95([0.3]) == (0.3, 0.3, 0.3)
+    assert stats.mean_ci95([0.3]) == (0.3, 0.3, 0.3)
 
 
-def test_win_rate_hand_worked():
+def test_win_rate_and_paired_gain_hand_worked():
     # Outcomes 1, 0.5, 0, 1: rate 0.625; sd of (1, .5, 0, 1) = sqrt(0.229167) = 0.478714;
     # half width 1.96 * 0.478714 / 2 = 0.469140.
-    rate, lo, hi = evaluate.win_rate([0.9, 0.2, -1.0, 0.5], [0.1, 0.2, 0.3, -1.0])
+    a, b = [0.9, 0.2, -1.0, 0.5], [0.1, 0.2, 0.3, -1.0]
+    rate, lo, hi = stats.win_rate(a, b)
     assert rate == 0.625
     assert (lo, hi) == pytest.approx((0.625 - 0.469140, 0.625 + 0.469140), abs=1e-6)
-    assert evaluate.win_rate([0.1, 0.7], [0.1, 0.7]) == (0.5, 0.5, 0.5)
+    assert stats.win_rate([0.1, 0.7], [0.1, 0.7]) == (0.5, 0.5, 0.5)
+    # Gain: differences 0.8, 0, -1.3, 1.5: mean 0.25; squared deviations 0.3025, 0.0625, 2.4025,
+    # 1.5625 sum to 4.33, sd sqrt(4.33 / 3) = 1.201388, half width 1.96 * 1.201388 / 2 = 1.177360.
+    win, gain = stats.paired(a, b)
+    assert win == (rate, lo, hi)
+    assert gain == pytest.approx((0.25, 0.25 - 1.177360, 0.25 + 1.177360), abs=1e-6)
+    # k samples per prompt: each prompt's k outcomes are averaged first.
+    win2, gain2 = stats.paired([[1.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 1.0]])
+    assert win2[0] == pytest.approx((0.75 + 0.25) / 2) and gain2[0] == pytest.approx(0.0)
 
 
 # --------------------------------------------------------------------------------------------------
-# Sampling, likelihoods, whole-model evaluation
+# Sampling and likelihoods
 
 
 def test_sample_responses_batches_like_rollout_sample():
     cfg, params = _model()
-    prompts = corpus.sample_prompts(np.random.default_rng(0), 5)
+    prompts = _prompts(5)
     rng = jax.random.key(3)
-    tokens, mask = evaluate.sample_responses(
-        params, cfg, prompts, rng=rng, batch_size=2, max_new_tokens=R
-    )
+    kw = dict(max_new_tokens=R, eos_id=EOS, pad_id=PAD)
+    tokens, mask = evaluate.sample_responses(params, cfg, prompts, rng=rng, batch_size=2, **kw)
     assert tokens.shape == mask.shape == (5, R)
     np.testing.assert_array_equal(
-        mask, np.asarray(rollout.response_mask(jnp.asarray(tokens), il.EOS_ID))
+        mask, np.asarray(rollout.mask_through_eos(jnp.asarray(tokens), EOS))
     )
-    assert np.all(tokens[mask == 0] == il.PAD_ID)
+    assert np.all(tokens[mask == 0] == PAD)
     direct = rollout.sample(
         params,
         cfg,
         prompts[2:4],
-        (prompts[2:4] != il.PAD_ID).astype(np.int32),
+        (prompts[2:4] != PAD).astype(np.int32),
         jax.random.fold_in(rng, 1),
-        max_new_tokens=R,
-        eos_id=il.EOS_ID,
-        pad_id=il.PAD_ID,
+        **kw,
     )
     np.testing.assert_array_equal(tokens[2:4], np.asarray(direct.tokens))
 
     # Teacher-forced sequence log-prob = the sampler's own per-token log-probs, summed.
     logp = evaluate.sequence_logprob(
-        params, cfg, prompts[2:4], tokens[2:4], mask[2:4], batch_size=3
+        params, cfg, prompts[2:4], tokens[2:4], mask[2:4], batch_size=3, pad_id=PAD
     )
     np.testing.assert_allclose(logp, np.asarray(direct.logprobs).sum(-1), rtol=1e-5, atol=1e-5)
-
-
-def test_sft_against_itself_has_half_win_rate_and_zero_kl(world):
-    cfg, params = _model()
-    prompts = corpus.sample_prompts(np.random.default_rng(1), 12)
-    docs = corpus.make_pretraining_corpus(world, 6, split="heldout")
-    kw = dict(rng=jax.random.key(7), batch_size=8, max_new_tokens=R)
-    sft = evaluate.evaluate_model(
-        "sft", params, cfg, world, prompts, docs, reference=(params, None), **kw
-    )
-    assert sft.win_rate_vs_sft == (0.5, 0.5, 0.5)
-    assert sft.gold_gain_vs_sft == (0.0, 0.0, 0.0)
-    assert sft.kl_to_sft == 0.0
-
-    # The same rng reproduces the SFT samples, so passing its golds back gives the same answer.
-    again = evaluate.evaluate_model(
-        "sft", params, cfg, world, prompts, docs, reference=(params, sft.golds), **kw
-    )
-    np.testing.assert_array_equal(again.golds, sft.golds)
-    assert again.win_rate_vs_sft[0] == 0.5 and again.kl_to_sft == 0.0
-
+    # The log ratio against itself is exactly 0; against another model it is the difference.
     other_cfg, other = _model(seed=1)
-    ppo = evaluate.evaluate_model(
-        "ppo", other, other_cfg, world, prompts, docs, reference=(params, sft.golds), **kw
-    )
-    assert math.isfinite(ppo.kl_to_sft) and ppo.kl_to_sft != 0.0
-    # The gain is the mean of the per-prompt differences, with the interval of that mean.
-    diff = (ppo.golds - sft.golds)[:, 0]  # one sample per prompt
-    half = 1.96 * diff.std(ddof=1) / math.sqrt(len(diff))
-    np.testing.assert_allclose(
-        ppo.gold_gain_vs_sft, (diff.mean(), diff.mean() - half, diff.mean() + half), rtol=1e-12
-    )
-
-    s = json.loads(json.dumps(sft.summary()))
-    keys = ("gold_mean", "win_rate_vs_sft", "gold_gain_vs_sft", "kl_to_sft", "pretrain_nll")
-    for key in keys + ("fact_accuracy",):
-        assert isinstance(s[key], float)
-    assert s["gold_mean"] == pytest.approx(float(np.mean(sft.golds)))
-    assert s["gold_ci95"][0] <= s["gold_mean"] <= s["gold_ci95"][1]
-    assert {"eos_rate", "attempts_task", "follows_constraint", "toxic"} <= set(s)
-    assert "hallucination" in s
-    samples = sft.samples(3)
-    assert [x["model"] for x in samples] == ["sft"] * 3
-    assert samples[0]["prompt"].startswith("<bos>") and "<pad>" not in samples[0]["prompt"]
-    assert samples[0]["gold"] == sft.golds[0, 0]
-
-    # k samples per prompt: the rows of the same stream over the prompts repeated k times; a
-    # prompt's gold is the mean of its k, and its win rate the mean of its k paired outcomes.
-    k4 = dict(kw, samples_per_prompt=4)
-    sft4 = evaluate.evaluate_model("sft", params, cfg, world, prompts, docs, **k4)
-    four = evaluate.evaluate_model(
-        "ppo", other, other_cfg, world, prompts, docs, reference=(params, sft4.golds), **k4
-    )
-    assert four.golds.shape == (12, 4)
-    rep = np.repeat(prompts, 4, axis=0)
-    responses, _ = evaluate.sample_responses(
-        other, other_cfg, rep, rng=jax.random.key(7), batch_size=8, max_new_tokens=R
-    )
-    np.testing.assert_array_equal(four.golds.ravel(), il.gold_rewards(rep, responses, world=world))
-    s4 = four.summary()
-    assert s4["samples_per_prompt"] == 4 and s4["n_prompts"] == 12
-    assert s4["gold_mean"] == pytest.approx(four.golds.mean())
-    outcome = np.where(four.golds > sft4.golds, 1.0, np.where(four.golds == sft4.golds, 0.5, 0.0))
-    assert s4["win_rate_vs_sft"] == pytest.approx(outcome.mean())
-    d = (four.golds - sft4.golds).mean(axis=1)
-    half = 1.96 * d.std(ddof=1) / math.sqrt(12)
-    np.testing.assert_allclose(four.gold_gain_vs_sft, (d.mean(), d.mean() - half, d.mean() + half))
-
-
-# --------------------------------------------------------------------------------------------------
-# Fact probes
-
-
-def test_fact_scores_is_both_tokens_right():
-    answers = np.array([[30, 40], [31, 41], [32, 42]])
-    outputs = np.array([[30, 40, 2], [31, 2, 0], [41, 31, 2]])  # right, half right, swapped
-    np.testing.assert_array_equal(evaluate.fact_scores(outputs, answers), [True, False, False])
-
-
-def test_fact_accuracy_scores_greedy_outputs_against_kb(world, monkeypatch):
-    cfg, params = _model()
-    probes, kb = corpus.fact_probes(world)
-    seen = {}
-
-    def scripted(answer):
-        def fake(params, config, prompts, *, rng, batch_size, max_new_tokens, greedy, **kw):
-            seen.update(greedy=greedy, max_new_tokens=max_new_tokens, prompts=prompts)
-            return answer.astype(np.int32), np.ones_like(answer, np.int32)
-
-        return fake
-
-    monkeypatch.setattr(evaluate, "sample_responses", scripted(kb))
-    assert evaluate.fact_accuracy(params, cfg, world, batch_size=8) == 1.0
-    assert seen["greedy"] and seen["max_new_tokens"] == 2
-    np.testing.assert_array_equal(seen["prompts"], probes)
-    monkeypatch.setattr(evaluate, "sample_responses", scripted(kb[:, ::-1]))
-    assert evaluate.fact_accuracy(params, cfg, world, batch_size=8) == 0.0
-
-
-def test_fact_accuracy_runs_a_real_model(world):
-    cfg, params = _model()
-    acc = evaluate.fact_accuracy(params, cfg, world, batch_size=16)
-    assert 0.0 <= acc <= 1.0 and acc * 32 == int(acc * 32)
+    args = (prompts, tokens, mask)
+    zero = evaluate.log_ratio((params, cfg), (params, cfg), *args, batch_size=2, pad_id=PAD)
+    np.testing.assert_array_equal(zero, np.zeros(5))
+    ratio = evaluate.log_ratio((params, cfg), (other, other_cfg), *args, batch_size=2, pad_id=PAD)
+    theirs = evaluate.sequence_logprob(other, other_cfg, *args, batch_size=4, pad_id=PAD)
+    ours = evaluate.sequence_logprob(params, cfg, *args, batch_size=4, pad_id=PAD)
+    np.testing.assert_allclose(ratio, ours - theirs, rtol=1e-6, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -231,176 +155,135 @@ def test_rm_metrics_hand_worked():
     rewards = np.array([[3.0, 1.0, 2.0], [0.0, 1.0, 100.0]])
     ranks = np.array([[0, 1, 2], [1, 0, -1]])
     valid = np.array([[1, 1, 1], [1, 1, 0]])
-    golds = np.array([[0.5, 0.9, 0.1], [0.2, 0.2, 0.0]])
-    m = evaluate.rm_metrics(rewards, ranks, valid, golds)
-    # Noisy pairs (winner, loser): prompt 0 (0,1) right, (0,2) right, (1,2) wrong; prompt 1 (1,0)
+    m = evaluate.rm_metrics(rewards, ranks, valid)
+    # Pairs (winner, loser): prompt 0 (0,1) right, (0,2) right, (1,2) wrong; prompt 1 (1,0)
     # right; the invalid slot (reward 100, rank -1) is ignored: 3 / 4.
-    assert m["val_accuracy_noisy"] == 0.75 and m["val_pairs_noisy"] == 4
-    # Gold pairs: prompt 0 (1,0) wrong, (1,2) wrong, (0,2) right; prompt 1 is a gold tie: 1 / 3.
-    assert m["val_accuracy_gold"] == pytest.approx(1 / 3) and m["val_pairs_gold"] == 3
+    assert m["val_accuracy"] == 0.75 and m["val_pairs"] == 4
     loss0 = -(_log_sigmoid(2.0) + _log_sigmoid(1.0) + _log_sigmoid(-1.0)) / 3
     loss1 = -_log_sigmoid(1.0)
     assert m["val_loss"] == pytest.approx((loss0 + loss1) / 2, rel=1e-6)
+    # A reward tie is a wrong answer, and an order by scores counts higher-is-better.
+    pairs = evaluate.preferred_pairs(np.array([[0.2, 0.1]]), np.ones((1, 2)), lower_is_better=False)
+    assert pairs[0, 0, 1] and not pairs[0, 1, 0]
+    assert evaluate.pairwise_accuracy(np.array([[1.0, 1.0]]), pairs) == 0.0
 
 
-def test_rm_accuracy_scores_the_comparison_layout():
-    cfg, params = _model(head="scalar")
-    rng = np.random.default_rng(0)
-    N, K = 3, 4
+def _comparisons(N=3, K=4, seed=0):
+    rng = np.random.default_rng(seed)
     lengths = rng.integers(1, R + 1, (N, K))
     tokens = np.zeros((N, K, P + R), np.int32)
     resp = np.zeros_like(tokens)
-    tokens[:, :, P - 4 : P] = rng.integers(4, 64, (N, K, 4))
+    tokens[:, :, P - 4 : P] = rng.integers(4, V, (N, K, 4))
     for i in range(N):
         for k in range(K):
-            tokens[i, k, P : P + lengths[i, k]] = rng.integers(4, 64, lengths[i, k])
+            tokens[i, k, P : P + lengths[i, k]] = rng.integers(4, V, lengths[i, k])
             resp[i, k, P : P + lengths[i, k]] = 1
-    attn = (tokens != 0).astype(np.int32)
-    ranks = np.tile(np.arange(K), (N, 1))
-    valid = np.ones((N, K), np.int32)
-    golds = rng.random((N, K))
-    got = evaluate.rm_accuracy(
-        params, cfg, 0.5, tokens, attn, resp, ranks, valid, golds, prompt_len=P, batch_size=2
+    return tokens, (tokens != 0).astype(np.int32), resp
+
+
+def test_comparison_scores_are_reward_scores_minus_the_bias():
+    cfg, params = _model(head="scalar")
+    tokens, attn, resp = _comparisons()
+    got = evaluate.comparison_scores(
+        params, cfg, 0.5, tokens, attn, resp, prompt_len=P, batch_size=2
     )
-    flat = [jnp.asarray(x.reshape(N * K, -1)) for x in (tokens, attn, resp)]
+    flat = [jnp.asarray(x.reshape(12, -1)) for x in (tokens, attn, resp)]
     scores = jax.jit(rollout.reward_scores, static_argnums=(1, 4))(
-        params, cfg, flat[0], flat[1], P, flat[2], bias=0.5
+        params, cfg, flat[0], flat[1], P, flat[2]
     )
-    want = evaluate.rm_metrics(np.asarray(scores).reshape(N, K), ranks, valid, golds)
-    assert got.keys() >= {"val_accuracy_noisy", "val_accuracy_gold", "val_loss"}
-    for key in want:
-        assert got[key] == pytest.approx(want[key], rel=1e-5)
+    np.testing.assert_allclose(got, np.asarray(scores).reshape(3, 4) - 0.5, rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------
-# Report
+# A whole policy without gold
 
 
-def _row(gold, win, kl, nll, fact, halluc, toxic, follows):
-    return {
-        "gold_mean": gold,
-        "gold_ci95": [gold - 0.03, gold + 0.03],
-        "win_rate_vs_sft": win,
-        "win_rate_ci95": [win - 0.03, win + 0.03],
-        "gold_gain_vs_sft": gold - 0.70,
-        "gold_gain_ci95": [gold - 0.72, gold - 0.68],
-        "kl_to_sft": kl,
-        "pretrain_nll": nll,
-        "fact_accuracy": fact,
-        "eos_rate": 0.9,
-        "attempts_task": 0.8,
-        "follows_constraint": follows,
-        "hallucination": halluc,
-        "toxic": toxic,
-    }
+def test_evaluate_policy_against_itself_and_another_policy():
+    cfg, sft = _model()
+    _, other = _model(seed=1)
+    rm_cfg, rm = _model(seed=2, head="scalar")
+    prompts = _prompts(10, seed=1)
+    docs = _docs(6, seed=2)
+    kw = dict(
+        rng=jax.random.key(7),
+        batch_size=4,
+        max_new_tokens=R,
+        eos_id=EOS,
+        pad_id=PAD,
+        reward=(rm, rm_cfg, 0.25),
+        heldout_docs=docs,
+        samples_per_prompt=3,
+    )
+    own = evaluate.evaluate_policy("sft", sft, cfg, prompts, reference=(sft, cfg, None), **kw)
+    s = json.loads(json.dumps(own.summary()))
+    assert s["rm_win_rate_vs_sft"] == 0.5 and s["rm_gain_vs_sft"] == 0.0 and s["kl_to_sft"] == 0.0
+    assert s["n_prompts"] == 10 and s["samples_per_prompt"] == 3
+    assert s["heldout_nll"] == pytest.approx(
+        evaluate.heldout_nll(sft, cfg, docs, batch_size=4, pad_id=PAD)
+    )
+
+    # The samples are sample_responses of the prompts repeated k times, with the same stream;
+    # their RM scores are reward_scores at each response's last token, minus the bias.
+    rep = np.repeat(prompts, 3, axis=0)
+    tokens, mask = evaluate.sample_responses(
+        other,
+        cfg,
+        rep,
+        rng=jax.random.key(7),
+        batch_size=4,
+        max_new_tokens=R,
+        eos_id=EOS,
+        pad_id=PAD,
+    )
+    ppo = evaluate.evaluate_policy(
+        "ppo", other, cfg, prompts, reference=(sft, cfg, own.rm_scores), **kw
+    )
+    full = np.concatenate([rep, tokens], axis=1)
+    attention = np.concatenate([(rep != PAD).astype(np.int32), mask], axis=1)
+    resp_mask = np.concatenate([np.zeros_like(rep), mask], axis=1)
+    direct = rollout.reward_scores(rm, rm_cfg, jnp.asarray(full), attention, P, resp_mask)
+    np.testing.assert_allclose(
+        ppo.rm_scores.ravel(), np.asarray(direct) - 0.25, rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_array_equal(ppo.responses, tokens[::3])
+    row = ppo.summary()
+    assert row["eos_rate"] == pytest.approx(np.any((tokens == EOS) & (mask > 0), axis=1).mean())
+    assert row["response_length"] == pytest.approx(mask.sum(axis=1).mean())
+    win, gain = stats.paired(ppo.rm_scores, own.rm_scores)
+    assert (row["rm_win_rate_vs_sft"], row["rm_gain_vs_sft"]) == (win[0], gain[0])
+    ratio = evaluate.log_ratio(
+        (other, cfg), (sft, cfg), rep, tokens, mask, batch_size=4, pad_id=PAD
+    )
+    assert row["kl_to_sft"] == pytest.approx(float(ratio.mean()))
+    # Without an RM, only the RM columns are missing.
+    bare = evaluate.evaluate_policy(
+        "ppo", other, cfg, prompts, **{**kw, "reward": None, "heldout_docs": None}
+    )
+    assert "rm_score_mean" not in bare.summary() and bare.summary()["heldout_nll"] is None
 
 
-def _summary():
-    return {
-        "config": "tiny",
-        "seed": 0,
-        "models": {
-            "base": _row(0.01, 0.1, 9.0, 2.00, 0.90, 0.40, 0.05, 0.2),
-            "sft": _row(0.70, 0.5, 0.0, 2.10, 0.85, 0.10, 0.02, 0.7),
-            "ppo": _row(0.85, 0.7, 6.0, 2.40, 0.60, 0.05, 0.00, 0.9),
-            "ppo_ptx": _row(0.83, 0.68, 5.0, 2.05, 0.80, 0.05, 0.00, 0.9),
-        },
-        "rm": {"val_accuracy_noisy": 0.74, "val_accuracy_gold": 0.86, "val_loss": 0.55},
-        "seconds": {"pretrain": 100.0, "sft": 20.0, "rm": 15.0, "ppo": 300.0},
-    }
+def test_generate_text_decodes_the_sampled_tokens():
+    cfg, params = _model()
 
+    class Tok:  # the two methods generate_text uses of a HF tokenizer
+        eos_token_id, pad_token_id = EOS, PAD
 
-def test_check_claims_on_hand_built_summaries():
-    claims = {c.name: c for c in report.check_claims(_summary())}
-    assert list(claims) == ["C1", "C2", "C4", "C5", "C10"]
-    assert all(c.passed for c in claims.values()), [c.line() for c in claims.values()]
-    assert "|ppo - ppo_ptx| = 0.020" in claims["C1"].evidence
+        def encode(self, text, add_special_tokens=False):
+            return [int(w) for w in text.split()]
 
-    noisy = _summary()  # PPO's mean is above SFT's, but the paired interval includes 0
-    noisy["models"]["ppo"]["gold_gain_ci95"] = [-0.01, 0.31]
-    claims = {c.name: c for c in report.check_claims(noisy)}
-    assert claims["C1"].passed is False and "lower bound -0.010" in claims["C1"].evidence
+        def decode(self, ids):
+            return " ".join(map(str, ids))
 
-    worse = _summary()
-    worse["models"]["ppo"]["gold_mean"] = 0.6  # below SFT, and 0.23 under PPO-ptx
-    worse["models"]["ppo"]["win_rate_ci95"] = [0.45, 0.55]
-    worse["models"]["ppo"]["kl_to_sft"] = float("nan")
-    claims = {c.name: c for c in report.check_claims(worse)}
-    assert claims["C1"].passed is False and claims["C2"].passed is False
-    assert claims["C4"].passed is False
-    assert claims["C5"].passed  # tax and recovery do not depend on PPO's own gold
-
-    no_recovery = _summary()
-    no_recovery["models"]["ppo_ptx"]["fact_accuracy"] = 0.55  # below PPO: nothing recovered
-    no_recovery["models"]["base"]["toxic"] = 0.0  # PPO at the optimum still counts for C10
-    claims = {c.name: c for c in report.check_claims(no_recovery)}
-    assert claims["C5"].passed is False and "recovery" in claims["C5"].evidence
-    assert claims["C10"].passed
-
-
-def test_check_claims_without_ppo_ptx():
-    s = _summary()
-    del s["models"]["ppo_ptx"]
-    claims = {c.name: c for c in report.check_claims(s)}
-    assert claims["C1"].passed and claims["C2"].passed and claims["C10"].passed
-    assert claims["C5"].passed is None and "recovery needs ppo_ptx" in claims["C5"].evidence
-    assert claims["C5"].status == "N/A"
-
-
-@pytest.mark.parametrize("with_ptx", [True, False])
-def test_write_report(tmp_path, with_ptx):
-    summary = _summary()
-    curves = {"ppo": {"gold": [0.7, 0.8, 0.85], "kl": [0.0, 3.0, 5.0], "clipfrac": [0.1, 0.05, 0]}}
-    if with_ptx:
-        curves["ppo_ptx"] = {"gold": [0.7, 0.78], "kl": [0.0, 2.5], "pretrain_nll": [2.1, 2.05]}
-    else:
-        del summary["models"]["ppo_ptx"]
-    samples = [
-        {"model": m, "prompt": "<bos> REV c3 c9 <sep>", "response": "c9 c3 <eos>", "gold": 1.0}
-        for m in summary["models"]
-        for _ in range(4)
-    ]
-    report.write_report(tmp_path / "run", summary, curves, samples)
-    out = tmp_path / "run"
-    assert json.loads((out / "summary.json").read_text()) == summary
-    lines = (out / "samples.jsonl").read_text().splitlines()
-    assert [json.loads(line) for line in lines] == samples
-    pngs = {"gold.png", "curve_gold.png", "curve_kl.png", "curve_clipfrac.png"}
-    if with_ptx:
-        pngs.add("curve_pretrain_nll.png")
-    assert {p.name for p in out.glob("*.png")} == pngs
-    for name in pngs:
-        assert (out / name).read_bytes()[:4] == b"\x89PNG"
-
-    md = (out / "report.md").read_text()
-    assert "`tiny`" in md and "seed 0" in md and "ppo 300.0 s" in md
-    row = "| base | 0.010 [-0.020, 0.040] | -0.690 [-0.710, -0.670] | 0.100 [0.070, 0.130] | 9.00 |"
-    assert row in md
-    assert "| sft | 0.700 [0.670, 0.730] |" in md
-    assert ("| ppo_ptx |" in md) == with_ptx
-    assert "| val_accuracy_noisy | 0.740 |" in md
-    for claim in ("**C1 PASS**", "**C2 PASS**", "**C4 PASS**", "**C10 PASS**"):
-        assert claim in md
-    assert ("**C5 PASS**" if with_ptx else "**C5 N/A**") in md
-    for name in pngs:
-        assert f"]({name})" in md
-    assert md.count("c9 c3 <eos>") == 3 * len(summary["models"])
-
-
-def test_seeds_markdown_is_mean_and_sd_over_seeds():
-    a, b, c = _summary(), _summary(), _summary()
-    b["seed"], c["seed"] = 1, 2
-    b["models"]["ppo"]["gold_mean"] = 0.87
-    c["models"]["ppo"]["gold_mean"] = 0.60  # below SFT: C1 fails for this seed
-    c["models"]["ppo"]["kl_to_sft"] = None  # left out of the mean; C4 fails for this seed
-    md = report.seeds_markdown([a, b, c])
-    # Hand calculation: ppo gold 0.85, 0.87, 0.60: mean 0.77333, deviations 0.07667, 0.09667,
-    # -0.17333, sd = sqrt(sum of squares / 2) = 0.15044.
-    assert "| ppo | 0.773 ± 0.150 |" in md
-    assert "| 6.00 ± 0.00 |" in md  # KL: the two seeds that have it
-    assert "over 3 seeds (0, 1, 2)" in md and "Minutes per run: 7.2 ± 0.0" in md
-    assert "(1 sample per test prompt at T = 1)" in md  # rows without the key: one sample
-    assert "0.740 ± 0.000 against the noisy labels" in md
-    assert "| C1: gold reward: base < SFT < PPO ~ PPO-ptx | 2 of 3 |" in md
-    assert "| C4: KL(pi || pi_sft) stays bounded (finite, a few nats) at beta > 0 | 2 of 3 |" in md
-    assert "| C10: hallucination, toxicity and constraint following" in md and "| 3 of 3 |" in md
+    text = evaluate.generate_text(params, cfg, Tok(), "5 6 7", jax.random.key(0), max_new_tokens=R)
+    out = rollout.sample(
+        params,
+        cfg,
+        np.array([[5, 6, 7]], np.int32),
+        np.ones((1, 3), np.int32),
+        jax.random.key(0),
+        max_new_tokens=R,
+        eos_id=EOS,
+        pad_id=PAD,
+    )
+    n = int(np.asarray(out.mask).sum())
+    assert text == " ".join(map(str, np.asarray(out.tokens[0, :n]).tolist()))

@@ -2,7 +2,7 @@
 
 Reference numbers come from two places, said at each use:
 - ``np_*`` functions below: independent float64 re-implementations with plain Python loops, written
-  from the formulas in METHOD.md (not from the JAX code);
+  from the formulas in docs/method.md (not from the JAX code);
 - hand calculations, derived in a comment next to the numbers.
 Tolerances: float32 JAX against float64 NumPy agrees to ~1e-6 relative on these small inputs; we
 assert RTOL = ATOL = 1e-5 (2e-4 for whitening, which divides by a std).
@@ -120,7 +120,7 @@ def np_kl_penalized_rewards(score, logp, ref, mask, kl_coef):
 
 
 def np_gae(rewards, values, mask, gamma, lam):
-    """Brute-force double loop over each row's valid positions (METHOD.md 7.7)."""
+    """Brute-force double loop over each row's valid positions (docs/method.md check 7)."""
     adv, ret = np.zeros(rewards.shape), np.zeros(rewards.shape)
     for b in range(rewards.shape[0]):
         idx = [t for t in range(rewards.shape[1]) if mask[b, t]]
@@ -258,7 +258,7 @@ def test_masked_mean_and_whiten_match_reference(seed, shape):
     for shift_mean in (True, False):
         got = J.masked_whiten(jnp.asarray(x), jnp.asarray(m), shift_mean=shift_mean)
         close(got, np_masked_whiten(x, m, shift_mean), rtol=2e-4, atol=2e-4)
-    # METHOD.md 7.8: after whitening, mean ~ 0 and std ~ 1 over valid entries.
+    # docs/method.md check 8: after whitening, mean ~ 0 and std ~ 1 over valid entries.
     white = J.masked_whiten(jnp.asarray(x), jnp.asarray(m))
     close(J.masked_mean(white, jnp.asarray(m)), 0.0)
     close(J.masked_mean(white**2, jnp.asarray(m)), 1.0, rtol=1e-4)
@@ -443,8 +443,8 @@ def test_ranking_ties_dropped_by_hand():
 
 def test_policy_loss_ratio_one():
     # logp == old gives rho = 1, so both surrogate terms are -A: loss = -masked_mean(A), nothing is
-    # clipped, approxkl = 0 and the ratio stats are 1 (METHOD.md 7.1). Here masked mean of A over
-    # valid entries (1, 2, -0.5) = 2.5 / 3.
+    # clipped, approxkl = 0 and the ratio stats are 1 (docs/method.md check 1). Here masked mean
+    # of A over valid entries (1, 2, -0.5) = 2.5 / 3.
     logp = jnp.log(jnp.array([[0.2, 0.5, 0.9], [0.3, 0.3, 0.3]]))
     adv = jnp.array([[1.0, 2.0, 7.0], [-0.5, 4.0, 4.0]])
     mask = jnp.array([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
@@ -463,7 +463,8 @@ def test_kl_to_itself_is_zero():
     logp = jax.nn.log_softmax(logits)[..., 0]
     for k in J.kl_estimates(logp, logp):
         close(k, np.zeros((2, 3)))
-    # METHOD.md 7.2: policy == reference gives zero non-score reward; only the score remains.
+    # docs/method.md check 2: policy == reference gives zero non-score reward; only the score
+    # remains.
     rewards, kl = J.kl_penalized_rewards(
         jnp.array([1.5, -2.0]), logp, logp, jnp.ones((2, 3)), kl_coef=0.02
     )
@@ -709,7 +710,7 @@ def test_ranking_loss_invariant_to_per_prompt_shift(rewards, shift, ranks, valid
     mask=hnp.arrays(np.bool_, (3, 6)),
 )
 def test_gae_with_unit_gamma_lambda_is_reward_to_go_minus_value(rewards, values, mask):
-    # gamma = lam = 1 telescopes: A_t = sum_{s >= t, valid} r_s - V_t (METHOD.md 7.7).
+    # gamma = lam = 1 telescopes: A_t = sum_{s >= t, valid} r_s - V_t (docs/method.md check 7).
     adv, ret = gae_unit_jit(rewards, values, mask)
     to_go = np.zeros(mask.shape)
     for b, t in np.ndindex(mask.shape):

@@ -110,8 +110,8 @@ def test_every_parameter_has_logical_axes(size):
 @pytest.mark.parametrize(
     "fields, message",
     [
-        (dict(n_heads=4, n_kv_heads=3), "not a multiple of n_kv_heads=3"),
-        (dict(d_model=30, n_heads=4), "d_model=30 is not divisible by n_heads=4"),
+        (dict(n_heads=4, n_kv_heads=3), "n_kv_heads=3: n_heads=4 is not a multiple of it"),
+        (dict(d_model=30, n_heads=4), "n_heads=4: d_model=30 is not divisible by it"),
         (dict(family="t5"), "family='t5'"),
         (dict(family="llama", d_model=12, n_heads=4, n_kv_heads=4), "must be even for RoPE"),
     ],

@@ -1,4 +1,4 @@
-"""The jitted PPO iteration: METHOD.md section 7 checks 1, 2, 12, 13 and 15 (the bandit)."""
+"""The jitted PPO iteration: docs/method.md section 7 checks 1, 2, 12, 13 and 15 (the bandit)."""
 
 import dataclasses
 
@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from rlhf_jax import sharding
-from rlhf_jax.config import Config, MeshConfig, OptimizerConfig, PPOConfig, model_config
+from rlhf_jax.config import (
+    Config,
+    MeshConfig,
+    OptimizerConfig,
+    PPOConfig,
+    model_config,
+    rm_config,
+)
 from rlhf_jax.model import Transformer, init_params
 from rlhf_jax.stages.ppo import (
     init_ppo_state,
@@ -16,7 +23,6 @@ from rlhf_jax.stages.ppo import (
     make_ppo_iteration,
     ppo_state_shardings,
 )
-from rlhf_jax.stages.rm import rm_config
 from rlhf_jax.train_state import make_optimizer
 
 

@@ -197,7 +197,7 @@ def test_score_is_consistent_with_sampling_and_losses():
         kl_coef=0.1,
         reward_bias=0.5,
     )
-    # Ratio 1 against the sampler's log-probs; KL and rewards as METHOD.md 3.1.
+    # Ratio 1 against the sampler's log-probs; KL and rewards as docs/method.md 3.1.
     np.testing.assert_allclose(ro.logprobs, out.logprobs, atol=1e-5)
     np.testing.assert_allclose(ro.kl, (ro.logprobs - ro.ref_logprobs) * out.mask, atol=1e-6)
     np.testing.assert_allclose(ro.rewards.sum(1), ro.scores - 0.1 * ro.kl.sum(1), atol=1e-5)
@@ -210,7 +210,7 @@ def test_score_is_consistent_with_sampling_and_losses():
     )
     np.testing.assert_allclose(unbiased.scores - ro.scores, 0.5, atol=1e-6)
     same = rollout.score(
-        rp._replace(reference=rp.policy),
+        rp._replace(ref=rp.policy),
         cfg,
         critic_cfg,
         prompts,
@@ -249,7 +249,7 @@ def test_left_padding_and_tokens_after_eos_do_not_change_scores():
 def test_missing_eos_score_replaces_only_rows_without_eos():
     cfg, critic_cfg, rp, prompts, pmask, _ = _score_setup()
     resp = jnp.array([[5, 6, EOS, PAD], [5, 6, 7, 8], [EOS, PAD, PAD, PAD], [9, 9, 9, 9]])
-    mask = rollout.response_mask(resp, EOS)
+    mask = rollout.mask_through_eos(resp, EOS)
     np.testing.assert_array_equal(mask[0], [1, 1, 1, 0])
     np.testing.assert_array_equal(mask[1], [1, 1, 1, 1])
     ro = rollout.score(

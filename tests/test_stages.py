@@ -1,5 +1,5 @@
 """Stages end to end on the tiny preset: the pipeline, the CLI, resume, a mesh change, and
-METHOD.md section 7 checks 1, 2, 5 and 6 on real checkpoints."""
+docs/method.md section 7 checks 1, 2, 5 and 6 on real checkpoints."""
 
 import dataclasses
 import json
@@ -11,15 +11,16 @@ import jax
 import numpy as np
 import pytest
 
-from rlhf_jax import checkpoint, pipeline, sharding
-from rlhf_jax.config import MeshConfig
+from rlhf_jax import checkpoint, sharding
+from rlhf_jax.config import MeshConfig, rm_config
 from rlhf_jax.configs import tiny
-from rlhf_jax.data import instructlang as il
-from rlhf_jax.pipeline import run_seeds
-from rlhf_jax.stages import common
-from rlhf_jax.stages.common import loader
+from rlhf_jax.errors import ConfigError
+from rlhf_jax.instructlang import lang, pipeline
+from rlhf_jax.instructlang.pipeline import run_seeds
+from rlhf_jax.stages import driver
+from rlhf_jax.stages.driver import load_policy, load_reward_model, loader
 from rlhf_jax.stages.lm import run_lm_stage
-from rlhf_jax.stages.rm import demonstration_scores, load_reward_model, rm_config
+from rlhf_jax.stages.rm import demonstration_scores
 
 MODEL_KEYS = (
     "gold_mean",
@@ -68,10 +69,10 @@ def test_pipeline_writes_summary_samples_and_report(tiny_run):
     assert saved["models"]["ppo"]["samples_per_prompt"] == config.eval.samples_per_prompt == 2
     rows = [json.loads(line) for line in (workdir / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 4 * config.eval.samples_per_model
-    w = il.make_world(config.data.world_seed)
+    w = lang.make_world(config.world.seed)
     for row in rows[:16]:  # the text form round-trips into the same gold reward
-        prompt, response = il.encode_text(row["prompt"]), il.encode_text(row["response"])
-        assert row["gold"] == pytest.approx(il.gold_reward(prompt, response, world=w))
+        prompt, response = lang.encode_text(row["prompt"]), lang.encode_text(row["response"])
+        assert row["gold"] == pytest.approx(lang.gold_reward(prompt, response, world=w))
     report = (workdir / "report.md").read_text()
     assert "| ppo_ptx |" in report and (workdir / "gold.png").exists()
 
@@ -90,7 +91,7 @@ def test_rm_bias_centres_the_demonstrations(tiny_run):
     mesh = sharding.make_mesh(config.mesh)
     params, bias = load_reward_model(config, workdir, mesh)
     scores = demonstration_scores(params, rm_config(config), config, workdir)
-    assert len(scores) == config.data.sft_train
+    assert len(scores) == config.world.splits.sft_train
     assert abs(float(np.mean(scores) - bias)) < 1e-5  # check 6
     assert float(np.std(scores)) > 0
 
@@ -101,9 +102,9 @@ def test_rm_reads_the_eos_token(tiny_run):
     batch = next(iter(loader(config, workdir, "rm_val", 16, 0, epochs=1, shuffle=False)))
     last = P + batch["response_mask"].sum(-1) - 1  # the index reward_scores reads
     tokens = np.take_along_axis(batch["tokens"], last[..., None], -1)[..., 0]
-    has_eos = (batch["tokens"][..., P:] == il.EOS_ID).any(-1) & (batch["valid"] > 0)
+    has_eos = (batch["tokens"][..., P:] == lang.EOS_ID).any(-1) & (batch["valid"] > 0)
     assert has_eos.any()
-    np.testing.assert_array_equal(tokens[has_eos], il.EOS_ID)  # check 5
+    np.testing.assert_array_equal(tokens[has_eos], lang.EOS_ID)  # check 5
 
 
 def _small(**kw):
@@ -114,8 +115,6 @@ def _small(**kw):
 
 
 def _export(config, workdir, stage):
-    from rlhf_jax.pipeline import load_policy
-
     return jax.tree.map(np.asarray, jax.device_get(load_policy(config, workdir, stage)))
 
 
@@ -134,10 +133,10 @@ def test_interrupted_stage_resumes_to_the_uninterrupted_result(tmp_path, monkeyp
             raise KeyboardInterrupt
         return real(batch, mesh)
 
-    monkeypatch.setattr(common.sharding, "shard_batch", preempted)
+    monkeypatch.setattr(driver.sharding, "shard_batch", preempted)
     with pytest.raises(KeyboardInterrupt):
         run_lm_stage(config, parts, "sft")
-    monkeypatch.setattr(common.sharding, "shard_batch", real)
+    monkeypatch.setattr(driver.sharding, "shard_batch", real)
     assert checkpoint.StageCheckpointer(parts, "sft").latest_step() == 3
     run_lm_stage(config, parts, "sft")  # resumes from step 3: params, optimiser, rng, data
 
@@ -156,8 +155,6 @@ def test_checkpoint_from_a_data8_mesh_feeds_a_2x2x2_mesh(tmp_path):
     flat = _small(mesh=MeshConfig(data=8))
     cube = _small(mesh=MeshConfig(data=2, fsdp=2, tensor=2))
     run_lm_stage(flat, tmp_path, "pretrain")
-    from rlhf_jax.pipeline import load_policy
-
     on_cube = load_policy(cube, tmp_path, "pretrain")
     q = on_cube["layers_0"]["attn"]["q"]["kernel"]
     assert q.sharding.mesh.shape == {"data": 2, "fsdp": 2, "tensor": 2}
@@ -208,7 +205,7 @@ def test_cli_runs_every_stage_eval_and_generate(tmp_path):
     assert gen.returncode == 0, gen.stderr[-3000:]
     prompt, response = gen.stdout.strip().splitlines()[-1].split(" -> ")
     assert prompt == "<bos> REV c3 c9 c1 <sep>"
-    il.encode_text(response)  # decodes into the world's tokens
+    lang.encode_text(response)  # decodes into the world's tokens
 
 
 def test_cli_rejects_unknown_fields_and_commands(tmp_path):
@@ -216,7 +213,7 @@ def test_cli_rejects_unknown_fields_and_commands(tmp_path):
     bad = _cli("pretrain", f"--config={preset}", "--config.pretrain.stepz=3", cwd=tmp_path)
     assert bad.returncode != 0 and "stepz" in bad.stderr
     bad = _cli("train", f"--config={preset}", cwd=tmp_path)
-    assert bad.returncode != 0 and "expected one command out of pretrain" in bad.stderr
+    assert bad.returncode == 2 and "unknown command 'train'" in bad.stderr
 
 
 def _write_jsonl(path, rows):
@@ -225,16 +222,16 @@ def _write_jsonl(path, rows):
 
 
 def test_stages_run_on_user_jsonl_data(tmp_path):
-    from rlhf_jax.data import instructlang_corpus as ic
-    from rlhf_jax.data.tokenizer import save_tokenizer
+    from rlhf_jax.instructlang import corpus
+    from rlhf_jax.instructlang.tokenizer import save_tokenizer
     from rlhf_jax.stages.ppo import run_ppo
     from rlhf_jax.stages.rm import run_rm
 
-    w = il.make_world(0)
+    w = lang.make_world(0)
     rng = np.random.default_rng(0)
-    prompts = ic.sample_prompts(rng, 64)
-    demos = ic.make_demonstrations(w, prompts, rng)
-    text = lambda row: il.decode_text(ic.unpad(row))  # noqa: E731
+    prompts = corpus.sample_prompts(rng, 64)
+    demos = corpus.make_demonstrations(w, prompts, rng)
+    text = lambda row: lang.decode_text(corpus.unpad(row))  # noqa: E731
     data = dataclasses.replace(
         tiny.get_config().data,
         source="jsonl",
@@ -255,7 +252,8 @@ def test_stages_run_on_user_jsonl_data(tmp_path):
         ),
         prompts=_write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": text(p)} for p in prompts]),
         pretraining=_write_jsonl(
-            tmp_path / "text.jsonl", [{"text": text(d)} for d in ic.make_pretraining_corpus(w, 64)]
+            tmp_path / "text.jsonl",
+            [{"text": text(d)} for d in corpus.make_pretraining_corpus(w, 64)],
         ),
     )
     config = _small(data=data)
@@ -267,7 +265,7 @@ def test_stages_run_on_user_jsonl_data(tmp_path):
     run_rm(config, workdir)
     run_ppo(config, workdir, "ppo")
     assert checkpoint.StageCheckpointer(workdir, "ppo").latest_step() == 1
-    assert (workdir / "data" / "rlhf_comparisons" / "user").is_dir()
+    assert (workdir / "data" / "rlhf_comparisons" / "jsonl").is_dir()
 
 
 def test_init_from_an_hf_checkpoint_checks_the_architecture(tmp_path):
@@ -280,8 +278,8 @@ def test_init_from_an_hf_checkpoint_checks_the_architecture(tmp_path):
     save_checkpoint(tmp_path / "hf", model, params)
     mesh = sharding.make_mesh(MeshConfig())
     config = dataclasses.replace(tiny.get_config(), init_from=str(tmp_path / "hf"))
-    loaded = common.initial_params(config, tmp_path, None, config.model, mesh)
+    loaded = driver.initial_params(config, tmp_path, driver.INIT_FROM, config.model, mesh)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded), params)
     wider = dataclasses.replace(config.model, mlp_dim=128)
-    with pytest.raises(ValueError, match="mlp_dim=64 vs 128"):
-        common.initial_params(config, tmp_path, None, wider, mesh)
+    with pytest.raises(ConfigError, match="mlp_dim=64 vs 128"):
+        driver.initial_params(config, tmp_path, driver.INIT_FROM, wider, mesh)

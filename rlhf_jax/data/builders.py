@@ -19,6 +19,7 @@ front instead of failing mid-training.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -34,6 +35,7 @@ from rlhf_jax.data.jsonl import Tokenizer, read_jsonl
 from rlhf_jax.data.records import Budgets, DataError, Kind, as_kind, to_storage, validate_record
 
 VERSION = "1.0.0"
+log = logging.getLogger("rlhf_jax")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _SPLIT_RE = re.compile(r"^\w+$")
 
@@ -75,6 +77,14 @@ class _RecordsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self._budgets = budgets or Budgets()
         self._eos_id = eos_id
         super().__init__(**kwargs)
+
+    # tfds prints "Downloading and preparing dataset ..." and "... downloaded and prepared" on
+    # stdout; nothing is downloaded here, and build_dataset logs the finished dataset itself.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
 
     def _create_builder_config(
         self, builder_config: Any, version: Any
@@ -208,7 +218,7 @@ def build_dataset(
             if tokenizer is None:
                 raise ValueError(f"split '{split}': a JSONL file needs a tokenizer")
             if not os.path.isfile(src):
-                raise FileNotFoundError(f"split '{split}': no such file: {os.fspath(src)}")
+                raise DataError(os.fspath(src), None, f"no such file (for split '{split}')")
             sources[split] = read_jsonl(
                 src,
                 kind,
@@ -224,7 +234,9 @@ def build_dataset(
         raise FileExistsError(f"dataset exists: {final} (pass overwrite=True to replace it)")
 
     root = Path(data_dir)
-    created_root = not root.exists()
+    # The outermost directory this call creates (e.g. the work directory itself), so that a
+    # failed build leaves the file system as it found it.
+    created = next((p for p in reversed([root, *root.parents]) if not p.exists()), None)
     root.mkdir(parents=True, exist_ok=True)
     # Inside data_dir, so the final rename stays on one filesystem (and is atomic).
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
@@ -242,10 +254,12 @@ def build_dataset(
             builder.download_and_prepare()
         _swap_into_place(Path(os.fspath(builder.data_path)), final, tmp / "previous")
         ok = True
+        counts = {s: int(i.num_examples) for s, i in builder.info.splits.items()}
+        log.info("[data] %s: %s", final, ", ".join(f"{s} {n:,}" for s, n in counts.items()))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not ok and created_root and not any(root.iterdir()):
-            root.rmdir()
+        if not ok and created is not None and not any(p.is_file() for p in created.rglob("*")):
+            shutil.rmtree(created)
     return final
 
 

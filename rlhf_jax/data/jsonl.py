@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from typing import Any, Protocol, runtime_checkable
 
 from rlhf_jax.data.records import FIELDS, Budgets, DataError, Kind, as_kind, validate_record
+from rlhf_jax.errors import ConfigError
 
 
 @runtime_checkable
@@ -102,7 +103,7 @@ def read_jsonl(
     """
     kind = as_kind(kind)
     if not isinstance(tokenizer.eos_token_id, int):
-        raise ValueError(
+        raise ConfigError(
             f"the tokenizer has no EOS token id (eos_token_id={tokenizer.eos_token_id})"
         )
     budgets = Budgets(max_prompt_len, max_response_len, max_text_len)

@@ -30,6 +30,7 @@ import numpy as np
 
 from rlhf_jax.data.builders import open_source, read_metadata
 from rlhf_jax.data.records import Kind, as_kind, from_storage
+from rlhf_jax.errors import ConfigError
 
 
 def _fit(tokens: Any, length: int, field: str) -> np.ndarray:
@@ -225,8 +226,9 @@ def make_loader(
         arg, longest = _ARG[key], int(meta.get(key, 0))
         value = given[arg] if given[arg] is not None else longest
         if value < longest:
-            raise ValueError(
+            raise ConfigError(
                 f"{os.fspath(path)}: {arg}={value} is below the dataset's longest ({key}={longest})"
+                + (f"; set data.{arg} >= {longest}" if arg != "max_completions" else "")
             )
         lengths[arg] = value
     source = open_source(path, split)

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from rlhf_jax.errors import UserError
+
 _INT32_MAX = np.iinfo(np.int32).max
 
 
@@ -48,7 +50,7 @@ FIELDS: dict[Kind, tuple[str, ...]] = {
 }
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Malformed input data; the message starts with where (``file:line``) and the field."""
 
     def __init__(self, where: str, field: str | None, message: str) -> None:

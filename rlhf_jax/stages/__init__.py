@@ -1,1 +1,2 @@
-"""Pipeline stages: make_*_step factories and the thin loops that run them."""
+"""The stages: ``driver`` (which stage starts from which, data, the one loop), ``lm`` (pretraining,
+SFT), ``rm`` and ``ppo`` (PPO, PPO-ptx)."""

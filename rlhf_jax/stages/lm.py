@@ -1,10 +1,10 @@
 """Pretraining and SFT: next-token training of the policy, with SFT's pretraining mix.
 
-Both stages run ``common.make_lm_step``. Pretraining predicts every text token. SFT predicts the
-response tokens (EOS included) plus the prompt tokens at ``prompt_loss_weight`` (METHOD.md 1.1),
-and mixes ``ptx_fraction`` of each batch from the pretraining corpus (InstructGPT appendix C.3:
-the PPO init saw 10% pretraining data): demonstrations and text are concatenated into one batch
-whose token-mean loss covers both.
+Both stages run ``make_lm_step``. Pretraining predicts every text token. SFT predicts the response
+tokens (EOS included) plus the prompt tokens at ``prompt_loss_weight`` (docs/method.md section
+1.1), and mixes ``ptx_fraction`` of each batch from the pretraining corpus (InstructGPT appendix
+C.3: the PPO init saw 10% pretraining data): demonstrations and text are concatenated into one
+batch whose token-mean loss covers both.
 
 SFT here trains the PPO init ``pi_init`` (2 epochs by default), which is also the KL reference and
 the baseline the evaluation compares against; the 16-epoch, RM-selected ``pi_sft16`` baseline of
@@ -15,31 +15,56 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 
 import jax
 import numpy as np
+import optax
 
-from rlhf_jax import checkpoint, sharding
-from rlhf_jax.config import Config
-from rlhf_jax.data import loaders
-from rlhf_jax.stages.common import (
-    Loop,
-    MetricsLog,
-    config_json,
+from rlhf_jax import losses, sharding
+from rlhf_jax.config import Config, ModelConfig
+from rlhf_jax.data import sources
+from rlhf_jax.model import Transformer
+from rlhf_jax.stages.driver import (
+    StageRun,
+    drive,
     initial_params,
+    jit_step,
     loader,
-    make_lm_step,
-    pad_to,
-    split_size,
-    stage_exists,
+    one_model,
+    start_point,
 )
-from rlhf_jax.train_state import (
-    abstract_state,
-    create_train_state,
-    key_data,
-    make_optimizer,
-    train_state_shardings,
-)
+from rlhf_jax.train_state import TrainState, apply_gradients, state_key
+
+
+def make_lm_step(
+    model: ModelConfig, tx: optax.GradientTransformation, shardings: TrainState, mesh
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """One optimiser step on ``sft_loss`` (pretraining and SFT).
+
+    batch: ``tokens``, ``attention_mask``, ``loss_mask`` [B T] (loss_mask weights the tokens that
+    are predicted: response tokens, prompt tokens times ``prompt_loss_weight``, pretraining text).
+    Dropout is on when ``model.dropout > 0``, with the key ``fold_in(state.rng, step)``.
+    """
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        rng = state_key(state.rng, state.step)
+
+        def loss_fn(params):
+            logits = Transformer(model).apply(
+                {"params": params},
+                batch["tokens"],
+                batch["attention_mask"],
+                deterministic=model.dropout == 0.0,
+                rngs={"dropout": rng},
+            )
+            return losses.sft_loss(logits, batch["tokens"], batch["loss_mask"])
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        new = apply_gradients(tx, state, grads)
+        return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+    return jit_step(step, shardings, mesh)
 
 
 def text_batch(b: dict) -> dict:
@@ -49,6 +74,14 @@ def text_batch(b: dict) -> dict:
 def demo_batch(b: dict, prompt_loss_weight: float) -> dict:
     loss_mask = b["response_mask"] + prompt_loss_weight * b["prompt_mask"]
     return {"tokens": b["tokens"], "attention_mask": b["attention_mask"], "loss_mask": loss_mask}
+
+
+def pad_to(x: np.ndarray, length: int, pad: int = 0) -> np.ndarray:
+    """Right-pad the last axis of ``x`` to ``length``."""
+    extra = length - x.shape[-1]
+    if extra < 0:
+        raise ValueError(f"sequence length {x.shape[-1]} exceeds {length}")
+    return np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)], constant_values=pad)
 
 
 def concat_batches(a: dict, b: dict) -> dict:
@@ -63,10 +96,12 @@ def run_lm_stage(config: Config, workdir: str | os.PathLike, stage: str, *, mesh
     """Run ``stage`` in {"pretrain", "sft"}; it resumes its own checkpoint if there is one."""
     if stage not in ("pretrain", "sft"):
         raise ValueError(f"stage={stage!r}: expected 'pretrain' or 'sft'")
+    config.validate()
     mesh = mesh or sharding.make_mesh(config.mesh)
     is_sft = stage == "sft"
     cfg = config.sft if is_sft else config.pretrain
     model = dataclasses.replace(config.model, dropout=cfg.dropout)
+    origin = start_point(config, workdir, stage)
 
     # Data: SFT = demonstrations (+ a pretraining share); pretraining = text only. Batch sizes are
     # global; each process loads its share.
@@ -78,7 +113,7 @@ def run_lm_stage(config: Config, workdir: str | os.PathLike, stage: str, *, mesh
         iters = [iter(demos)]
         if n_ptx:
             iters.append(iter(loader(config, workdir, "pretrain", n_ptx // procs, config.seed + 1)))
-        total = cfg.epochs * (split_size(config, workdir, "sft") // n_demo)
+        total = cfg.epochs * (sources.split_size(config, workdir, "sft") // n_demo)
     else:
         iters = [iter(loader(config, workdir, "pretrain", cfg.batch_size // procs, config.seed))]
         total = cfg.steps
@@ -91,33 +126,23 @@ def run_lm_stage(config: Config, workdir: str | os.PathLike, stage: str, *, mesh
             b = demo_batch(next(iters[0]), cfg.prompt_loss_weight)
             yield concat_batches(b, text_batch(next(iters[1]))) if len(iters) > 1 else b
 
-    # State: resume this stage, else previous stage's params (pretrain -> sft), HF import, init.
-    tx = make_optimizer(cfg.optimizer, total)
-    shardings = train_state_shardings(model, tx, mesh, config.mesh.rules)
-    ckpt = checkpoint.StageCheckpointer(
-        workdir, stage, keep=config.keep_checkpoints, config=config_json(config)
+    state = one_model(
+        config,
+        model,
+        cfg.optimizer,
+        total,
+        mesh,
+        init=lambda: initial_params(config, workdir, origin, model, mesh),
     )
-    previous = "pretrain" if is_sft and stage_exists(workdir, "pretrain") else None
-
-    def start():
-        params = initial_params(config, workdir, previous, model, mesh)
-        return create_train_state(params, tx, key_data(config.seed), shardings)
-
-    target = checkpoint.abstract_with_shardings(abstract_state(model, tx), shardings)
-    state, data_state, _ = checkpoint.resume_or_start(ckpt, target, start=start)
-    if data_state:
-        for it, s in zip(iters, data_state["iterators"]):
-            loaders.set_iterator_state(it, s)
-
-    loop = Loop(stage, config, ckpt, MetricsLog(workdir, stage), mesh)
-    _, meta = loop.run(
-        state,
-        make_lm_step(model, tx, shardings, mesh),
-        batches(),
-        start=int(jax.device_get(state.step)),
+    run = StageRun(
+        stage=stage,
         total=total,
-        data_state=lambda: {"iterators": [loaders.get_iterator_state(it) for it in iters]},
+        target=state.target,
+        start=state.start,
+        step=make_lm_step(model, state.tx, state.shardings, mesh),
+        iterators=iters,
+        batches=batches(),
         export=lambda s: s.params,
+        position=lambda s: s.step,
     )
-    ckpt.close()
-    return meta
+    return drive(config, workdir, run, mesh)

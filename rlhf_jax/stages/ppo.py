@@ -10,12 +10,11 @@ the policy-weight EMA and (optionally) the adaptive KL coefficient.
 PPO-ptx is this function with ``ptx_coef > 0`` and a pretraining batch of ``ptx_per_episode``
 sequences per episode. As in the paper the two gradients are computed separately and added
 (``g = g_pi + ptx_coef * g_ptx``) before one optimiser step, so ``ptx_coef = 0`` reproduces PPO
-bit for bit (METHOD.md section 7, check 13).
+bit for bit (docs/method.md section 7, check 13).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable
 from typing import Any
@@ -24,11 +23,19 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax import checkpoint, losses, rollout, sharding
-from rlhf_jax.config import Config
-from rlhf_jax.data import loaders, prepare
+from rlhf_jax.config import Config, rm_config
+from rlhf_jax.data import sources
+from rlhf_jax.fields import validate
 from rlhf_jax.model import Transformer
-from rlhf_jax.stages.common import Loop, MetricsLog, config_json, initial_params, loader
-from rlhf_jax.stages.rm import load_reward_model, rm_config
+from rlhf_jax.stages.driver import (
+    StageRun,
+    drive,
+    initial_params,
+    load_reward_model,
+    loader,
+    policy_model,
+    start_point,
+)
 from rlhf_jax.train_state import (
     PPOState,
     TrainState,
@@ -49,25 +56,21 @@ def make_ppo_iteration(
 ) -> Callable:
     """The whole PPO iteration as one traceable function (jit it with ``jit_ppo_iteration``)."""
     cfg = config.ppo
-    policy_model = dataclasses.replace(config.model, dropout=0.0)
-    critic_model = rm_config(config)
+    policy_cfg = policy_model(config)
+    critic_cfg = rm_config(config)
+    validate(cfg, "ppo")
     n_mb = cfg.batch_size // cfg.minibatch_size
-    if n_mb * cfg.minibatch_size != cfg.batch_size:
-        raise ValueError(
-            f"ppo.batch_size={cfg.batch_size} is not a multiple of "
-            f"ppo.minibatch_size={cfg.minibatch_size}"
-        )
     sampler = rollout.Sampler(temperature=cfg.temperature)
 
     def iteration(state: PPOState, prompts: dict, ptx: dict | None):
-        # 1. Rollout: sample, then score into a PPO batch (METHOD.md 3.1-3.4).
+        # 1. Rollout: sample, then score into a PPO batch (docs/method.md sections 3.1-3.4).
         rng = state_key(state.rng, state.iteration)
         sample_rng, perm_rng = jax.random.split(rng)
         pt, pm = prompts["prompt_tokens"], prompts["prompt_mask"]
         P = pt.shape[1]
         sample = rollout.generate(
             state.policy.params,
-            policy_model,
+            policy_cfg,
             pt,
             pm,
             sample_rng,
@@ -80,8 +83,8 @@ def make_ppo_iteration(
             rollout.RolloutParams(
                 state.policy.params, state.ref_params, state.value.params, state.reward_params
             ),
-            policy_model,
-            critic_model,
+            policy_cfg,
+            critic_cfg,
             pt,
             pm,
             sample.tokens,
@@ -113,7 +116,7 @@ def make_ppo_iteration(
             tokens, mask = rollout.full_sequence(
                 mb.prompt_tokens, mb.prompt_mask, mb.response_tokens, mb.response_mask
             )
-            logits = Transformer(policy_model).apply({"params": params}, tokens, mask)
+            logits = Transformer(policy_cfg).apply({"params": params}, tokens, mask)
             logits = logits[:, P - 1 : -1]
             logp = losses.token_logprobs(logits, tokens[:, P:], temperature=cfg.temperature)
             loss, stats = losses.ppo_policy_loss(
@@ -123,7 +126,7 @@ def make_ppo_iteration(
             return loss, stats
 
         def ptx_loss(params, batch):
-            logits = Transformer(policy_model).apply(
+            logits = Transformer(policy_cfg).apply(
                 {"params": params}, batch["tokens"], batch["mask"]
             )
             return losses.ptx_loss(logits, batch["tokens"], batch["mask"])
@@ -132,7 +135,7 @@ def make_ppo_iteration(
             tokens, mask = rollout.full_sequence(
                 mb.prompt_tokens, mb.prompt_mask, mb.response_tokens, mb.response_mask
             )
-            values = rollout.response_values(params, critic_model, tokens, mask, P)
+            values = rollout.response_values(params, critic_cfg, tokens, mask, P)
             return losses.value_loss(
                 values, mb.values, mb.returns, mb.response_mask, clip_eps=cfg.value_clip_eps
             )
@@ -199,7 +202,7 @@ def make_ppo_iteration(
 
 
 def _iteration_metrics(ro: rollout.Rollout, stats: dict, kl_coef, seq_kl, ptx_coef, eos_id):
-    """The statistics of METHOD.md section 3.8 (LHP ``record_step_stats`` names)."""
+    """The statistics of docs/method.md section 3.8 (LHP ``record_step_stats`` names)."""
     mask = ro.response_mask
     ret_var = losses.masked_mean((ro.returns - losses.masked_mean(ro.returns, mask)) ** 2, mask)
     err = losses.masked_mean((ro.values - ro.returns) ** 2, mask)
@@ -318,11 +321,14 @@ def run_ppo(
 ) -> dict:
     """PPO (``ppo.ptx_coef == 0``) or PPO-ptx into ``<workdir>/<stage>``; resumable.
 
-    ``on_log(iteration, state, samples)`` may return extra metrics to log (the pipeline adds the
-    gold reward of the samples and the held-out pretraining NLL).
+    ``on_log(iteration, state, samples)`` may return extra metrics to log (the built-in world's
+    pipeline adds the gold reward of the samples and the held-out pretraining NLL).
     """
+    config.validate()
     mesh = mesh or sharding.make_mesh(config.mesh)
     cfg = config.ppo
+    policy_origin = start_point(config, workdir, stage, "policy")
+    start_point(config, workdir, stage, "reward")  # the RM must have run
     with_ptx = cfg.ptx_coef > 0
     procs = jax.process_count()
     prompts_it = iter(loader(config, workdir, "ppo", cfg.batch_size // procs, config.seed))
@@ -334,25 +340,13 @@ def run_ppo(
     policy_tx = make_optimizer(cfg.policy_optimizer, cfg.iterations)
     value_tx = make_optimizer(cfg.value_optimizer, cfg.iterations)
     shardings = ppo_state_shardings(config, policy_tx, value_tx, mesh)
-    ckpt = checkpoint.StageCheckpointer(
-        workdir, stage, keep=config.keep_checkpoints, config=config_json(config)
-    )
 
     def start() -> PPOState:
-        lm = dataclasses.replace(config.model, dropout=0.0)
-        sft = initial_params(config, workdir, "sft", lm, mesh)
+        sft = initial_params(config, workdir, policy_origin, policy_model(config), mesh)
         reward, bias = load_reward_model(config, workdir, mesh)
         return init_ppo_state(config, policy_tx, value_tx, shardings, sft, reward, bias)
 
-    target = checkpoint.abstract_with_shardings(
-        abstract_ppo_state(config, policy_tx, value_tx), shardings
-    )
-    state, data_state, _ = checkpoint.resume_or_start(ckpt, target, start=start)
-    if data_state:
-        for it, s in zip(iters, data_state["iterators"]):
-            loaders.set_iterator_state(it, s)
-
-    eos_id, pad_id = prepare.special_ids(config, workdir)
+    eos_id, pad_id = sources.special_ids(config, workdir)
     iteration = make_ppo_iteration(config, policy_tx, value_tx, eos_id=eos_id, pad_id=pad_id)
     step = jit_ppo_iteration(iteration, shardings, mesh, with_ptx)
 
@@ -366,23 +360,19 @@ def run_ppo(
         state, metrics, samples = step(state, batch["prompts"], batch["ptx"])
         return state, {**metrics, "_samples": samples}
 
-    loop = Loop(
-        stage,
-        config,
-        ckpt,
-        MetricsLog(workdir, stage),
-        mesh,
+    run = StageRun(
+        stage=stage,
+        total=cfg.iterations,
+        target=checkpoint.abstract_with_shardings(
+            abstract_ppo_state(config, policy_tx, value_tx), shardings
+        ),
+        start=start,
+        step=step_fn,
+        iterators=iters,
+        batches=batches(),
+        export=lambda s: s.ema_params if s.ema_params is not None else s.policy.params,
+        position=lambda s: s.iteration,
         key_metric="objective/score",
         on_log=on_log,
     )
-    _, meta = loop.run(
-        state,
-        step_fn,
-        batches(),
-        start=int(jax.device_get(state.iteration)),
-        total=cfg.iterations,
-        data_state=lambda: {"iterators": [loaders.get_iterator_state(it) for it in iters]},
-        export=lambda s: s.ema_params if s.ema_params is not None else s.policy.params,
-    )
-    ckpt.close()
-    return meta
+    return drive(config, workdir, run, mesh)

@@ -1,49 +1,34 @@
 """Reward model: K-wise rankings, all C(K,2) pairs of a prompt in one batch element (eq. 1).
 
 The RM is the SFT model with its unembedding replaced by a scalar head (InstructGPT section 3.5),
-read at each completion's EOS (the last response token when there is none; METHOD.md 2.1). After
-training, a bias is fitted so that the SFT demonstrations score 0 on average (section 2.3); it is
-exported with the params as ``{"params": ..., "bias": ...}`` and subtracted whenever the RM scores.
+read at each completion's EOS (the last response token when there is none; docs/method.md section
+2.1). After training, a bias is fitted so that the SFT demonstrations score 0 on average (section
+2.3); it is exported with the params as ``{"params": ..., "bias": ...}`` and subtracted whenever
+the RM scores.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from rlhf_jax import checkpoint, losses, rollout, sharding
-from rlhf_jax.config import Config, ModelConfig
-from rlhf_jax.data import loaders
-from rlhf_jax.stages.common import (
-    Loop,
-    MetricsLog,
-    config_json,
+from rlhf_jax import losses, rollout, sharding
+from rlhf_jax.config import Config, ModelConfig, rm_config
+from rlhf_jax.data import sources
+from rlhf_jax.stages.driver import (
+    StageRun,
+    drive,
     initial_params,
     jit_step,
     loader,
-    split_size,
-    stage_exists,
+    one_model,
+    policy_model,
+    start_point,
 )
-from rlhf_jax.train_state import (
-    TrainState,
-    abstract_state,
-    apply_gradients,
-    create_train_state,
-    key_data,
-    make_optimizer,
-    scalar_head_params,
-    train_state_shardings,
-)
-
-
-def rm_config(config: Config) -> ModelConfig:
-    """The reward/value architecture: the policy's, with a scalar head and no dropout."""
-    return dataclasses.replace(config.model, head="scalar", dropout=0.0)
+from rlhf_jax.train_state import TrainState, apply_gradients, scalar_head_params
 
 
 def completion_rewards(params, model: ModelConfig, batch: dict, prompt_len: int):
@@ -82,29 +67,20 @@ def demonstration_scores(
 
 def run_rm(config: Config, workdir: str | os.PathLike, *, mesh=None) -> dict:
     """Train the RM on the comparison dataset; resumes its own checkpoint if there is one."""
+    config.validate()
     mesh = mesh or sharding.make_mesh(config.mesh)
     cfg, model, P = config.rm, rm_config(config), config.data.prompt_len
+    origin = start_point(config, workdir, "rm")
     procs = jax.process_count()  # batch sizes are global; each process loads its share
     data = loader(config, workdir, "rm", cfg.batch_size // procs, config.seed, epochs=cfg.epochs)
     iters = [iter(data)]
-    total = cfg.epochs * (split_size(config, workdir, "rm") // cfg.batch_size)
-    tx = make_optimizer(cfg.optimizer, total)
-    shardings = train_state_shardings(model, tx, mesh, config.mesh.rules)
-    ckpt = checkpoint.StageCheckpointer(
-        workdir, "rm", keep=config.keep_checkpoints, config=config_json(config)
-    )
+    total = cfg.epochs * (sources.split_size(config, workdir, "rm") // cfg.batch_size)
 
-    def start():
-        lm = dataclasses.replace(config.model, dropout=0.0)
-        previous = "sft" if stage_exists(workdir, "sft") else None
-        sft = jax.device_get(initial_params(config, workdir, previous, lm, mesh))
-        params = scalar_head_params(sft, model, jax.random.key(config.seed + 2))
-        return create_train_state(params, tx, key_data(config.seed), shardings)
+    def init():
+        sft = initial_params(config, workdir, origin, policy_model(config), mesh)
+        return scalar_head_params(jax.device_get(sft), model, jax.random.key(config.seed + 2))
 
-    target = checkpoint.abstract_with_shardings(abstract_state(model, tx), shardings)
-    state, data_state, _ = checkpoint.resume_or_start(ckpt, target, start=start)
-    if data_state:
-        loaders.set_iterator_state(iters[0], data_state["iterators"][0])
+    state = one_model(config, model, cfg.optimizer, total, mesh, init)
 
     def batches():
         for b in iters[0]:
@@ -114,30 +90,16 @@ def run_rm(config: Config, workdir: str | os.PathLike, *, mesh=None) -> dict:
         scores = demonstration_scores(s.params, model, config, workdir)
         return {"params": s.params, "bias": jnp.asarray(scores.mean(), jnp.float32)}
 
-    loop = Loop("rm", config, ckpt, MetricsLog(workdir, "rm"), mesh, key_metric="accuracy")
-    _, meta = loop.run(
-        state,
-        make_rm_step(model, tx, shardings, mesh, P),
-        batches(),
-        start=int(jax.device_get(state.step)),
+    run = StageRun(
+        stage="rm",
         total=total,
-        data_state=lambda: {"iterators": [loaders.get_iterator_state(iters[0])]},
+        target=state.target,
+        start=state.start,
+        step=make_rm_step(model, state.tx, state.shardings, mesh, P),
+        iterators=iters,
+        batches=batches(),
         export=export,
+        position=lambda s: s.step,
+        key_metric="accuracy",
     )
-    ckpt.close()
-    return meta
-
-
-def load_reward_model(config: Config, workdir, mesh) -> tuple[dict, jax.Array]:
-    """The exported RM params (sharded) and its bias."""
-    model = rm_config(config)
-    from rlhf_jax.train_state import params_shardings
-
-    shardings = params_shardings(model, mesh, config.mesh.rules)
-    abstract = abstract_state(model, optax.identity()).params
-    target = {
-        "params": checkpoint.abstract_with_shardings(abstract, shardings),
-        "bias": jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh)),
-    }
-    exported = checkpoint.exported_params(workdir, "rm", target)
-    return exported["params"], exported["bias"]
+    return drive(config, workdir, run, mesh)

@@ -1,14 +1,14 @@
 """The InstructLang world: vocabulary, knowledge base, ideal answers, gold reward, metadata.
 
-INSTRUCTLANG.md section 2 is the specification. Each rule has a plain-Python reference version
+docs/instructlang.md section 2 is the specification. Each rule has a plain-Python reference version
 (`ideal_answer`, `levenshtein`, `gold_reward`), written to be read, and a vectorised NumPy version
 over padded batches (`ideal_answers`, `levenshtein_batch`, `gold_rewards`, `response_metadata`),
 written to score ~100k responses in about a second; the tests check that they agree. Data sets
 drawn from the world (prompts, fact probes, splits, demonstrations, the pretraining corpus) and the
-simulated labelers live in `rlhf_jax.data.instructlang_corpus`; the HF tokenizer directory in
-`rlhf_jax.data.tokenizer`.
+simulated labelers live in `rlhf_jax.instructlang.corpus`; the HF tokenizer directory in
+`rlhf_jax.instructlang.tokenizer`.
 
-Where this fills in or departs from INSTRUCTLANG.md:
+Where this fills in or departs from docs/instructlang.md:
 
 - The response `y` is the tokens before the first EOS. A PAD the model generates before its EOS
   counts as a token (a wrong one). Without an EOS the gold is -1; the metadata then read `y` as the
@@ -34,7 +34,7 @@ from typing import NamedTuple
 import numpy as np
 from jaxtyping import Bool, Float, Int
 
-# --- vocabulary (INSTRUCTLANG.md section 2; ids in this order) ---------------------------------
+# --- vocabulary (docs/instructlang.md section 2; ids in this order) ----------------------------
 TASK_NAMES = ("COPY", "REV", "SORT", "DEDUP", "HEAD", "SHIFT")
 N_CONTENT = 32
 N_FACTS = 32
@@ -57,7 +57,6 @@ TOXIC_IDS = tuple(range(16, 22))
 FIRST_CONTENT = 22
 CONTENT_IDS = tuple(range(FIRST_CONTENT, FIRST_CONTENT + N_CONTENT))
 FUNCTION_IDS = tuple(range(54, 64))
-LIM_VALUES = (3, 4, 5, 6)
 PROMPT_LEN = 12  # P: prompts are left-padded to this
 RESPONSE_LEN = 12  # L = R: the response budget
 DOC_LEN = 24  # T = P + L; also the pretraining document cap
@@ -176,7 +175,7 @@ def _answer(task: int, content: Sequence[int], limit: int, world: World | None) 
 
 
 def ideal_answer(prompt: TokenLike, *, world: World | None = None) -> list[int]:
-    """a*(x) of INSTRUCTLANG.md section 2, without EOS. ASK / IS prompts need ``world``."""
+    """a*(x) of docs/instructlang.md section 2, without EOS. ASK / IS prompts need ``world``."""
     p = parse_prompt(prompt)
     return _answer(p.task, p.content, p.limit, world)
 

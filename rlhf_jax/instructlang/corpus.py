@@ -5,7 +5,7 @@ named stream (`instructlang.stream_rng`), so e.g. the corpus size does not move 
 Arrays are int32 token ids: prompts left-padded to P = 12, responses (with their EOS) right-padded
 to R = 12, pretraining documents right-padded to T = 24. `unpad` gives the token list of a row.
 
-Where this fills in or departs from INSTRUCTLANG.md section 2:
+Where this fills in or departs from docs/instructlang.md section 2:
 
 - Prompts: task uniform over the six instruction tasks, n ~ U{3..8}, content tokens i.i.d. uniform
   (repeats allowed, so DEDUP has work), LIM with probability 0.43 and k ~ U{3..6}. ASK prompts
@@ -29,19 +29,20 @@ Where this fills in or departs from INSTRUCTLANG.md section 2:
   values (exactly tied completions share one rank, so ties are dropped downstream). Its pairwise
   marginals are exactly the Bradley-Terry P(i > j) = sigmoid((g_i - g_j)/tau) of the spec.
 
-Measured on 20k prompts, seed 0 (tests/test_instructlang.py), against the spec's table: continuation
-mix gold -0.008 / exact 0.299 (spec 0.00 / 0.30); demonstrations 0.974 / 0.899 (0.97 / 0.90);
-assumed SFT samples 0.725 / 0.521 (0.74 / 0.51); inter-labeler agreement at tau = 0.25 73.3%
-(72.2%; tau = 0.26 gives 72.2% on this distribution), Bayes-optimal accuracy 0.81 (0.81).
+Measured on 20k prompts, seed 0 (tests/test_instructlang_world.py), against the spec's table:
+continuation mix gold -0.008 / exact 0.299 (spec 0.00 / 0.30); demonstrations 0.974 / 0.899
+(0.97 / 0.90); assumed SFT samples 0.725 / 0.521 (0.74 / 0.51); inter-labeler agreement at
+tau = 0.25 73.3% (72.2%; tau = 0.26 gives 72.2% on this distribution), Bayes-optimal accuracy
+0.81 (0.81).
 """
 
-import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
 from jaxtyping import Float, Int
 
-from rlhf_jax.data import instructlang as il
+from rlhf_jax.instructlang import lang
+from rlhf_jax.instructlang.config import SplitSizes
 
 LIM_PROB = 0.43
 SPLIT_ORDER = ("test", "sft_val", "rm_val", "ppo_val", "sft_train", "rm_train", "ppo_train")
@@ -50,29 +51,15 @@ DOC_MIX = (0.45, 0.15, 0.40)  # free text, KB facts, instruction format
 CONTINUATION_MIX = (0.30, 0.20, 0.30, 0.20)  # a*, edited a*, run-on, free text
 
 
-@dataclasses.dataclass(frozen=True)
-class SplitSizes:
-    """Prompts per split; the defaults are the paper preset (INSTRUCTLANG.md section 2)."""
-
-    sft_train: int = 4000
-    sft_val: int = 500
-    rm_train: int = 6000
-    rm_val: int = 1000
-    ppo_train: int = 10000
-    ppo_val: int = 1000
-    test: int = 1000
-
-
-PAPER_SPLITS = SplitSizes()
-
-
 # --- padding helpers ------------------------------------------------------------------------
-def pad_left(rows: Sequence[Sequence[int]], length: int = il.PROMPT_LEN) -> Int[np.ndarray, "N L"]:
+def pad_left(
+    rows: Sequence[Sequence[int]], length: int = lang.PROMPT_LEN
+) -> Int[np.ndarray, "N L"]:
     """Left-pads token lists with PAD into an int32 array [N length]."""
-    out = np.full((len(rows), length), il.PAD_ID, dtype=np.int32)
+    out = np.full((len(rows), length), lang.PAD_ID, dtype=np.int32)
     for i, row in enumerate(rows):
         if len(row) > length:
-            raise ValueError(f"row {i} has {len(row)} tokens > {length}: {il.decode_text(row)}")
+            raise ValueError(f"row {i} has {len(row)} tokens > {length}: {lang.decode_text(row)}")
         if row:
             out[i, length - len(row) :] = row
     return out
@@ -80,17 +67,17 @@ def pad_left(rows: Sequence[Sequence[int]], length: int = il.PROMPT_LEN) -> Int[
 
 def pad_right(rows: Sequence[Sequence[int]], length: int) -> Int[np.ndarray, "N L"]:
     """Right-pads token lists with PAD into an int32 array [N length]."""
-    out = np.full((len(rows), length), il.PAD_ID, dtype=np.int32)
+    out = np.full((len(rows), length), lang.PAD_ID, dtype=np.int32)
     for i, row in enumerate(rows):
         if len(row) > length:
-            raise ValueError(f"row {i} has {len(row)} tokens > {length}: {il.decode_text(row)}")
+            raise ValueError(f"row {i} has {len(row)} tokens > {length}: {lang.decode_text(row)}")
         out[i, : len(row)] = row
     return out
 
 
-def unpad(row: il.TokenLike) -> list[int]:
+def unpad(row: lang.TokenLike) -> list[int]:
     """The tokens of a padded row, PAD removed (prompts, responses and documents alike)."""
-    return [int(t) for t in row if int(t) != il.PAD_ID]
+    return [int(t) for t in row if int(t) != lang.PAD_ID]
 
 
 # --- prompts --------------------------------------------------------------------------------
@@ -98,18 +85,18 @@ def _prompt_rows(
     rng: np.random.Generator, n: int, *, lim_prob: float, ask_prob: float, bos: bool = True
 ) -> list[list[int]]:
     lengths = rng.integers(3, 9, n).tolist()
-    content = (rng.integers(0, il.N_CONTENT, (n, 8)) + il.FIRST_CONTENT).tolist()
-    tasks = rng.choice(il.TASK_IDS, n).tolist()
-    lims = np.where(rng.random(n) < lim_prob, rng.choice(il.LIM_IDS, n), 0).tolist()
+    content = (rng.integers(0, lang.N_CONTENT, (n, 8)) + lang.FIRST_CONTENT).tolist()
+    tasks = rng.choice(lang.TASK_IDS, n).tolist()
+    lims = np.where(rng.random(n) < lim_prob, rng.choice(lang.LIM_IDS, n), 0).tolist()
     ask = (rng.random(n) < ask_prob).tolist()
-    head = [il.BOS_ID] if bos else []
+    head = [lang.BOS_ID] if bos else []
     rows = []
     for i in range(n):
         if ask[i]:
-            rows.append(head + [il.ASK_ID, content[i][0], il.SEP_ID])
+            rows.append(head + [lang.ASK_ID, content[i][0], lang.SEP_ID])
         else:
             lim = [lims[i]] if lims[i] else []
-            rows.append(head + [tasks[i]] + lim + content[i][: lengths[i]] + [il.SEP_ID])
+            rows.append(head + [tasks[i]] + lim + content[i][: lengths[i]] + [lang.SEP_ID])
     return rows
 
 
@@ -120,41 +107,47 @@ def sample_prompts(
     return pad_left(_prompt_rows(rng, n, lim_prob=lim_prob, ask_prob=ask_prob))
 
 
-def fact_probes(world: il.World) -> tuple[Int[np.ndarray, "32 P"], Int[np.ndarray, "32 2"]]:
+def fact_probes(world: lang.World) -> tuple[Int[np.ndarray, "32 P"], Int[np.ndarray, "32 2"]]:
     """Fact-probe prompts ``BOS c_i IS`` (left-padded to P = 12) and their answers (KB pairs)."""
-    prompts = np.full((il.N_FACTS, il.PROMPT_LEN), il.PAD_ID, dtype=np.int32)
+    prompts = np.full((lang.N_FACTS, lang.PROMPT_LEN), lang.PAD_ID, dtype=np.int32)
     prompts[:, -3:] = np.stack(
-        [np.full(il.N_FACTS, il.BOS_ID), np.array(il.CONTENT_IDS), np.full(il.N_FACTS, il.IS_ID)],
+        [
+            np.full(lang.N_FACTS, lang.BOS_ID),
+            np.array(lang.CONTENT_IDS),
+            np.full(lang.N_FACTS, lang.IS_ID),
+        ],
         axis=1,
     )
     return prompts, world.kb.astype(np.int32)
 
 
 def make_splits(
-    world: il.World,
-    sizes: SplitSizes = PAPER_SPLITS,
+    world: lang.World,
+    sizes: SplitSizes | None = None,
     *,
     lim_prob: float = LIM_PROB,
     ask_prob: float = 0.0,
 ) -> dict[str, Int[np.ndarray, "N P"]]:
-    """The prompt splits, pairwise disjoint by content sequence, keyed by `SPLIT_ORDER` names."""
+    """The prompt splits, pairwise disjoint by content sequence, keyed by `SPLIT_ORDER` names
+    (``sizes``: the paper-scale defaults of ``SplitSizes`` when None)."""
+    sizes = sizes or SplitSizes()
     used: set[tuple[int, ...]] = set()
     splits = {}
     for name in SPLIT_ORDER:
         size = getattr(sizes, name)
-        rng = il.stream_rng(world.seed, f"split/{name}")
+        rng = lang.stream_rng(world.seed, f"split/{name}")
         rows, keys, tries = [], [], 0
         while len(rows) < size:
             tries += 1
             if tries > 1000:
                 raise ValueError(f"cannot draw {size} prompts for {name!r} disjoint from the rest")
             for row in _prompt_rows(rng, size - len(rows), lim_prob=lim_prob, ask_prob=ask_prob):
-                key = tuple(t for t in row if t >= il.FIRST_CONTENT)
-                if row[1] != il.ASK_ID and key in used:
+                key = tuple(t for t in row if t >= lang.FIRST_CONTENT)
+                if row[1] != lang.ASK_ID and key in used:
                     continue
                 rows.append(row)
                 keys.append(key)
-        used.update(k for k, row in zip(keys, rows, strict=True) if row[1] != il.ASK_ID)
+        used.update(k for k, row in zip(keys, rows, strict=True) if row[1] != lang.ASK_ID)
         splits[name] = pad_left(rows)
     return splits
 
@@ -172,23 +165,23 @@ def random_edits(answer: Sequence[int], n_edits: int, rng: np.random.Generator) 
             op = int(rng.integers(3)) if y else 0
             pos = int(rng.integers(len(y) + (op == 0)))
             if op == 0:
-                y.insert(pos, il.FIRST_CONTENT + int(rng.integers(il.N_CONTENT)))
+                y.insert(pos, lang.FIRST_CONTENT + int(rng.integers(lang.N_CONTENT)))
             elif op == 1:
                 del y[pos]
             else:  # a different content token: shift by 1..31 within the content range
-                shift = int(rng.integers(1, il.N_CONTENT))
-                y[pos] = il.FIRST_CONTENT + (y[pos] - il.FIRST_CONTENT + shift) % il.N_CONTENT
+                shift = int(rng.integers(1, lang.N_CONTENT))
+                y[pos] = lang.FIRST_CONTENT + (y[pos] - lang.FIRST_CONTENT + shift) % lang.N_CONTENT
         if y != answer or n_edits == 0:
             return y
 
 
-def _answer_lists(world: il.World, prompts: np.ndarray) -> list[list[int]]:
-    answers, lengths = il.ideal_answers(prompts, world=world)
+def _answer_lists(world: lang.World, prompts: np.ndarray) -> list[list[int]]:
+    answers, lengths = lang.ideal_answers(prompts, world=world)
     return [a[:n] for a, n in zip(answers.tolist(), lengths.tolist(), strict=True)]
 
 
 def make_demonstrations(
-    world: il.World,
+    world: lang.World,
     prompts: Int[np.ndarray, "N P"],
     rng: np.random.Generator | None = None,
     *,
@@ -198,16 +191,16 @@ def make_demonstrations(
 
     ``rng`` defaults to the world's "demonstrations" stream.
     """
-    rng = il.stream_rng(world.seed, "demonstrations") if rng is None else rng
+    rng = lang.stream_rng(world.seed, "demonstrations") if rng is None else rng
     rows = []
     for a in _answer_lists(world, prompts):
         y = a if rng.random() < p_exact else random_edits(a, 1, rng)
-        rows.append(y + [il.EOS_ID])
-    return pad_right(rows, il.RESPONSE_LEN)
+        rows.append(y + [lang.EOS_ID])
+    return pad_right(rows, lang.RESPONSE_LEN)
 
 
 def assumed_sft_samples(
-    world: il.World,
+    world: lang.World,
     prompts: Int[np.ndarray, "N P"],
     rng: np.random.Generator,
     *,
@@ -220,21 +213,23 @@ def assumed_sft_samples(
     for a in _answer_lists(world, prompts):
         y = a if rng.random() < p_exact else random_edits(a, int(rng.integers(1, 4)), rng)
         if rng.random() < p_toxic:
-            toxic = int(rng.choice(il.TOXIC_IDS))
+            toxic = int(rng.choice(lang.TOXIC_IDS))
             if y:
                 y[int(rng.integers(len(y)))] = toxic
             else:
                 y = [toxic]
         if rng.random() < p_no_eos:
-            filler = il.FIRST_CONTENT + rng.integers(il.N_CONTENT, size=il.RESPONSE_LEN - len(y))
+            filler = lang.FIRST_CONTENT + rng.integers(
+                lang.N_CONTENT, size=lang.RESPONSE_LEN - len(y)
+            )
             rows.append(y + filler.tolist())
         else:
-            rows.append(y + [il.EOS_ID])
-    return pad_right(rows, il.RESPONSE_LEN)
+            rows.append(y + [lang.EOS_ID])
+    return pad_right(rows, lang.RESPONSE_LEN)
 
 
 # --- pretraining corpus ---------------------------------------------------------------------
-def free_text(world: il.World, rng: np.random.Generator, n: int, length: int) -> np.ndarray:
+def free_text(world: lang.World, rng: np.random.Generator, n: int, length: int) -> np.ndarray:
     """n free-text segments [n length] of the world's HMM (words, with toxic emissions)."""
     n_words = len(world.words)
     # Row w of the transition CDF shifted up by w: one sorted array, so a whole batch of next-word
@@ -249,11 +244,11 @@ def free_text(world: il.World, rng: np.random.Generator, n: int, length: int) ->
         states.append(state)
     tokens = world.words[np.stack(states, axis=1)]
     toxic = rng.random((n, length)) < world.toxic_rate
-    return np.where(toxic, rng.choice(il.TOXIC_IDS, (n, length)), tokens).astype(np.int32)
+    return np.where(toxic, rng.choice(lang.TOXIC_IDS, (n, length)), tokens).astype(np.int32)
 
 
 def make_pretraining_corpus(
-    world: il.World, n_docs: int, *, split: str = "train", ask_prob: float = 0.0
+    world: lang.World, n_docs: int, *, split: str = "train", ask_prob: float = 0.0
 ) -> Int[np.ndarray, "N T"]:
     """``n_docs`` pretraining documents [N 24], each from BOS, right-padded with PAD.
 
@@ -261,11 +256,11 @@ def make_pretraining_corpus(
     by a continuation: 30% a* + EOS, 20% a* with 1-3 edits + EOS, 30% run-on instructions with no
     EOS, 20% free text. ``split`` names the random stream ("train", "heldout", ...).
     """
-    rng = il.stream_rng(world.seed, f"pretrain/{split}")
+    rng = lang.stream_rng(world.seed, f"pretrain/{split}")
     kind = rng.choice(3, n_docs, p=DOC_MIX)
     text = free_text(world, rng, n_docs, FREE_TEXT_LEN[1]).tolist()
     text_len = rng.integers(FREE_TEXT_LEN[0], FREE_TEXT_LEN[1] + 1, n_docs).tolist()
-    fact = rng.integers(il.N_FACTS, size=n_docs).tolist()
+    fact = rng.integers(lang.N_FACTS, size=n_docs).tolist()
     kb = world.kb.tolist()
 
     n_inst = int((kind == 2).sum())
@@ -278,29 +273,29 @@ def make_pretraining_corpus(
 
     docs, j = [], 0
     for i, k in enumerate(kind.tolist()):
-        free = text[i][: text_len[i]] + [il.EOS_ID]
+        free = text[i][: text_len[i]] + [lang.EOS_ID]
         if k == 0:
-            doc = [il.BOS_ID] + free
+            doc = [lang.BOS_ID] + free
         elif k == 1:
-            doc = [il.BOS_ID, il.CONTENT_IDS[fact[i]], il.IS_ID, *kb[fact[i]], il.EOS_ID]
+            doc = [lang.BOS_ID, lang.CONTENT_IDS[fact[i]], lang.IS_ID, *kb[fact[i]], lang.EOS_ID]
         else:
             c = cont[j]
             if c == 0:
-                tail = answers[j] + [il.EOS_ID]
+                tail = answers[j] + [lang.EOS_ID]
             elif c == 1:
-                tail = random_edits(answers[j], n_edits[j], rng) + [il.EOS_ID]
+                tail = random_edits(answers[j], n_edits[j], rng) + [lang.EOS_ID]
             elif c == 2:
                 tail = [t for _ in range(4) for t in next(run_on)]
             else:
                 tail = free
             doc = prompts[j] + tail
             j += 1
-        docs.append(doc[: il.DOC_LEN])
-    return pad_right(docs, il.DOC_LEN)
+        docs.append(doc[: lang.DOC_LEN])
+    return pad_right(docs, lang.DOC_LEN)
 
 
 def pretraining_corpora(
-    world: il.World, n_train: int = 200_000, n_heldout: int = 5_000
+    world: lang.World, n_train: int = 200_000, n_heldout: int = 5_000
 ) -> tuple[Int[np.ndarray, "N T"], Int[np.ndarray, "M T"]]:
     """The training corpus and the held-out one (for NLL), from independent streams."""
     return (

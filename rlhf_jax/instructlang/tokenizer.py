@@ -1,7 +1,7 @@
 """The InstructLang tokenizer as a HF tokenizer directory, loaded like any real model's tokenizer.
 
 A word-level `tokenizers` model (WhitespaceSplit pre-tokenizer, one id per token name, ids as in
-`instructlang.TOKENS`) wrapped in `transformers.PreTrainedTokenizerFast`, so the pipeline reads it
+`lang.TOKENS`) wrapped in `transformers.PreTrainedTokenizerFast`, so the pipeline reads it
 through `transformers.AutoTokenizer.from_pretrained(directory)`, the path real models take.
 
 The vocabulary has no unknown token, so none is declared: encoding a word outside the vocabulary
@@ -14,13 +14,13 @@ import os
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from rlhf_jax.data import instructlang as il
+from rlhf_jax.instructlang import lang
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """The InstructLang tokenizer in memory."""
     # WordLevel needs an unk name; it is not in the vocabulary, so unknown words fail loudly.
-    model = models.WordLevel(dict(il.TOKEN_TO_ID), unk_token="<unk>")
+    model = models.WordLevel(dict(lang.TOKEN_TO_ID), unk_token="<unk>")
     tokenizer = Tokenizer(model)
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(

@@ -1,0 +1,309 @@
+"""Gold evaluation on the built-in world: one policy, the RM, and every model of a run.
+
+What docs/instructlang.md section 0 asks each model's row of the report to hold: gold reward of k
+T = 1 samples per test prompt (``eval.samples_per_prompt``) with a 95% interval over prompts, the
+paired gold gain over the SFT model (with its interval: the per-prompt differences share the
+prompt, so it is far tighter than the two gold intervals side by side), paired win rate and KL
+against the SFT model, held-out pretraining NLL (the alignment tax), fact-probe accuracy, EOS
+rate and the Table-3-style metadata; plus the reward model's validation accuracy against the noisy
+labels and against gold order. Sampling, likelihoods, intervals and paired statistics are the
+library's (``rlhf_jax.evaluate`` and ``rlhf_jax.stats``); this module adds the gold.
+``evaluate_all`` evaluates a run's models against its SFT model (the report's table) and
+``evaluate_stage`` one of them (``rlhf-jax eval``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int, Shaped
+
+from rlhf_jax import evaluate as ev
+from rlhf_jax import sharding, stats
+from rlhf_jax.config import ModelConfig, rm_config
+from rlhf_jax.instructlang import corpus, datasets, lang
+from rlhf_jax.instructlang.config import InstructLangConfig, require_world
+from rlhf_jax.stages.driver import (
+    load_policy,
+    load_reward_model,
+    loader,
+    policy_model,
+    read_all,
+    stage_exists,
+)
+
+MODELS = {"base": "pretrain", "sft": "sft", "ppo": "ppo", "ppo_ptx": "ppo_ptx"}  # name: stage
+# The world's special ids, as every model call here needs them.
+IDS = dict(eos_id=lang.EOS_ID, pad_id=lang.PAD_ID)
+
+
+def fact_scores(
+    outputs: Int[np.ndarray, "N A"], answers: Int[np.ndarray, "N 2"]
+) -> Bool[np.ndarray, " N"]:
+    """Per probe: the first two generated tokens equal the KB pair (the scoring of E1)."""
+    outputs = np.asarray(outputs)
+    if outputs.shape[1] < 2:
+        return np.zeros(len(outputs), bool)
+    return np.all(outputs[:, :2] == np.asarray(answers), axis=1)
+
+
+def fact_accuracy(params, config: ModelConfig, world: lang.World, *, batch_size: int) -> float:
+    """Share of the 32 fact probes ``BOS c_i IS`` whose greedy 2-token answer is the KB pair."""
+    probes, answers = corpus.fact_probes(world)
+    outputs, _ = ev.sample_responses(
+        params,
+        config,
+        probes,
+        rng=jax.random.key(0),  # unused by greedy decoding
+        batch_size=min(batch_size, len(probes)),  # always 32 probes: no need for bigger batches
+        max_new_tokens=2,
+        greedy=True,
+        **IDS,
+    )
+    return float(np.mean(fact_scores(outputs, answers)))
+
+
+# --------------------------------------------------------------------------------------------------
+# One model's evaluation
+
+
+class Reference(NamedTuple):
+    """The SFT baseline: its params, its per-test-prompt golds (``None``: this model's own, for
+    evaluating the SFT model against itself) and its config (``None``: the evaluated model's)."""
+
+    params: Any
+    golds: np.ndarray | None = None
+    config: ModelConfig | None = None
+
+
+@dataclasses.dataclass
+class ModelEval:
+    """One model's evaluation; ``summary()`` is its JSON-ready row of the report."""
+
+    name: str
+    golds: np.ndarray  # [N, k] gold of the k samples per test prompt
+    metadata: dict[str, float]  # lang.metadata_means
+    pretrain_nll: float
+    fact_accuracy: float
+    win_rate_vs_sft: tuple[float, float, float] | None  # (rate, lo, hi)
+    gold_gain_vs_sft: tuple[float, float, float] | None  # paired gold - SFT gold: (mean, lo, hi)
+    kl_to_sft: float | None
+    prompt_texts: list[str]
+    response_texts: list[str]
+
+    @property
+    def gold_ci95(self) -> tuple[float, float, float]:
+        return stats.mean_ci95(stats.per_prompt(self.golds))
+
+    def summary(self) -> dict[str, Any]:
+        """Plain floats (NaN as None): the report's and ``summary.json``'s entry for this model."""
+        mean, lo, hi = self.gold_ci95
+        win, gain = self.win_rate_vs_sft, self.gold_gain_vs_sft
+        out = {
+            "gold_mean": mean,
+            "gold_ci95": [lo, hi],
+            "win_rate_vs_sft": None if win is None else win[0],
+            "win_rate_ci95": None if win is None else [win[1], win[2]],
+            "gold_gain_vs_sft": None if gain is None else gain[0],
+            "gold_gain_ci95": None if gain is None else [gain[1], gain[2]],
+            "kl_to_sft": self.kl_to_sft,
+            "pretrain_nll": self.pretrain_nll,
+            "fact_accuracy": self.fact_accuracy,
+            "eos_rate": self.metadata["eos"],
+            "n_prompts": len(self.golds),
+            "samples_per_prompt": int(self.golds.shape[1]),
+        }
+        out.update({k: v for k, v in self.metadata.items() if k not in ("gold", "eos")})
+        return stats.jsonable(out)
+
+    def samples(self, k: int) -> list[dict[str, Any]]:
+        """The first ``k`` test prompts with this model's response (through EOS) and its gold."""
+        return [
+            {"model": self.name, "prompt": p, "response": r, "gold": float(g)}
+            for p, r, g in zip(self.prompt_texts[:k], self.response_texts[:k], self.golds[:k, 0])
+        ]
+
+
+def _texts(prompts: np.ndarray, responses: np.ndarray, mask: np.ndarray) -> tuple[list, list]:
+    prompt_texts = [lang.decode_text(corpus.unpad(p)) for p in prompts]
+    # The mask runs through the first EOS, so this keeps a PAD the model itself generated.
+    response_texts = [lang.decode_text(r[: int(m.sum())]) for r, m in zip(responses, mask)]
+    return prompt_texts, response_texts
+
+
+def evaluate_model(
+    name: str,
+    params,
+    config: ModelConfig,
+    world: lang.World,
+    test_prompts: Int[np.ndarray | Array, "N P"],
+    heldout_docs: Int[np.ndarray | Array, "M T"] | None,
+    *,
+    rng: jax.Array,
+    batch_size: int,
+    max_new_tokens: int,
+    reference: tuple | None = None,
+    samples_per_prompt: int = 1,
+) -> ModelEval:
+    """Everything the report needs about one model (see the module docstring).
+
+    Each test prompt is answered ``samples_per_prompt`` (k) times; its gold is the mean of its k
+    samples, and every interval is over prompts. Use the same ``rng`` for every model, so all
+    models answer the same prompts with the same random stream (common random numbers).
+    ``reference = (sft_params, sft_golds[, sft_config])`` adds the paired win rate, the paired
+    gold gain and the KL to the SFT model; pass ``(sft_params, None)`` to evaluate the
+    SFT model against itself (win rate 0.5, gain and KL 0 exactly, computed all the same as a
+    check).
+    """
+    test_prompts = np.asarray(test_prompts, np.int32)
+    n, k = len(test_prompts), samples_per_prompt
+    prompts = np.repeat(test_prompts, k, axis=0)  # prompt i's samples are rows i*k .. i*k+k-1
+    kw = dict(batch_size=batch_size, pad_id=lang.PAD_ID)
+    responses, mask = ev.sample_responses(
+        params, config, prompts, rng=rng, max_new_tokens=max_new_tokens, eos_id=lang.EOS_ID, **kw
+    )
+    golds = lang.gold_rewards(prompts, responses, world=world).reshape(n, k)
+    meta = lang.metadata_means(lang.response_metadata(prompts, responses, world=world))
+    nll = float("nan")
+    if heldout_docs is not None:
+        nll = ev.heldout_nll(params, config, heldout_docs, **kw)
+
+    win, gain, kl = None, None, None
+    if reference is not None:
+        ref = Reference(*reference)
+        win, gain = stats.paired(golds, golds if ref.golds is None else ref.golds)
+        ref_cfg = ref.config or config
+        ratio = ev.log_ratio(
+            (params, config), (ref.params, ref_cfg), prompts, responses, mask, **kw
+        )
+        kl = float(np.mean(ratio))
+
+    prompt_texts, response_texts = _texts(test_prompts, responses[::k], mask[::k])
+    return ModelEval(
+        name=name,
+        golds=golds,
+        metadata=meta,
+        pretrain_nll=nll,
+        fact_accuracy=fact_accuracy(params, config, world, batch_size=batch_size),
+        win_rate_vs_sft=win,
+        gold_gain_vs_sft=gain,
+        kl_to_sft=kl,
+        prompt_texts=prompt_texts,
+        response_texts=response_texts,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Reward model
+
+
+def rm_metrics(
+    rewards: Float[np.ndarray | Array, "N K"],
+    ranks: Int[np.ndarray | Array, "N K"],
+    valid: Shaped[np.ndarray | Array, "N K"],
+    golds: Float[np.ndarray | Array, "N K"],
+) -> dict[str, float]:
+    """Pairwise accuracy of given rewards against the noisy labels and against gold order, and
+    the ranking loss (``rlhf_jax.evaluate.rm_metrics``; a gold pair has ``gold_i > gold_j``)."""
+    noisy = ev.rm_metrics(rewards, ranks, valid)
+    gold = ev.preferred_pairs(golds, valid, lower_is_better=False)
+    return {
+        "val_accuracy_noisy": noisy["val_accuracy"],
+        "val_accuracy_gold": ev.pairwise_accuracy(rewards, gold),
+        "val_loss": noisy["val_loss"],
+        "val_pairs_noisy": noisy["val_pairs"],
+        "val_pairs_gold": int(gold.sum()),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# A run's models
+
+
+class Evaluator:
+    """What every evaluation shares: the world, the test prompts and held-out documents, one
+    sampling stream for all models, and the SFT model every other model is compared with."""
+
+    def __init__(self, config: InstructLangConfig, workdir, heldout: np.ndarray, mesh):
+        self.config, self.workdir, self.mesh, self.heldout = config, workdir, mesh, heldout
+        self.world, self.model = datasets.world(config), policy_model(config)
+        self.test = read_all(config, workdir, "test", "prompt_tokens")[: config.eval.test_prompts]
+        self.sft = load_policy(config, workdir, "sft", mesh)
+        self.sft_eval = self._evaluate("sft", self.sft, reference=(self.sft, None))
+
+    def _evaluate(self, name: str, params, reference) -> ModelEval:
+        return evaluate_model(
+            name,
+            params,
+            self.model,
+            self.world,
+            self.test,
+            self.heldout,
+            rng=jax.random.key(self.config.seed + 6),
+            batch_size=self.config.eval.batch_size,
+            max_new_tokens=self.config.data.response_len,
+            reference=reference,
+            samples_per_prompt=self.config.eval.samples_per_prompt,
+        )
+
+    def stage(self, name: str, stage: str) -> ModelEval:
+        if stage == "sft":
+            return self.sft_eval
+        params = load_policy(self.config, self.workdir, stage, self.mesh)
+        return self._evaluate(name, params, reference=(self.sft, self.sft_eval.golds))
+
+
+def evaluate_all(
+    config: InstructLangConfig, workdir, heldout: np.ndarray
+) -> tuple[dict, list[dict]]:
+    """Evaluate every model the run has, and the RM; returns (summary, samples)."""
+    mesh = sharding.make_mesh(config.mesh)
+    evaluator = Evaluator(config, workdir, heldout, mesh)
+    evals = {n: evaluator.stage(n, s) for n, s in MODELS.items() if stage_exists(workdir, s)}
+    summary = {
+        "config": config.name,
+        "seed": config.seed,
+        "models": {name: e.summary() for name, e in evals.items()},
+        "rm": rm_summary(config, workdir, mesh),
+    }
+    samples = [s for e in evals.values() for s in e.samples(config.eval.samples_per_model)]
+    return summary, samples
+
+
+def rm_summary(config: InstructLangConfig, workdir, mesh) -> dict:
+    """RM accuracy on the validation comparisons, against the noisy labels and gold order."""
+    params, bias = load_reward_model(config, workdir, mesh)
+    data = loader(config, workdir, "rm_val", 64, 0, epochs=1, shuffle=False, drop_remainder=False)
+    batches = list(data)
+    cat = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    P = config.data.prompt_len
+    n, k, _ = cat["tokens"].shape
+    golds = lang.gold_rewards(
+        np.repeat(cat["tokens"][:, :1, :P], k, 1).reshape(n * k, P),
+        cat["tokens"][:, :, P:].reshape(n * k, -1),
+        world=datasets.world(config),
+    ).reshape(n, k)
+    rewards = ev.comparison_scores(
+        params,
+        rm_config(config),
+        bias,
+        cat["tokens"],
+        cat["attention_mask"],
+        cat["response_mask"],
+        prompt_len=P,
+        batch_size=config.eval.batch_size,
+    )
+    out = rm_metrics(rewards, cat["ranks"], cat["valid"], golds)
+    out["bias"] = float(bias)
+    return out
+
+
+def evaluate_stage(config: InstructLangConfig, workdir, stage: str) -> dict:
+    """``rlhf-jax eval``: one stage's exported policy against the SFT model, with gold."""
+    require_world(config).validate()
+    heldout = read_all(config, workdir, "heldout", "tokens")
+    evaluator = Evaluator(config, workdir, heldout, sharding.make_mesh(config.mesh))
+    return evaluator.stage(stage, stage).summary()

@@ -1,0 +1,130 @@
+"""``rlhf-jax pipeline``: the whole InstructGPT recipe on the built-in world, then the report.
+
+pretrain the base -> SFT (the PPO init, 10% pretraining mix) -> sample and label comparisons ->
+RM -> PPO and PPO-ptx from the same SFT model -> evaluate base, SFT, PPO, PPO-ptx -> report.
+Every stage resumes its own checkpoint, so an interrupted pipeline continues where it stopped and
+a finished one only re-evaluates. The plain PPO run uses ``ppo.ptx_coef = 0``; the PPO-ptx run
+uses the configured ``ppo.ptx_coef`` (skipped when it is 0). ``run_seeds`` runs it once per seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from rlhf_jax import evaluate as ev
+from rlhf_jax.data import sources
+from rlhf_jax.data.records import Kind
+from rlhf_jax.instructlang import datasets, lang, report
+from rlhf_jax.instructlang.claims import check_claims
+from rlhf_jax.instructlang.config import InstructLangConfig, require_world
+from rlhf_jax.instructlang.evaluate import evaluate_all
+from rlhf_jax.stages.driver import (
+    policy_model,
+    read_all,
+)
+from rlhf_jax.stages.lm import run_lm_stage
+from rlhf_jax.stages.ppo import run_ppo
+from rlhf_jax.stages.rm import run_rm
+
+log = logging.getLogger("rlhf_jax")
+CURVE_DOCS = 512  # held-out documents for the per-iteration pretraining-NLL curve
+
+
+def _curve_callback(config: InstructLangConfig, heldout: np.ndarray):
+    """Per-log-step extras for PPO curves: gold of the iteration's samples, held-out NLL."""
+    w, model = datasets.world(config), policy_model(config)
+    docs = heldout[:CURVE_DOCS]
+
+    def on_log(step, state, samples):
+        prompts, tokens, _ = (np.asarray(x) for x in samples)
+        gold = lang.gold_rewards(prompts, tokens, world=w)
+        nll = ev.heldout_nll(
+            state.policy.params,
+            model,
+            docs,
+            batch_size=config.eval.batch_size,
+            pad_id=lang.PAD_ID,
+        )
+        return {"eval/gold": float(gold.mean()), "eval/pretrain_nll": nll}
+
+    return on_log
+
+
+def run_pipeline(config: InstructLangConfig, workdir: str | os.PathLike) -> dict:
+    """Every stage in order, then evaluation and ``report.md`` in ``workdir``."""
+    require_world(config).validate()
+    workdir = Path(workdir)
+    seconds: dict[str, float] = {}
+
+    def timed(name, fn, *args, **kw):
+        t0 = time.perf_counter()
+        out = fn(*args, **kw)
+        seconds[name] = time.perf_counter() - t0
+        return out
+
+    uses = [u for u, (kind, _) in sources.SPLITS.items() if kind != Kind.COMPARISONS]
+    timed("data", lambda: [sources.dataset(config, workdir, u) for u in uses])
+    if not config.init_from:
+        timed("pretrain", run_lm_stage, config, workdir, "pretrain")
+    timed("sft", run_lm_stage, config, workdir, "sft")
+    timed("comparisons", sources.dataset, config, workdir, "rm")
+    timed("rm", run_rm, config, workdir)
+    heldout = read_all(config, workdir, "heldout", "tokens")
+    on_log = _curve_callback(config, heldout)
+    plain = dataclasses.replace(config, ppo=dataclasses.replace(config.ppo, ptx_coef=0.0))
+    timed("ppo", run_ppo, plain, workdir, "ppo", on_log=on_log)
+    if config.ppo.ptx_coef > 0:
+        timed("ppo_ptx", run_ppo, config, workdir, "ppo_ptx", on_log=on_log)
+
+    summary, samples = timed("eval", evaluate_all, config, workdir, heldout)
+    summary["seconds"] = seconds
+    curves = {
+        stage: _curves(workdir / stage)
+        for stage in ("ppo", "ppo_ptx")
+        if (workdir / stage / "metrics.jsonl").exists()
+    }
+    report.write_report(workdir, summary, curves, samples)
+    log.info("[pipeline] report: %s", workdir / "report.md")
+    for claim in check_claims(summary):
+        log.info("  %s %s: %s", claim.status, claim.name, claim.evidence)
+    return summary
+
+
+def _curves(stage_dir: Path) -> dict[str, list[float]]:
+    rows = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+    keys = {
+        "gold": "eval/gold",
+        "score": "objective/score",
+        "kl": "objective/kl",
+        "pretrain_nll": "eval/pretrain_nll",
+        "clipfrac": "ppo/policy/clipfrac",
+        "var_explained": "ppo/val/var_explained",
+        "entropy": "objective/entropy",
+    }
+    return {name: [r[k] for r in rows if k in r] for name, k in keys.items()}
+
+
+def run_seeds(config: InstructLangConfig, workdir: str | os.PathLike, seeds: list[int]) -> str:
+    """``rlhf-jax seeds``: the pipeline once per seed into ``<workdir>/seed<k>/``, then
+    ``<workdir>/seeds.md``, the mean ± sd table over seeds (also returned). The world is the same
+    for every seed (``world.seed``); the seed changes every initialisation and sample. Runs
+    that already finished are only re-read, so an interrupted sweep resumes."""
+    workdir = Path(workdir)
+    summaries = []
+    for seed in seeds:
+        run_dir = workdir / f"seed{seed}"
+        summary_file = run_dir / "summary.json"
+        if summary_file.exists():
+            summaries.append(json.loads(summary_file.read_text()))
+        else:
+            summaries.append(run_pipeline(dataclasses.replace(config, seed=seed), run_dir))
+    text = report.seeds_markdown(summaries)
+    (workdir / "seeds.md").write_text(text)
+    return text

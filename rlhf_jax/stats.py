@@ -1,0 +1,57 @@
+"""Statistics over prompts: means with 95% intervals, and paired comparisons of two models.
+
+Intervals are normal approximations, ``mean +- 1.96 * sd / sqrt(n)`` with the sample sd (ddof =
+1) over prompts; a single observation gives a zero-width interval. Scores come as [N] or [N, k]
+(k samples per prompt): a prompt counts once, with the mean of its k. Paired comparisons (win
+rate, gain) take two models' scores on the same prompts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+Z95 = 1.96
+
+
+def mean_ci95(x) -> tuple[float, float, float]:
+    """``(mean, lo, hi)`` with ``lo, hi = mean -+ 1.96 * sd / sqrt(n)`` (sample sd, ddof = 1)."""
+    x = np.asarray(x, np.float64).reshape(-1)
+    if x.size == 0:
+        return (float("nan"),) * 3
+    mean = float(x.mean())
+    half = Z95 * float(x.std(ddof=1)) / math.sqrt(x.size) if x.size > 1 else 0.0
+    return mean, mean - half, mean + half
+
+
+def per_prompt(x) -> np.ndarray:
+    """[N] per-prompt means of scores (or outcomes) shaped [N] or [N, k samples per prompt]."""
+    x = np.asarray(x, np.float64)
+    return x.reshape(len(x), -1).mean(axis=1)
+
+
+def win_rate(scores_a, scores_b) -> tuple[float, float, float]:
+    """Paired win rate of a over b, with its CI over prompts: each pair of samples scores 1 if a >
+    b, 0.5 if equal, 0 if less; scores are [N] or [N, k] (the k pairs of a prompt are averaged)."""
+    a, b = np.asarray(scores_a, np.float64), np.asarray(scores_b, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"win_rate needs paired scores, got shapes {a.shape} and {b.shape}")
+    return mean_ci95(per_prompt(np.where(a > b, 1.0, np.where(a == b, 0.5, 0.0))))
+
+
+def paired(scores, ref_scores) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """``(win rate, gain)`` of ``scores`` over ``ref_scores`` on the same prompts ([N] or [N, k]),
+    each ``(value, lo, hi)``: the paired win rate and the mean per-prompt difference."""
+    a, b = np.asarray(scores, np.float64), np.asarray(ref_scores, np.float64)
+    return win_rate(a, b), mean_ci95(per_prompt(a - b))
+
+
+def none_if_nan(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    """Floats as plain floats with NaN as None, for summary.json."""
+    return {k: none_if_nan(v) if isinstance(v, float) else v for k, v in row.items()}
