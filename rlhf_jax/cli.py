@@ -41,56 +41,78 @@ class Command:
     details: str = ""
 
 
+RUN_FLAGS = ("distributed",)
 COMMANDS: dict[str, Command] = {
     "pipeline": Command(
-        "the whole recipe on the built-in world, then report.md (the main job)",
+        "the whole recipe, evaluated, then report.md (the main job on the built-in world)",
         ("pretrain", "sft", "rm", "ppo", "eval"),
-        details="Runs pretrain, sft, comparison sampling, rm, ppo and ppo_ptx (when "
-        "ppo.ptx_coef > 0) into --workdir, evaluates every model with the gold reward and "
-        "writes report.md, summary.json and samples.jsonl. Finished stages are reused.",
+        RUN_FLAGS,
+        details="On the built-in world: pretrain, sft, comparison sampling, rm, ppo and "
+        "ppo_ptx (when ppo.ptx_coef > 0), every model evaluated with the gold reward. On your "
+        "data (data.source=files, e.g. --config=hf:<checkpoint>): sft, rm, ppo (and ppo_ptx "
+        "with pretraining text), evaluated by the RM on held-out prompts, then the policy and RM "
+        "exported under <workdir>/export/. Both write report.md, summary.json and "
+        "samples.jsonl; finished stages are reused.",
     ),
     "seeds": Command(
         "the pipeline once per seed, then seeds.md (mean ± sd over seeds)",
         ("pretrain", "sft", "rm", "ppo", "eval"),
-        ("seeds",),
+        ("seeds", *RUN_FLAGS),
         details="Each seed runs into <workdir>/seed<k>/ (default workdir: runs/<name>-seeds); "
         "finished seeds are only re-read.",
     ),
     "pretrain": Command(
         "train the base model on the pretraining text",
         ("pretrain",),
+        RUN_FLAGS,
         details="Starts from init_from (an HF checkpoint directory) or a fresh initialisation.",
     ),
     "sft": Command(
         "supervised fine-tuning on demonstrations: the PPO init and KL reference",
         ("sft",),
+        RUN_FLAGS,
         details="Starts from the pretrain stage of --workdir, else init_from, else a fresh "
         "initialisation.",
     ),
     "rm": Command(
         "train the reward model on ranked comparisons",
         ("rm", "eval"),
+        RUN_FLAGS,
         details="Starts from the sft stage of --workdir (its unembedding replaced by a scalar "
-        "head). On the built-in world the comparisons are first sampled from that SFT model and "
-        "labelled.",
+        "head), or from rm.init_from (an HF checkpoint, another run's stage directory, or a "
+        "model size: an RM larger than the policy). On the built-in world the comparisons are "
+        "first sampled from that SFT model and labelled.",
     ),
     "ppo": Command(
         "PPO from the SFT model against the reward model; PPO-ptx when ppo.ptx_coef > 0",
         ("ppo",),
+        RUN_FLAGS,
         details="Starts from the sft (policy, KL reference) and rm (reward, value init) stages "
-        "of --workdir; writes <workdir>/ppo, or <workdir>/ppo_ptx when ppo.ptx_coef > 0.",
+        "of --workdir, or the RM of ppo.reward_from (another run's rm stage or an exported "
+        "RM); writes <workdir>/ppo, or <workdir>/ppo_ptx when ppo.ptx_coef > 0.",
     ),
     "eval": Command(
         "evaluate one stage's policy against the SFT model and print JSON",
         ("eval",),
         ("stage",),
         details="On the built-in world: gold reward, paired gain and win rate vs SFT, KL, "
-        "pretraining NLL, fact accuracy, metadata.",
+        "pretraining NLL, fact accuracy, metadata. On your data: the RM's score of its "
+        "answers to the held-out prompts, the paired gain and win rate by the RM against SFT, "
+        "KL, held-out NLL, EOS rate and length.",
+    ),
+    "export": Command(
+        "write one stage as a Hugging Face directory that transformers loads",
+        (),
+        ("stage", "out"),
+        details="A policy stage loads with AutoModelForCausalLM (PPO stages export their EMA "
+        "weights); the rm stage with AutoModelForSequenceClassification (num_labels=1, its "
+        "normalising bias folded in). The tokenizer and generation_config.json come along.",
     ),
     "generate": Command(
         "sample responses to text prompts with one stage's policy",
         (),
         ("stage", "prompt", "max_new_tokens", "temperature"),
+        details='Prints one JSON line per prompt: {"prompt": ..., "response": ...}.',
     ),
 }
 
@@ -105,7 +127,12 @@ FLAG_HELP = {
     "workdir": "--workdir=<dir>           run directory (default: runs/<config name>)",
     "verbose": "--verbose                 show the traceback of an error",
     "seeds": "--seeds=0,1,2             the seeds to run",
-    "stage": "--stage=<stage>           whose exported policy to use (default: ppo)",
+    "stage": "--stage=<stage>           which stage (default: ppo)",
+    "out": "--out=<dir>               the new directory to write",
+    "distributed": "--distributed             one process of a multi-host run: "
+    "jax.distributed.initialize() finds the\n"
+    "                            coordinator (Cloud TPU), or give --coordinator=<host:port> "
+    "--num_processes=<n>\n                            --process_id=<i> (CPU processes use gloo)",
     "prompt": "--prompt=<text>           a prompt (repeatable; the world has a default)",
     "max_new_tokens": "--max_new_tokens=<n>      response tokens (default: data.response_len)",
     "temperature": "--temperature=<t>         sampling temperature (default: 1; 0: greedy)",
@@ -128,6 +155,13 @@ def _parser(command: str) -> _Parser:
         p.add_argument("--seeds", default="0,1,2")
     if "stage" in flags:
         p.add_argument("--stage", default="ppo")
+    if "out" in flags:
+        p.add_argument("--out", default=None)
+    if "distributed" in flags:
+        p.add_argument("--distributed", action="store_true")
+        p.add_argument("--coordinator", default=None)
+        p.add_argument("--num_processes", type=int, default=None)
+        p.add_argument("--process_id", type=int, default=None)
     if "prompt" in flags:
         p.add_argument("--prompt", action="append", default=[])
     if "max_new_tokens" in flags:
@@ -261,7 +295,9 @@ class _Stdout(logging.Handler):
         print(self.format(record), file=sys.stdout, flush=True)
 
 
-def _setup_logging() -> None:
+def setup_logging() -> None:
+    """The library's progress lines on stdout, quiet Orbax and tfds: what the command shows, for
+    scripts and notebooks that call the library directly."""
     library = logging.getLogger("rlhf_jax")
     if not any(isinstance(h, _Stdout) for h in library.handlers):  # main() may run twice
         library.addHandler(_Stdout())
@@ -289,11 +325,38 @@ def parse(argv: list[str]) -> tuple[str, argparse.Namespace, Any] | str:
     config = load_preset(args.config)
     if args.help:
         return command_help(command, config, args.config)
-    config = fields.apply_overrides(config, split_overrides(rest, f"rlhf-jax {command}"))
+    overrides = split_overrides(rest, f"rlhf-jax {command}")
+    config = fields.apply_overrides(config, overrides)
+    from rlhf_jax.stages.lineage import adopt_architecture
+
+    # init_from brings its architecture; a model field set here must agree with it.
+    config = adopt_architecture(config, tuple(path for path, _ in overrides))
     return command, args, config.validate()
 
 
+def start_distributed(args: argparse.Namespace) -> None:
+    """Join a multi-process run before JAX starts its backend (``--distributed``)."""
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if not args.distributed and all(x is None for x in explicit):
+        return
+    import jax
+
+    from rlhf_jax import sharding
+
+    if all(x is None for x in explicit):
+        jax.distributed.initialize()  # the platform provides the coordinator (Cloud TPU)
+    elif any(x is None for x in explicit):
+        raise ConfigError(
+            "--distributed: give all of --coordinator=<host:port> --num_processes=<n> "
+            "--process_id=<i>, or none of them"
+        )
+    else:
+        sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+
+
 def run(command: str, args: argparse.Namespace, config: Any) -> None:
+    if "distributed" in COMMANDS[command].flags:
+        start_distributed(args)
     workdir = Path(args.workdir or Path("runs") / config.name)
     world = config.data.source == "instructlang"
     if command in ("pretrain", "sft"):
@@ -308,8 +371,12 @@ def run(command: str, args: argparse.Namespace, config: Any) -> None:
         from rlhf_jax.stages.ppo import run_ppo
 
         run_ppo(config, workdir, "ppo_ptx" if config.ppo.ptx_coef > 0 else "ppo")
-    elif command == "pipeline":
+    elif command == "pipeline" and world:
         from rlhf_jax.instructlang.pipeline import run_pipeline
+
+        run_pipeline(config, workdir)
+    elif command == "pipeline":
+        from rlhf_jax.pipeline import run_pipeline
 
         run_pipeline(config, workdir)
     elif command == "seeds":
@@ -317,15 +384,20 @@ def run(command: str, args: argparse.Namespace, config: Any) -> None:
 
         seeds_dir = Path(args.workdir or Path("runs") / f"{config.name}-seeds")
         print(run_seeds(config, seeds_dir, _seeds(args.seeds)))
-    elif command == "eval":
-        if not world:
-            raise ConfigError(
-                "rlhf-jax eval scores a policy with the built-in world's gold reward "
-                f"(data.source='instructlang'); data.source={config.data.source!r} has no gold"
-            )
+    elif command == "eval" and world:
         from rlhf_jax.instructlang.evaluate import evaluate_stage
 
         print(json.dumps(evaluate_stage(config, workdir, args.stage), indent=2))
+    elif command == "eval":
+        from rlhf_jax.pipeline import evaluate_stage
+
+        print(json.dumps(evaluate_stage(config, workdir, args.stage), indent=2))
+    elif command == "export":
+        from rlhf_jax.export import export_stage
+
+        if not args.out:
+            raise ConfigError("rlhf-jax export: give --out=<new directory>")
+        export_stage(config, workdir, args.stage, args.out)
     else:
         _generate(config, workdir, args)
 
@@ -336,7 +408,7 @@ def _generate(config: Any, workdir: Path, args: argparse.Namespace) -> None:
     from rlhf_jax.data import sources
     from rlhf_jax.evaluate import generate_text
     from rlhf_jax.hf import load_tokenizer
-    from rlhf_jax.stages.driver import load_policy, policy_model
+    from rlhf_jax.stages.lineage import load_policy, policy_model
 
     prompts = args.prompt
     if not prompts:
@@ -356,7 +428,7 @@ def _generate(config: Any, workdir: Path, args: argparse.Namespace) -> None:
             temperature=args.temperature or 1.0,
             greedy=args.temperature == 0,
         )
-        print(f"{prompt} -> {response}")
+        print(json.dumps({"prompt": prompt, "response": response}))
 
 
 def _seeds(text: str) -> list[int]:
@@ -374,7 +446,7 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(parsed, str):
             print(parsed)
             return
-        _setup_logging()
+        setup_logging()
         run(*parsed)
     except UserError as e:
         if verbose:

@@ -3,8 +3,8 @@
 Every config is a plain dataclass declared with ``unsafe_hash=True`` so it can be a static argument
 of ``jax.jit``. They are built by the preset files in ``configs/`` (``get_config(arg)``), changed
 from the command line with ``fields.apply_overrides`` (``--config.ppo.kl_coef=0.05``), checked with
-``fields.validate`` and never mutated after that. Batch sizes are global: each process of a
-multi-host run loads its share.
+``fields.validate`` and never mutated after that. Batch sizes are global: every process of a
+multi-host run reads the global batch and keeps its share of the rows.
 
 Each field is declared with ``fields.field(default, doc, **checks)``, its one-line meaning and
 its checks (``rlhf_jax.fields``); checks that tie several fields together live in each class's
@@ -67,6 +67,7 @@ class ModelConfig:
     head: str = field(
         "lm", "output head: next-token logits or one scalar", choices=("lm", "scalar")
     )
+    remat: bool = field(False, "recompute each block in the backward pass (saves memory)")
 
     @property
     def resolved_head_dim(self) -> int:
@@ -212,6 +213,9 @@ class RMConfig:
     """Reward model on K-wise rankings, grouped per prompt (InstructGPT eq. 1, appendix C.2)."""
 
     epochs: int = field(1, "passes over the comparisons (the paper: 1; more overfits)", ge=1)
+    init_from: str = field(
+        "", "'' (this run's sft), an HF checkpoint or run stage directory, or a model size"
+    )
     batch_size: int = field(64, "prompts per step, each with all its C(K,2) pairs (global)", ge=1)
     optimizer: OptimizerConfig = field(OptimizerConfig(lr=1e-4), "optimiser")
 
@@ -250,6 +254,9 @@ class PPOConfig:
     whiten_rewards: bool = field(False, "whiten per-token rewards without shifting (LHP)")
     no_eos_penalty: bool = field(False, "score responses without EOS as no_eos_score")
     no_eos_score: float = field(-1.0, "the score of a response without EOS, if penalised")
+    reward_from: str = field(
+        "", "'' (this run's rm), another run's rm stage directory, or an exported RM directory"
+    )
 
     def problems(self) -> list[tuple[str, str]]:
         if self.batch_size % self.minibatch_size:
@@ -261,19 +268,27 @@ class PPOConfig:
 class DataConfig:
     """Where the stages' data comes from, and the fixed sequence lengths of every batch.
 
-    ``source`` names a data source (``rlhf_jax.data.sources``): ``jsonl`` imports the user's files
-    below; ``instructlang`` is the built-in world (its settings are ``world.*``).
+    ``source`` names a data source (``rlhf_jax.data.sources``): ``files`` imports the user's JSONL
+    or Parquet files below (formats: ``rlhf_jax.data.formats``); ``instructlang`` is the built-in
+    world (its settings are ``world.*``).
     """
 
-    source: str = field("jsonl", "data source: jsonl, or instructlang (the built-in world)")
-    tokenizer: str = field("", "jsonl: a local Hugging Face tokenizer directory")
-    demonstrations: str = field("", 'jsonl: {"prompt", "response"} per line (SFT)')
-    comparisons: str = field("", 'jsonl: {"prompt", "responses", "ranks"} per line (RM)')
-    prompts: str = field("", 'jsonl: {"prompt"} per line (PPO)')
-    pretraining: str = field("", 'jsonl: {"text"} per line (pretraining, SFT and PPO-ptx mix)')
-    prompt_len: int = field(12, "P: prompts are left-padded to this many tokens", ge=1)
-    response_len: int = field(12, "R: responses, EOS included", ge=1)
-    text_len: int = field(24, "T: pretraining sequences", ge=1)
+    source: str = field("files", "data source: files (yours), or instructlang (the built-in world)")
+    tokenizer: str = field("", "files: a local HF tokenizer directory (default: init_from)")
+    demonstrations: str = field("", "files: SFT demonstrations (prompt/response or messages)")
+    comparisons: str = field("", "files: RM comparisons (K-wise, pairwise or HH-RLHF)")
+    prompts: str = field("", "files: PPO prompts (prompt or messages)")
+    pretraining: str = field("", "files: pretraining text (pretrain, SFT mix, PPO-ptx, NLL)")
+    demonstrations_val: str = field("", "files: held-out demonstrations (SFT validation loss)")
+    comparisons_val: str = field("", "files: held-out comparisons (RM validation accuracy)")
+    prompts_val: str = field("", "files: held-out prompts (evaluation)")
+    pretraining_val: str = field("", "files: held-out text (pretraining NLL)")
+    heldout_fraction: float = field(
+        0.05, "files: share of a file held out when it has no *_val file", ge=0, lt=1
+    )
+    prompt_len: int = field(128, "P: prompts are left-padded to this many tokens", ge=1)
+    response_len: int = field(128, "R: responses, EOS included", ge=1)
+    text_len: int = field(256, "T: pretraining sequences", ge=1)
 
 
 @dataclasses.dataclass(unsafe_hash=True)
@@ -306,6 +321,9 @@ class Config:
         "", "a local HF checkpoint directory to start from instead of pretraining"
     )
     keep_checkpoints: int = field(2, "checkpoints kept per stage", ge=1)
+    checkpoint_minutes: float = field(
+        10.0, "minutes between checkpoints (also every checkpoint_every steps); 0: off", ge=0
+    )
     checkpoint_every: int = field(
         0, "steps (PPO: iterations) between checkpoints; 0: at the end", ge=0
     )
@@ -317,5 +335,11 @@ class Config:
 
 
 def rm_config(config: Config) -> ModelConfig:
-    """The reward/value architecture: the policy's, with a scalar head and no dropout."""
-    return dataclasses.replace(config.model, head="scalar", dropout=0.0)
+    """The reward/value architecture: the policy's, or the named size ``rm.init_from`` (with the
+    policy's vocabulary and context), with a scalar head and no dropout. (An ``rm.init_from``
+    directory brings its own architecture: ``stages.lineage.rm_architecture``.)"""
+    scalar = dict(head="scalar", dropout=0.0)
+    if config.rm.init_from in MODEL_SIZES:
+        keep = dict(vocab_size=config.model.vocab_size, max_len=config.model.max_len)
+        return model_config(config.rm.init_from, dtype=config.model.dtype, **keep, **scalar)
+    return dataclasses.replace(config.model, **scalar)

@@ -69,9 +69,8 @@ def _sequence_logprob_jit(
     return (jnp.sum(jnp.where(response_mask > 0, logp, 0.0), axis=-1),)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 3))
-def _nll_rows_jit(params, config, docs, pad_id):
-    real = (docs != pad_id).astype(jnp.int32)
+@functools.partial(jax.jit, static_argnums=(1,))
+def _nll_rows_jit(params, config, docs, real):
     logits = Transformer(config).apply({"params": params}, docs, real)
     # sft_loss convention: logits[:, t] predicts docs[:, t + 1]; nothing predicts the first token.
     logp = losses.token_logprobs(logits[:, :-1], docs[:, 1:])
@@ -91,11 +90,20 @@ def _rm_scores_jit(params, config, tokens, attention_mask, response_mask, prompt
 # Sampling and likelihoods
 
 
+def real_mask(tokens, mask, pad_id: int) -> np.ndarray:
+    """``mask`` (1 on real tokens) as int32, or where ``tokens != pad_id`` when it is None. Pass
+    the loaders' masks whenever a real token may equal the PAD id (most real tokenizers)."""
+    if mask is None:
+        return (np.asarray(tokens) != pad_id).astype(np.int32)
+    return np.asarray(mask, np.int32)
+
+
 def sample_responses(
     params,
     config: ModelConfig,
     prompts: Int[np.ndarray | Array, "N P"],
     *,
+    prompt_mask: Shaped[np.ndarray | Array, "N P"] | None = None,
     rng: jax.Array,
     batch_size: int,
     max_new_tokens: int,
@@ -110,12 +118,12 @@ def sample_responses(
     EOS) and ``mask`` [N R] (1 through the first EOS inclusive).
     """
 
-    def draw(i, batch):
+    def draw(i, batch, batch_mask):
         out = rollout.sample(
             params,
             config,
             batch,
-            (batch != pad_id).astype(np.int32),
+            batch_mask,
             jax.random.fold_in(rng, i),
             max_new_tokens=max_new_tokens,
             temperature=temperature,
@@ -125,7 +133,8 @@ def sample_responses(
         )
         return out.tokens, out.mask
 
-    tokens, mask = batched(draw, (np.asarray(prompts, np.int32),), batch_size)
+    arrays = (np.asarray(prompts, np.int32), real_mask(prompts, prompt_mask, pad_id))
+    tokens, mask = batched(draw, arrays, batch_size)
     return tokens.astype(np.int32), mask.astype(np.int32)
 
 
@@ -136,17 +145,18 @@ def sequence_logprob(
     responses: Int[np.ndarray | Array, "N R"],
     response_mask: Shaped[np.ndarray | Array, "N R"],
     *,
+    prompt_mask: Shaped[np.ndarray | Array, "N P"] | None = None,
     batch_size: int,
     pad_id: int,
     temperature: float = 1.0,
 ) -> Float[np.ndarray, " N"]:
     """``log pi_T(y | x) = sum_t mask_t * log pi_T(y_t | x, y_<t)``, teacher-forced [N]."""
 
-    def score(_, p, y, m):
-        pmask = (p != pad_id).astype(np.int32)
+    def score(_, p, pmask, y, m):
         return _sequence_logprob_jit(params, config, p, pmask, y, m, float(temperature))
 
-    arrays = tuple(np.asarray(a, np.int32) for a in (prompts, responses, response_mask))
+    arrays = (np.asarray(prompts, np.int32), real_mask(prompts, prompt_mask, pad_id))
+    arrays += tuple(np.asarray(a, np.int32) for a in (responses, response_mask))
     return batched(score, arrays, batch_size)[0].astype(np.float64)
 
 
@@ -159,7 +169,7 @@ def log_ratio(
     **kw,
 ) -> Float[np.ndarray, " N"]:
     """``log pi(y | x) - log pi_ref(y | x)`` per response, for ``policy = (params, config)`` and
-    ``reference`` likewise (``kw``: ``batch_size``, ``pad_id``, as for ``sequence_logprob``).
+    ``reference`` likewise (``kw`` as for ``sequence_logprob``).
     Its mean over samples of ``pi`` is the k1 estimate of KL(pi || pi_ref)."""
     sequences = (prompts, responses, response_mask)
     return sequence_logprob(*policy, *sequences, **kw) - sequence_logprob(
@@ -172,6 +182,7 @@ def heldout_nll(
     config: ModelConfig,
     docs: Int[np.ndarray | Array, "M T"],
     *,
+    mask: Shaped[np.ndarray | Array, "M T"] | None = None,
     batch_size: int,
     pad_id: int,
 ) -> float:
@@ -181,8 +192,8 @@ def heldout_nll(
     tokens)``: pooled over the corpus, so long documents weigh more (not a mean of batch means).
     """
     nll, count = batched(
-        lambda _, d: _nll_rows_jit(params, config, d, pad_id),
-        (np.asarray(docs, np.int32),),
+        lambda _, d, m: _nll_rows_jit(params, config, d, m),
+        (np.asarray(docs, np.int32), real_mask(docs, mask, pad_id)),
         batch_size,
     )
     total = int(count.sum())
@@ -220,11 +231,12 @@ def response_scores(
     responses: Int[np.ndarray, "N R"],
     response_mask: Int[np.ndarray, "N R"],
     *,
+    prompt_mask: Int[np.ndarray, "N P"] | None = None,
     batch_size: int,
     pad_id: int,
 ) -> Float[np.ndarray, " N"]:
     """The RM's normalised score of each (left-padded prompt, response) pair."""
-    prompt_mask = (prompts != pad_id).astype(np.int32)
+    prompt_mask = real_mask(prompts, prompt_mask, pad_id)
     tokens = np.concatenate([prompts, responses], axis=1)[:, None]
     attention = np.concatenate([prompt_mask, response_mask], axis=1)[:, None]
     full_response_mask = np.concatenate([np.zeros_like(prompt_mask), response_mask], axis=1)
@@ -341,6 +353,7 @@ def evaluate_policy(
     config: ModelConfig,
     test_prompts: Int[np.ndarray | Array, "N P"],
     *,
+    prompt_mask: Shaped[np.ndarray | Array, "N P"] | None = None,
     rng: jax.Array,
     batch_size: int,
     max_new_tokens: int,
@@ -349,6 +362,7 @@ def evaluate_policy(
     reward: tuple[Any, ModelConfig, Any] | None = None,
     reference: tuple[Any, ModelConfig, np.ndarray | None] | None = None,
     heldout_docs: Int[np.ndarray | Array, "M T"] | None = None,
+    heldout_mask: Shaped[np.ndarray | Array, "M T"] | None = None,
     samples_per_prompt: int = 1,
 ) -> PolicyEval:
     """Everything measurable about one policy without a gold reward (see the module docstring).
@@ -358,12 +372,17 @@ def evaluate_policy(
     adds the KL to the reference policy and, with the reference's own ``[N, k]`` RM scores (from
     its ``evaluate_policy`` with the same ``rng``), the paired RM win rate and gain; ``None``
     scores compare the policy with itself (win rate 0.5, gain 0). ``heldout_docs`` adds the
-    held-out NLL.
+    held-out NLL. The masks are 1 on real tokens (default: tokens that are not ``pad_id``).
     """
     test_prompts = np.asarray(test_prompts, np.int32)
     n, k = len(test_prompts), samples_per_prompt
-    kw = dict(batch_size=batch_size, pad_id=pad_id)
-    prompts = np.repeat(test_prompts, k, axis=0)  # prompt i's samples are rows i*k .. i*k+k-1
+    # prompt i's samples are rows i*k .. i*k+k-1
+    prompts = np.repeat(test_prompts, k, axis=0)
+    kw = dict(
+        batch_size=batch_size,
+        pad_id=pad_id,
+        prompt_mask=np.repeat(real_mask(test_prompts, prompt_mask, pad_id), k, axis=0),
+    )
     responses, mask = sample_responses(
         params, config, prompts, rng=rng, max_new_tokens=max_new_tokens, eos_id=eos_id, **kw
     )
@@ -375,7 +394,9 @@ def evaluate_policy(
         scores = scores.reshape(n, k)
     nll = float("nan")
     if heldout_docs is not None:
-        nll = heldout_nll(params, config, heldout_docs, **kw)
+        nll = heldout_nll(
+            params, config, heldout_docs, mask=heldout_mask, batch_size=batch_size, pad_id=pad_id
+        )
     vs_sft, kl = None, None
     if reference is not None:
         ref_params, ref_cfg, ref_scores = reference

@@ -8,7 +8,8 @@ and a plain nested dict of host NumPy arrays in ``param_dtype`` (put them on dev
 tokenizers; tensors go through ``safetensors`` in NumPy (bfloat16 via ml_dtypes), never torch.
 
 Supported: GPT-2 (``GPT2LMHeadModel``, ``GPT2Model``), Llama, Qwen2 (q/k/v biases), Mistral (its
-sliding window is not implemented, so outputs are exact only up to ``sliding_window`` tokens).
+sliding window is not implemented, so outputs are exact only up to ``sliding_window`` tokens), and
+the ``...ForSequenceClassification`` reward models of each family.
 
 Name mapping: one table per family (``_TABLES``), used in both directions. ``i`` is the layer;
 (L) marks a torch ``Linear`` weight, stored [out, in] and so transposed (GPT-2's ``Conv1D`` is
@@ -33,7 +34,8 @@ params a config lacks (biases, an untied head) are skipped.
   lm_head (L, untied only)            lm_head [D V]
 
 RoPE in ``model.py`` uses HF's rotate-half layout, so q/k projections need no permutation.
-Scalar-head params (``score_head``) have no causal-LM equivalent: ``save_checkpoint`` refuses them.
+A scalar head (``score_head``, a reward model) maps to ``score`` of ``...ForSequenceClassification``
+with one label; HF's head has no bias, so ``save_checkpoint`` folds ours in (``_fold_score_bias``).
 """
 
 from __future__ import annotations
@@ -60,11 +62,17 @@ from rlhf_jax.model import init_params
 
 # model_type -> (our family, architectures we accept).
 SUPPORTED: dict[str, tuple[str, tuple[str, ...]]] = {
-    "gpt2": ("gpt2", ("GPT2LMHeadModel", "GPT2Model")),
-    "llama": ("llama", ("LlamaForCausalLM", "LlamaModel")),
-    "qwen2": ("llama", ("Qwen2ForCausalLM", "Qwen2Model")),
-    "mistral": ("llama", ("MistralForCausalLM", "MistralModel")),
+    "gpt2": ("gpt2", ("GPT2LMHeadModel", "GPT2Model", "GPT2ForSequenceClassification")),
+    "llama": ("llama", ("LlamaForCausalLM", "LlamaModel", "LlamaForSequenceClassification")),
+    "qwen2": ("llama", ("Qwen2ForCausalLM", "Qwen2Model", "Qwen2ForSequenceClassification")),
+    "mistral": (
+        "llama",
+        ("MistralForCausalLM", "MistralModel", "MistralForSequenceClassification"),
+    ),
 }
+# The config attribute that carries a reward model's scalar offset where HF's classification head
+# (which has no bias) cannot: Llama-family models, whose final RMSNorm has no bias either.
+SCORE_BIAS = "score_bias"
 _PREFIX = {"gpt2": "transformer.", "llama": "model."}
 # HF buffers and duplicates that carry no parameters of ours.
 _IGNORED = re.compile(r"(\.attn\.(masked_)?bias|rotary_emb\.inv_freq)$")
@@ -115,6 +123,7 @@ _TABLES: dict[str, tuple[Row, ...]] = {
         *_pair(_GPT2_LAYER + "mlp.c_fc", _L + "mlp/fc"),
         *_pair(_GPT2_LAYER + "mlp.c_proj", _L + "mlp/down"),
         Row("lm_head.weight", ("lm_head/kernel",), linear=True),
+        Row("score.weight", ("score_head/kernel",), linear=True),
     ),
     "llama": (
         Row("model.embed_tokens.weight", ("embed",)),
@@ -129,6 +138,7 @@ _TABLES: dict[str, tuple[Row, ...]] = {
         *_pair(_LLAMA_LAYER + "mlp.up_proj", _L + "mlp/up", linear=True),
         *_pair(_LLAMA_LAYER + "mlp.down_proj", _L + "mlp/down", linear=True),
         Row("lm_head.weight", ("lm_head/kernel",), linear=True),
+        Row("score.weight", ("score_head/kernel",), linear=True),
     ),
 }
 
@@ -150,10 +160,11 @@ def _rows(config: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> list[Row]:
             ours = tuple(p.format(i=i) for p in row.ours)
             if all(p in shapes for p in ours):
                 rows.append(row._replace(hf=row.hf.format(i=i), ours=ours))
-    unmapped = sorted(set(shapes) - {p for r in rows for p in r.ours})
+    # The scalar head's bias has no HF tensor: it is folded in (see save_checkpoint).
+    unmapped = sorted(set(shapes) - {p for r in rows for p in r.ours} - {"score_head/bias"})
     if unmapped:
         raise CheckpointError(
-            f"params {unmapped} have no Hugging Face causal-LM tensor "
+            f"params {unmapped} have no Hugging Face tensor "
             f"(family={config.family!r}, head={config.head!r})"
         )
     return rows
@@ -284,6 +295,10 @@ def _to_hf_config(config: ModelConfig, overrides: dict[str, Any]) -> Any:
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):  # ids from the preset's vocab
         token = getattr(defaults, name, None)
         fields[name] = token if isinstance(token, int) and token < config.vocab_size else None
+    if config.head == "scalar":  # a reward model: the same trunk under a one-label classifier
+        arch = arch.replace("LMHeadModel", "ForSequenceClassification").replace(
+            "ForCausalLM", "ForSequenceClassification"
+        )
     fields.update(
         vocab_size=config.vocab_size, tie_word_embeddings=config.tie_embeddings,
         architectures=[arch], dtype=config.param_dtype,
@@ -294,21 +309,8 @@ def _to_hf_config(config: ModelConfig, overrides: dict[str, Any]) -> Any:
 # ----------------------------------------------------------------------------- public API
 
 
-def load_checkpoint(
-    path: str | os.PathLike,
-    *,
-    dtype: str = "float32",
-    param_dtype: str = "float32",
-    dropout: float = 0.0,
-) -> tuple[ModelConfig, dict[str, Any]]:
-    """Read a local HF checkpoint directory into ``(ModelConfig, params)``.
-
-    ``dtype`` is the compute dtype and ``param_dtype`` the dtype of the returned NumPy arrays;
-    ``dropout`` is ours (HF's dropout rates are ignored). Raises ``CheckpointNotFoundError`` for a
-    missing config or weights file and ``CheckpointError`` for unsupported models, missing
-    tensors and shape mismatches, each naming the culprit.
-    """
-    path = Path(path)
+def _read_config(path: Path) -> tuple[Any, str, bool]:
+    """(HF config, model_type, whether it is a sequence-classification model) of a directory."""
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CheckpointNotFoundError(f"no config.json in checkpoint directory {path}")
@@ -320,9 +322,48 @@ def load_checkpoint(
             f"unsupported model: model_type={model_type!r}, architectures={archs} in "
             f"{config_file}; supported architectures: {supported}"
         )
+    scalar = any(a.endswith("ForSequenceClassification") for a in archs)
+    if scalar and raw.get("num_labels", len(raw.get("id2label") or [0])) != 1:
+        raise CheckpointError(f"{config_file}: a reward model needs num_labels=1")
     hf_config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    return hf_config, model_type, scalar
+
+
+def load_config(path: str | os.PathLike, **overrides: Any) -> ModelConfig:
+    """The ``ModelConfig`` of a local HF checkpoint directory, without reading its weights
+    (``head="scalar"`` for a ``...ForSequenceClassification`` reward model)."""
+    hf_config, model_type, scalar = _read_config(Path(path))
+    if scalar:
+        overrides = {"head": "scalar", **overrides}
+    return _from_hf_config(hf_config, model_type, **overrides)
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    param_dtype: str = "float32",
+    dropout: float = 0.0,
+) -> tuple[ModelConfig, dict[str, Any]]:
+    """Read a local HF checkpoint directory into ``(ModelConfig, params)``.
+
+    A causal LM gives ``head="lm"``; a ``...ForSequenceClassification`` model with one label (a
+    reward model, e.g. one written by ``save_checkpoint``) gives ``head="scalar"``, its head bias
+    the config's ``score_bias`` (0 when absent). ``dtype`` is the compute dtype and
+    ``param_dtype`` the dtype of the returned NumPy arrays; ``dropout`` is ours (HF's dropout rates
+    are ignored). Raises ``CheckpointNotFoundError`` for a missing config or weights file and
+    ``CheckpointError`` for unsupported models, missing tensors and shape mismatches, each naming
+    the culprit.
+    """
+    path = Path(path)
+    hf_config, model_type, scalar = _read_config(path)
     config = _from_hf_config(
-        hf_config, model_type, dtype=dtype, param_dtype=param_dtype, dropout=dropout
+        hf_config,
+        model_type,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        dropout=dropout,
+        head="scalar" if scalar else "lm",
     )
 
     # Where each tensor lives.
@@ -339,7 +380,8 @@ def load_checkpoint(
     listing, prefix = (index if index.is_file() else single), _PREFIX[config.family]
     stored = {k: k for k in where}  # our HF name -> name in the file
     if not any(k.startswith(prefix) for k in where):  # GPT2Model-style names, without the prefix
-        stored = {(k if k.startswith("lm_head.") else prefix + k): k for k in where}
+        heads = ("lm_head.", "score.")
+        stored = {(k if k.startswith(heads) else prefix + k): k for k in where}
 
     shapes = _param_shapes(config)
     rows = _rows(config, shapes)
@@ -367,12 +409,33 @@ def load_checkpoint(
                     )
                 for p, part in zip(row.ours, _from_hf(row, x.astype(pdt), shapes), strict=True):
                     flat[p] = part
+    if scalar:
+        bias = float(getattr(hf_config, SCORE_BIAS, 0.0) or 0.0)
+        flat["score_head/bias"] = np.full(shapes["score_head/bias"], bias, pdt)
 
     used = {r.hf for r in rows} | ({"lm_head.weight"} if config.tie_embeddings else set())
     unused = sorted(k for k in stored if k not in used and not _IGNORED.search(k))
     if unused:
         warnings.warn(f"ignored {len(unused)} tensors of {path}: {unused[:8]}", stacklevel=2)
     return config, traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _fold_score_bias(config: ModelConfig, flat: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Fold the scalar head's bias into what HF's bias-free classification head can carry.
+
+    GPT-2: ``score = w . (ln_f(x)) + b``, and ``ln_f`` ends in ``+ beta``, so ``beta += b w /
+    |w|^2`` adds exactly ``b`` to the score at every position (the LM head is gone, so nothing
+    else reads ``ln_f``). Llama-family norms have no bias: the offset goes to the config field
+    ``score_bias`` instead, which ``load_checkpoint`` reads back and an HF user adds to the logits.
+    Returns the HF config fields to add.
+    """
+    b = float(np.asarray(flat.pop("score_head/bias")).reshape(-1)[0])
+    if config.family != "gpt2":
+        return {SCORE_BIAS: b, "num_labels": 1}
+    w = np.asarray(flat["score_head/kernel"], np.float64).reshape(-1)
+    beta = np.asarray(flat["final_norm/bias"], np.float64)
+    flat["final_norm/bias"] = (beta + b * w / np.dot(w, w)).astype(flat["final_norm/bias"].dtype)
+    return {"num_labels": 1}
 
 
 def save_checkpoint(
@@ -382,23 +445,25 @@ def save_checkpoint(
     *,
     hf_overrides: dict[str, Any] | None = None,
 ) -> None:
-    """Write ``config.json`` + ``model.safetensors`` that ``AutoModelForCausalLM`` loads.
+    """Write ``config.json`` + ``model.safetensors`` that transformers loads.
 
-    GPT-2 configs become ``GPT2LMHeadModel``; Llama-family configs become ``Qwen2ForCausalLM``
-    when they have q/k/v biases only, else ``LlamaForCausalLM``. ``hf_overrides`` are extra HF
-    config fields (e.g. ``eos_token_id``); token ids of the HF defaults outside the vocabulary are
-    dropped. Params must be fully addressable from this process (gather them first on multi-host).
-    Scalar-head models raise ``CheckpointError``: save them with Orbax (``rlhf_jax.checkpoint``).
+    A causal LM (``head="lm"``) loads with ``AutoModelForCausalLM``: GPT-2 configs become
+    ``GPT2LMHeadModel``; Llama-family configs become ``Qwen2ForCausalLM`` when they have q/k/v
+    biases only, else ``LlamaForCausalLM``. A scalar-head model (a reward model) loads with
+    ``AutoModelForSequenceClassification`` (``...ForSequenceClassification``, ``num_labels=1``),
+    its head bias folded in (``_fold_score_bias``) so that its logits equal our scores.
+    ``hf_overrides`` are extra HF config fields (e.g. ``eos_token_id``, ``pad_token_id``: HF's
+    classifier reads the score at the last token that is not ``pad_token_id``); token ids of the
+    HF defaults outside the vocabulary are dropped. Params must be fully addressable from this
+    process (gather them first on multi-host).
     """
-    if config.head != "lm":
-        raise CheckpointError(
-            "save_checkpoint writes causal LMs only; a head='scalar' model (score_head) has no "
-            "AutoModelForCausalLM equivalent: save it with Orbax instead"
-        )
-    hf_config = _to_hf_config(config, dict(hf_overrides or {}))
+    overrides = dict(hf_overrides or {})
     shapes = _param_shapes(config)
     rows = _rows(config, shapes)
-    flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
+    flat = {
+        k: np.asarray(v)
+        for k, v in traverse_util.flatten_dict(jax.device_get(params), sep="/").items()
+    }
     for name, shape in shapes.items():
         if name not in flat:
             raise CheckpointError(f"param {name!r} missing from params for {config}")
@@ -406,7 +471,10 @@ def save_checkpoint(
             raise CheckpointError(
                 f"param {name!r}: expected shape {shape}, got {tuple(np.shape(flat[name]))}"
             )
-    tensors = {r.hf: _to_hf(r, [np.asarray(flat[p]) for p in r.ours]) for r in rows}
+    if config.head == "scalar":
+        overrides = {**_fold_score_bias(config, flat), **overrides}
+    hf_config = _to_hf_config(config, overrides)
+    tensors = {r.hf: _to_hf(r, [flat[p] for p in r.ours]) for r in rows}
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     hf_config.save_pretrained(path)
@@ -414,5 +482,8 @@ def save_checkpoint(
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
-    """The tokenizer saved in a local checkpoint directory (never downloads)."""
-    return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    """The tokenizer saved in a local directory (never downloads), padding on the left, the side
+    prompts must be padded on for generation (``rollout.sample``)."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    tokenizer.padding_side = "left"
+    return tokenizer

@@ -185,6 +185,24 @@ class Block(nn.Module):
         return x, kv
 
 
+def _score_head(cfg: ModelConfig) -> Dense:
+    # N+ initialisation of the reward head: std 1/sqrt(D+1).
+    return Dense(
+        (1,), ("embed",), ("scalar",), cfg, True, (cfg.d_model + 1) ** -0.5, name="score_head"
+    )
+
+
+class _ScoreHeadOnly(nn.Module):
+    """The scalar head at the path it has in ``Transformer`` (so the same key gives it the same
+    initial values), without the rest of the model."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        return _score_head(self.config)(x)
+
+
 class Transformer(nn.Module):
     """The whole model. See the module docstring for padding and cache semantics.
 
@@ -242,10 +260,14 @@ class Transformer(nn.Module):
             x = x + jnp.take(pos_embed, positions, axis=0).astype(cfg.compute_dtype)
         x = nn.Dropout(cfg.dropout, deterministic=deterministic)(x)
 
+        # Gradient checkpointing: each block's activations are recomputed in the backward pass
+        # instead of stored (argument 6, ``deterministic``, is a Python bool). Decoding with a
+        # cache has no backward pass.
+        block = nn.remat(Block, static_argnums=(6,)) if cfg.remat and cache is None else Block
         new_k, new_v = [], []
         for i in range(cfg.n_layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-            x, (k, v) = Block(cfg, name=f"layers_{i}")(
+            x, (k, v) = block(cfg, name=f"layers_{i}")(
                 x, positions, key_mask, offset, layer_cache, deterministic
             )
             new_k.append(k)
@@ -253,16 +275,7 @@ class Transformer(nn.Module):
         x = Norm(cfg, name="final_norm")(x)
 
         if cfg.head == "scalar":
-            # N+ initialisation of the reward head: std 1/sqrt(D+1).
-            out = Dense(
-                (1,),
-                ("embed",),
-                ("scalar",),
-                cfg,
-                True,
-                (cfg.d_model + 1) ** -0.5,
-                name="score_head",
-            )(x)[..., 0].astype(jnp.float32)
+            out = _score_head(cfg)(x)[..., 0].astype(jnp.float32)
         elif cfg.tie_embeddings:
             out = jnp.einsum("btd,vd->btv", x, embedding.astype(cfg.compute_dtype))
             out = out.astype(jnp.float32)
@@ -287,6 +300,13 @@ def init_params(config: ModelConfig, rng: jax.Array):
     ``train_state.init_model_params``)."""
     tokens = jnp.zeros((1, 1), jnp.int32)
     return nn.meta.unbox(Transformer(config).init(rng, tokens)["params"])
+
+
+def init_score_head(config: ModelConfig, rng: jax.Array):
+    """The ``score_head`` params that ``init_params(config, rng)`` would give, computed alone
+    (Flax derives each submodule's key from its path, so the values are the same)."""
+    x = jnp.zeros((1, 1, config.d_model), config.compute_dtype)
+    return nn.meta.unbox(_ScoreHeadOnly(config).init(rng, x))["params"]["score_head"]
 
 
 def logical_axes(config: ModelConfig):

@@ -25,6 +25,7 @@ from jaxtyping import Array, Bool, Float, Int, Shaped
 
 from rlhf_jax import losses
 from rlhf_jax.config import ModelConfig
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.model import KVCache, Transformer, init_cache
 
 # --------------------------------------------------------------------------------------------------
@@ -190,7 +191,10 @@ def sample(
     ``pad_id`` with mask 0 and log-prob 0; ``logprobs`` are under ``softmax(logits / temperature)``.
     Two jitted calls: the prefill, then the decode loop with the sampling state (and its cache)
     donated. The batch keeps the sharding of ``prompt_tokens``; equal shapes never recompile.
+    Prompts must be left-padded (their last token real), the layout every response position
+    depends on; right-padded ones, what many tokenizers give by default, raise ``ConfigError``.
     """
+    check_left_padded(prompt_mask)
     sampler = Sampler(temperature, top_k, top_p, greedy)
     state = _prefill_jit(params, config, prompt_tokens, prompt_mask, max_new_tokens, pad_id)
     state = _decode_jit(params, config, state, rng, sampler, eos_id, pad_id)
@@ -199,6 +203,20 @@ def sample(
 
 # --------------------------------------------------------------------------------------------------
 # Scoring
+
+
+def check_left_padded(prompt_mask) -> None:
+    """``ConfigError`` when a concrete prompt mask has padding after a real token."""
+    if isinstance(prompt_mask, jax.core.Tracer):
+        return
+    mask = np.asarray(prompt_mask)
+    if mask.ndim == 2 and mask.shape[1] and np.any((mask[:, -1] == 0) & (mask.sum(axis=1) > 0)):
+        rows = np.flatnonzero((mask[:, -1] == 0) & (mask.sum(axis=1) > 0))
+        raise ConfigError(
+            f"prompts are right-padded (rows {rows[:5].tolist()} end in padding): sampling "
+            "continues from the last position, so pad prompts on the left "
+            "(tokenizer.padding_side = 'left', as rlhf_jax.hf.load_tokenizer sets)"
+        )
 
 
 def full_sequence(prompt_tokens, prompt_mask, response_tokens, response_mask):

@@ -47,6 +47,12 @@ def mesh_shape(config: MeshConfig, n_devices: int) -> tuple[int, int, int]:
     return tuple(sizes)
 
 
+def data_parallel_size(config: MeshConfig, n_devices: int | None = None) -> int:
+    """How many ways a batch is split: the product of the ``data`` and ``fsdp`` axes."""
+    data, fsdp, _ = mesh_shape(config, jax.device_count() if n_devices is None else n_devices)
+    return data * fsdp
+
+
 def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """The mesh over ``devices`` (default: every device of every process)."""
     devices = list(jax.devices() if devices is None else devices)
@@ -105,11 +111,29 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def process_rows(batch: Any) -> Any:
+    """This process's rows of a global host batch: the ``i``-th of ``process_count`` equal slices
+    along the leading axis (the whole batch on one process). Every process reading the same
+    global batch and keeping its rows makes a batch the same whatever the number of processes."""
+    n, i = jax.process_count(), jax.process_index()
+    if n == 1:
+        return batch
+
+    def rows(x):
+        x = np.asarray(x)
+        if len(x) % n:
+            raise ConfigError(f"a global batch of {len(x)} rows does not split over {n} processes")
+        size = len(x) // n
+        return x[i * size : (i + 1) * size]
+
+    return jax.tree.map(rows, batch)
+
+
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
     """Place a tree of host-local numpy arrays as global arrays split over (data, fsdp).
 
-    In a multi-process run every process passes its own slice of the global batch (the loaders
-    shard by process), so the global leading dimension is ``local * process_count``.
+    In a multi-process run every process passes its own slice of the global batch
+    (``process_rows``), so the global leading dimension is ``local * process_count``.
     """
     n = math.prod(mesh.shape[a] for a in BATCH_AXES)
 

@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 
 from rlhf_jax import sharding
 from rlhf_jax.config import ModelConfig, OptimizerConfig
-from rlhf_jax.model import Transformer, abstract_params, init_params
+from rlhf_jax.model import Transformer, abstract_params, init_score_head
 
 
 class TrainState(struct.PyTreeNode):
@@ -123,10 +123,13 @@ def init_model_params(model: ModelConfig, rng: jax.Array, mesh: Mesh, rules):
 
 def scalar_head_params(lm_params: dict, scalar_model: ModelConfig, rng: jax.Array) -> dict:
     """RM initialisation (InstructGPT section 3.5): the LM's params without its unembedding, plus
-    a fresh scalar head with std 1/sqrt(D+1) (N+)."""
-    head = init_params(scalar_model, rng)["score_head"]
+    a fresh scalar head with std 1/sqrt(D+1) (N+).
+
+    The head has the values a full ``init_params(scalar_model, rng)`` would give it, but only the
+    head is initialised (``model.init_score_head``): a second whole model would not fit next to
+    a 7B one."""
     params = {k: v for k, v in lm_params.items() if k != "lm_head"}
-    params["score_head"] = head
+    params["score_head"] = init_score_head(scalar_model, rng)
     return params
 
 

@@ -48,3 +48,44 @@ def two_processes():
             assert p.returncode == 0 and f"OK {i}" in out, out[-3000:]
 
     return run
+
+
+@pytest.fixture(scope="session")
+def rlhf_jax_cli():
+    """``rlhf_jax_cli(*args, cwd=...)``: ``rlhf-jax *args`` in a fresh process (this checkout
+    first on the path), its ``CompletedProcess`` with the output captured."""
+
+    def run(*args: str, cwd, env=None, timeout: int = 900):
+        env = {**os.environ, "PYTHONPATH": os.getcwd(), **(env or {})}
+        return subprocess.run(
+            [sys.executable, "-m", "rlhf_jax.cli", *args],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    return run
+
+
+@pytest.fixture
+def preempt(monkeypatch):
+    """``preempt(n)``: the ``n``-th batch a stage feeds raises ``KeyboardInterrupt``, as a
+    preemption would; ``preempt(0)`` feeds every batch again."""
+    from rlhf_jax.stages import driver
+
+    real = driver.sharding.shard_batch
+
+    def arm(n: int) -> None:
+        calls = {"n": 0}
+
+        def preempted(batch, mesh):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise KeyboardInterrupt
+            return real(batch, mesh)
+
+        monkeypatch.setattr(driver.sharding, "shard_batch", preempted if n else real)
+
+    return arm

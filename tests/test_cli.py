@@ -69,7 +69,7 @@ def test_command_help_lists_its_fields_with_the_presets_values(capsys):
         (("train",), "unknown command 'train'"),
         (("rm", "--config=tiny"), "stage 'rm' starts from 'sft', which has not run"),
         (("ppo", "--config=tiny"), "run `rlhf-jax sft` with the same --workdir first"),
-        (("eval", "--config=tiny", "--config.data.source=jsonl"), "no gold"),
+        (("eval", "--config=tiny", "--config.data.source=files"), "data.tokenizer=''"),
     ],
 )
 def test_user_mistakes_are_one_line_before_any_work(capsys, tmp_path, argv, message):
@@ -84,17 +84,19 @@ def test_bad_data_is_one_line_naming_file_line_and_field(capsys, tmp_path):
 
     tokenizer = save_tokenizer(tmp_path / "tokenizer")
     demos = tmp_path / "demos.jsonl"
-    demos.write_text(json.dumps({"prompt": "<bos> REV c1 <sep>", "response": "c1"}) + "\n")
-    demos.write_text(demos.read_text() + json.dumps({"prompt": "<bos> REV c2 <sep>"}) + "\n")
+    good = json.dumps({"prompt": "<bos> REV c1 <sep>", "response": "c1"}) + "\n"
+    bad = json.dumps({"prompt": "<bos> REV c2 <sep>"}) + "\n"  # line 2 has no response
+    demos.write_text(good + bad + good * 8)
     workdir = tmp_path / "run"
     argv = (
         "sft",
         "--config=tiny",
         f"--workdir={workdir}",
-        "--config.data.source=jsonl",
+        "--config.data.source=files",
         f"--config.data.tokenizer={tokenizer}",
         f"--config.data.demonstrations={demos}",
         "--config.sft.ptx_fraction=0",
+        "--config.sft.batch_size=8",
     )
     code, _, err = _run(capsys, *argv)
     assert f"{demos}:2: field 'response': missing" in _one_line_error(code, err)

@@ -13,7 +13,7 @@ from tokenizers.pre_tokenizers import Whitespace
 from transformers import PreTrainedTokenizerFast
 
 from rlhf_jax.data import builders, loaders
-from rlhf_jax.data.jsonl import load_jsonl
+from rlhf_jax.data.files import load_records
 from rlhf_jax.data.records import DataError, Kind
 
 WORDS = [
@@ -237,7 +237,7 @@ def test_malformed_jsonl_names_file_line_field_and_writes_nothing(
     where = f"{src}:3: " + (f"field '{field}': " if field else "")
     budgets = {"max_prompt_len": 3, "max_response_len": 3, "max_text_len": 4}
     with pytest.raises(DataError, match=f"^{re.escape(where)}.*{message}"):
-        load_jsonl(src, kind, tok, **budgets)
+        load_records(src, kind, tok, **budgets)
     data = tmp_path / "data"
     with pytest.raises(DataError, match=re.escape(where)):
         builders.build_dataset(kind, "x", data, {"train": src}, tokenizer=tok, **budgets)

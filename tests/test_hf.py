@@ -250,8 +250,12 @@ def test_unsupported_architecture(gpt2_dir):
     _edit_config(gpt2_dir, model_type="bert", architectures=["BertForMaskedLM"])
     with pytest.raises(hf.CheckpointError, match=r"model_type='bert'.*supported.*Qwen2ForCausal"):
         hf.load_checkpoint(gpt2_dir)
-    _edit_config(gpt2_dir, model_type="gpt2", architectures=["GPT2ForSequenceClassification"])
-    with pytest.raises(hf.CheckpointError, match="GPT2ForSequenceClassification"):
+    _edit_config(gpt2_dir, model_type="gpt2", architectures=["GPT2ForTokenClassification"])
+    with pytest.raises(hf.CheckpointError, match="GPT2ForTokenClassification"):
+        hf.load_checkpoint(gpt2_dir)
+    # A reward model is read as one (scalar head), so a causal LM's weights lack its head.
+    _edit_config(gpt2_dir, architectures=["GPT2ForSequenceClassification"], num_labels=1)
+    with pytest.raises(hf.CheckpointError, match="'score.weight'.*missing"):
         hf.load_checkpoint(gpt2_dir)
 
 
@@ -291,10 +295,28 @@ def test_missing_files(gpt2_dir, tmp_path):
         hf.load_checkpoint(gpt2_dir)
 
 
-def test_save_refuses_scalar_head(tmp_path):
-    config = model_config("tiny", vocab_size=V, head="scalar")
-    with pytest.raises(hf.CheckpointError, match="scalar"):
-        hf.save_checkpoint(tmp_path, config, _random_params(config))
+@pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny"])
+def test_reward_model_saves_as_sequence_classification(name, tmp_path):
+    size = {"gpt2-tiny": "tiny", "llama-tiny": "tiny-llama"}[name]
+    config = model_config(size, vocab_size=V, head="scalar")
+    params = _random_params(config)
+    hf.save_checkpoint(tmp_path, config, params, hf_overrides={"pad_token_id": V - 1})
+
+    model = T.AutoModelForSequenceClassification.from_pretrained(tmp_path, local_files_only=True)
+    tokens, mask = _padded_batch(np.random.default_rng(3))
+    tokens = np.where(mask > 0, np.minimum(tokens, V - 2), V - 1)  # left padding with pad_token_id
+    ours = _our_logits(config, params, tokens, mask)  # [B T]: the score at every position
+    theirs = _hf_logits(model.eval(), tokens, mask)[:, 0]  # read at the last non-pad token
+    # Our head has a bias, HF's has none: GPT-2 folds it into ln_f's bias (exact); Llama-family
+    # models keep it as config.score_bias, to add to the logits.
+    theirs = theirs + getattr(model.config, hf.SCORE_BIAS, 0.0)
+    assert (hf.SCORE_BIAS in model.config.to_dict()) == (name == "llama-tiny")
+    print(f"{name}: max |ours - transformers| = {np.abs(ours[:, -1] - theirs).max():.2e}")
+    np.testing.assert_allclose(ours[:, -1], theirs, atol=TOL, rtol=0)
+
+    loaded_config, loaded = hf.load_checkpoint(tmp_path)  # back into our params: the same model
+    assert loaded_config == config
+    np.testing.assert_allclose(_our_logits(config, loaded, tokens, mask), ours, atol=1e-5, rtol=0)
 
 
 def test_load_tokenizer(gpt2_dir):

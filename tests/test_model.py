@@ -1,5 +1,7 @@
 """Transformer invariants: padding, KV cache, dropout switch, heads, config errors."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -124,3 +126,36 @@ def test_config_errors_name_the_numbers(fields, message):
 def test_unknown_size():
     with pytest.raises(ValueError, match="unknown model size 'XXL'"):
         model_config("XXL")
+
+
+def test_score_head_alone_has_the_full_inits_values():
+    from rlhf_jax.model import init_score_head
+
+    for size in ("S", "tiny-llama"):
+        model = model_config(size, vocab_size=64, max_len=24, head="scalar")
+        full = init_params(model, jax.random.key(2))["score_head"]
+        alone = init_score_head(model, jax.random.key(2))
+        jax.tree.map(np.testing.assert_array_equal, alone, full)
+
+
+@pytest.mark.parametrize("size", ["tiny", "tiny-llama"])
+def test_remat_recomputes_the_same_gradients(size):
+    from rlhf_jax import losses
+
+    model = model_config(size, vocab_size=64, max_len=24)
+    remat = dataclasses.replace(model, remat=True)
+    params = init_params(model, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (3, 10), 0, 64)
+
+    def grads(config):
+        def loss(p):
+            logits = Transformer(config).apply({"params": p}, tokens)
+            return losses.sft_loss(logits, tokens, jnp.ones_like(tokens))
+
+        return jax.jit(jax.grad(loss))(params)
+
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+        grads(remat),
+        grads(model),
+    )

@@ -4,8 +4,6 @@ docs/method.md section 7 checks 1, 2, 5 and 6 on real checkpoints."""
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -17,8 +15,9 @@ from rlhf_jax.configs import tiny
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.instructlang import lang, pipeline
 from rlhf_jax.instructlang.pipeline import run_seeds
-from rlhf_jax.stages import driver
-from rlhf_jax.stages.driver import load_policy, load_reward_model, loader
+from rlhf_jax.stages import lineage
+from rlhf_jax.stages.driver import loader
+from rlhf_jax.stages.lineage import load_policy, load_reward_model
 from rlhf_jax.stages.lm import run_lm_stage
 from rlhf_jax.stages.rm import demonstration_scores
 
@@ -89,7 +88,7 @@ def test_ppo_logs_ratio_one_and_zero_initial_kl(tiny_run):
 def test_rm_bias_centres_the_demonstrations(tiny_run):
     config, workdir, _ = tiny_run
     mesh = sharding.make_mesh(config.mesh)
-    params, bias = load_reward_model(config, workdir, mesh)
+    params, bias, _ = load_reward_model(config, workdir, mesh)
     scores = demonstration_scores(params, rm_config(config), config, workdir)
     assert len(scores) == config.world.splits.sft_train
     assert abs(float(np.mean(scores) - bias)) < 1e-5  # check 6
@@ -118,25 +117,17 @@ def _export(config, workdir, stage):
     return jax.tree.map(np.asarray, jax.device_get(load_policy(config, workdir, stage)))
 
 
-def test_interrupted_stage_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+def test_interrupted_stage_resumes_to_the_uninterrupted_result(tmp_path, preempt):
     config = _small()
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     for workdir in (whole, parts):
         run_lm_stage(config, workdir, "pretrain")
     run_lm_stage(config, whole, "sft")
 
-    real, calls = sharding.shard_batch, {"n": 0}
-
-    def preempted(batch, mesh):  # a preemption while the 5th SFT batch is being fed
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real(batch, mesh)
-
-    monkeypatch.setattr(driver.sharding, "shard_batch", preempted)
+    preempt(5)  # a preemption while the 5th SFT batch is being fed
     with pytest.raises(KeyboardInterrupt):
         run_lm_stage(config, parts, "sft")
-    monkeypatch.setattr(driver.sharding, "shard_batch", real)
+    preempt(0)
     assert checkpoint.StageCheckpointer(parts, "sft").latest_step() == 3
     run_lm_stage(config, parts, "sft")  # resumes from step 3: params, optimiser, rng, data
 
@@ -166,19 +157,8 @@ def test_checkpoint_from_a_data8_mesh_feeds_a_2x2x2_mesh(tmp_path):
     assert checkpoint.StageCheckpointer(tmp_path, "sft").latest_step() == 8
 
 
-def _cli(*args, cwd):
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    return subprocess.run(
-        [sys.executable, "-m", "rlhf_jax.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
-def test_cli_runs_every_stage_eval_and_generate(tmp_path):
+def test_cli_runs_every_stage_eval_and_generate(tmp_path, rlhf_jax_cli):
+    _cli = rlhf_jax_cli
     preset = os.path.abspath("configs/tiny.py")
     # A relative work directory, as the CLI's default runs/<name> is.
     common_args = (f"--config={preset}", "--workdir=run", "--config.log_every=1")
@@ -203,12 +183,13 @@ def test_cli_runs_every_stage_eval_and_generate(tmp_path):
         "generate", *common_args, "--stage=ppo", "--prompt=<bos> REV c3 c9 c1 <sep>", cwd=tmp_path
     )
     assert gen.returncode == 0, gen.stderr[-3000:]
-    prompt, response = gen.stdout.strip().splitlines()[-1].split(" -> ")
-    assert prompt == "<bos> REV c3 c9 c1 <sep>"
-    lang.encode_text(response)  # decodes into the world's tokens
+    row = json.loads(gen.stdout.strip().splitlines()[-1])
+    assert row["prompt"] == "<bos> REV c3 c9 c1 <sep>"
+    lang.encode_text(row["response"])  # decodes into the world's tokens
 
 
-def test_cli_rejects_unknown_fields_and_commands(tmp_path):
+def test_cli_rejects_unknown_fields_and_commands(tmp_path, rlhf_jax_cli):
+    _cli = rlhf_jax_cli
     preset = os.path.abspath("configs/tiny.py")
     bad = _cli("pretrain", f"--config={preset}", "--config.pretrain.stepz=3", cwd=tmp_path)
     assert bad.returncode != 0 and "stepz" in bad.stderr
@@ -234,7 +215,7 @@ def test_stages_run_on_user_jsonl_data(tmp_path):
     text = lambda row: lang.decode_text(corpus.unpad(row))  # noqa: E731
     data = dataclasses.replace(
         tiny.get_config().data,
-        source="jsonl",
+        source="files",
         tokenizer=save_tokenizer(tmp_path / "tokenizer"),
         demonstrations=_write_jsonl(
             tmp_path / "demos.jsonl",
@@ -265,7 +246,7 @@ def test_stages_run_on_user_jsonl_data(tmp_path):
     run_rm(config, workdir)
     run_ppo(config, workdir, "ppo")
     assert checkpoint.StageCheckpointer(workdir, "ppo").latest_step() == 1
-    assert (workdir / "data" / "rlhf_comparisons" / "jsonl").is_dir()
+    assert (workdir / "data" / "rlhf_comparisons" / "files").is_dir()
 
 
 def test_init_from_an_hf_checkpoint_checks_the_architecture(tmp_path):
@@ -278,8 +259,8 @@ def test_init_from_an_hf_checkpoint_checks_the_architecture(tmp_path):
     save_checkpoint(tmp_path / "hf", model, params)
     mesh = sharding.make_mesh(MeshConfig())
     config = dataclasses.replace(tiny.get_config(), init_from=str(tmp_path / "hf"))
-    loaded = driver.initial_params(config, tmp_path, driver.INIT_FROM, config.model, mesh)
+    loaded = lineage.initial_params(config, tmp_path, lineage.INIT_FROM, config.model, mesh)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded), params)
     wider = dataclasses.replace(config.model, mlp_dim=128)
     with pytest.raises(ConfigError, match="mlp_dim=64 vs 128"):
-        driver.initial_params(config, tmp_path, driver.INIT_FROM, wider, mesh)
+        lineage.initial_params(config, tmp_path, lineage.INIT_FROM, wider, mesh)

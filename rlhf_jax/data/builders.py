@@ -1,7 +1,7 @@
 """tfds builders that write the four record kinds as array_record, and `open_source` to read them.
 
 `build_dataset(kind, name, data_dir, splits)` takes, per split, either records generated in Python
-(any iterable of record dicts, see `records`) or a JSONL file path (tokenised with ``tokenizer``),
+(any iterable of record dicts, see `records`) or a JSONL or Parquet file (``files``, tokenised),
 and writes ``<data_dir>/rlhf_<kind>/<name>/1.0.0/`` (tfds layout: builder / config / version).
 It returns that path; `open_source(path, split)` reads it back with ``tfds`` ``as_data_source``
 (no TensorFlow). Records are written in the order given (``disable_shuffling``): loaders shuffle.
@@ -19,7 +19,6 @@ front instead of failing mid-training.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import re
 import shutil
@@ -31,11 +30,10 @@ from typing import Any, ClassVar
 import numpy as np
 import tensorflow_datasets as tfds
 
-from rlhf_jax.data.jsonl import Tokenizer, read_jsonl
+from rlhf_jax.data.files import Tokenizer, read_records
 from rlhf_jax.data.records import Budgets, DataError, Kind, as_kind, to_storage, validate_record
 
 VERSION = "1.0.0"
-log = logging.getLogger("rlhf_jax")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _SPLIT_RE = re.compile(r"^\w+$")
 
@@ -71,15 +69,17 @@ class _RecordsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         split_records: Mapping[str, Iterable[Mapping[str, Any]]] | None = None,
         budgets: Budgets | None = None,
         eos_id: int | None = None,
+        metadata: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         self._split_records = dict(split_records or {})
         self._budgets = budgets or Budgets()
         self._eos_id = eos_id
+        self._metadata = dict(metadata or {})
         super().__init__(**kwargs)
 
     # tfds prints "Downloading and preparing dataset ..." and "... downloaded and prepared" on
-    # stdout; nothing is downloaded here, and build_dataset logs the finished dataset itself.
+    # stdout; nothing is downloaded here.
     def _log_download_bytes(self) -> None:
         pass
 
@@ -102,7 +102,7 @@ class _RecordsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             builder=self,
             description=f"rlhf_jax {self.KIND.value} records (token ids).",
             features=tfds.features.FeaturesDict(features),
-            metadata=tfds.core.MetadataDict(kind=self.KIND.value),
+            metadata=tfds.core.MetadataDict(kind=self.KIND.value, **self._metadata),
         )
 
     def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[int, dict]]]:
@@ -184,6 +184,7 @@ def build_dataset(
     max_text_len: int | None = None,
     eos_id: int | None = None,
     overwrite: bool = False,
+    metadata: Mapping[str, Any] | None = None,
 ) -> Path:
     """Validates and writes a dataset atomically; returns its path (see `dataset_path`).
 
@@ -191,12 +192,15 @@ def build_dataset(
       kind: one of `Kind` ("demonstrations", "comparisons", "prompts", "pretraining").
       name: the dataset's name (letters, digits, ``_.-``).
       data_dir: root directory holding datasets.
-      splits: split name -> records (an iterable of record dicts, consumed once) or a JSONL path.
-      tokenizer: needed for JSONL splits; its EOS is also required at the end of every response.
+      splits: split name -> records (an iterable of record dicts, consumed once) or a JSONL or
+        Parquet path (``rlhf_jax.data.files``).
+      tokenizer: needed for file splits; its EOS is also required at the end of every response.
       max_prompt_len, max_response_len, max_text_len: token budgets P, R (EOS included), T;
         a record over budget is a `DataError`.
       eos_id: for Python records, the EOS id every response must end with (None: not checked).
       overwrite: replace an existing dataset (only once the new one is complete).
+      metadata: extra JSON-able entries for the dataset's metadata (``read_metadata``), such as
+        the fingerprint of its source.
 
     Raises:
       DataError: a malformed record, naming ``file:line`` (or split and record index) and field.
@@ -216,10 +220,10 @@ def build_dataset(
             raise ValueError(f"split name {split!r}: expected letters, digits and '_'")
         if isinstance(src, (str, os.PathLike)):
             if tokenizer is None:
-                raise ValueError(f"split '{split}': a JSONL file needs a tokenizer")
+                raise ValueError(f"split '{split}': a file needs a tokenizer")
             if not os.path.isfile(src):
                 raise DataError(os.fspath(src), None, f"no such file (for split '{split}')")
-            sources[split] = read_jsonl(
+            sources[split] = read_records(
                 src,
                 kind,
                 tokenizer,
@@ -250,12 +254,11 @@ def build_dataset(
                 split_records=sources,
                 budgets=budgets,
                 eos_id=eos_id,
+                metadata=dict(metadata or {}),
             )
             builder.download_and_prepare()
         _swap_into_place(Path(os.fspath(builder.data_path)), final, tmp / "previous")
         ok = True
-        counts = {s: int(i.num_examples) for s, i in builder.info.splits.items()}
-        log.info("[data] %s: %s", final, ", ".join(f"{s} {n:,}" for s, n in counts.items()))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if not ok and created is not None and not any(p.is_file() for p in created.rglob("*")):

@@ -1,7 +1,7 @@
 """The four record kinds (demonstrations, comparisons, prompts, pretraining text) and their checks.
 
 A record is a dict of token-id sequences. In memory (what the built-in world generates and what
-`jsonl.read_jsonl` yields) the kinds are:
+`files.read_records` yields) the kinds are:
 
 - demonstrations: ``{"prompt": int[], "response": int[]}``
 - comparisons: ``{"prompt": int[], "responses": [int[], ...] (K >= 2), "ranks": int[K]}``
@@ -9,7 +9,7 @@ A record is a dict of token-id sequences. In memory (what the built-in world gen
 - prompts: ``{"prompt": int[]}``
 - pretraining: ``{"text": int[]}``
 
-Responses are stored with their EOS token (JSONL import appends it); `validate_record` checks that
+Responses are stored with their EOS token (file import appends it); `validate_record` checks that
 when given ``eos_id``. Every check raises `DataError`, naming where the record came from and the
 field, so a bad line of a user file is found without reading the code.
 

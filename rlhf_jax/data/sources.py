@@ -1,33 +1,43 @@
-"""Data sources: which dataset each stage reads, and building it the first time it is read.
+"""Data sources: which dataset each stage reads, and building it when it is missing or stale.
 
 A stage asks for a *use* (``"sft"``, ``"rm_val"``, ``"pretrain"``, ... in ``SPLITS``), which is one
 split of one record kind. The datasets live under ``<workdir>/data/`` as tfds ``array_record``
-datasets named after the source (``builders.dataset_path(kind, source, data_dir)``), with the
-tokenizer they were made with. A dataset that is missing is built by the source named in
-``config.data.source``:
+datasets named after the source (``builders.dataset_path(kind, source, data_dir)``), each with the
+fingerprint of what it was made from: its source files, the tokenizer and the length budgets. A
+dataset that is missing, or whose fingerprint no longer matches, is (re)built by the source named
+in ``config.data.source``, never silently reused:
 
-- ``jsonl`` (here): the user's JSONL files ``data.demonstrations``, ``data.comparisons``,
-  ``data.prompts`` and ``data.pretraining``, tokenised with ``data.tokenizer``;
+- ``files`` (here): the user's JSONL or Parquet files ``data.demonstrations``,
+  ``data.comparisons``, ``data.prompts`` and ``data.pretraining`` in any format of
+  ``rlhf_jax.data.formats``, tokenised with ``data.tokenizer`` (default: the ``init_from``
+  checkpoint's tokenizer). Each kind's held-out split comes from ``data.<kind>_val`` or, without
+  one, from a ``data.heldout_fraction`` of the file;
 - other sources register themselves with ``register``; the built-in InstructLang world does so
-  when ``rlhf_jax.instructlang`` is imported (the CLI imports it), exactly as a user's own
-  generator of records could.
+  when ``rlhf_jax.instructlang`` is imported (the CLI imports it), as a user's own generator of
+  records could.
 
-Datasets are built on process 0 only; build them before a multi-process run, or give every process
-the same shared ``<workdir>``.
+Datasets are built on process 0; the other processes wait at a barrier until it is done.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import jax
+import numpy as np
 
 from rlhf_jax.config import Config
-from rlhf_jax.data import builders
+from rlhf_jax.data import builders, files
 from rlhf_jax.data.records import Kind
 from rlhf_jax.errors import ConfigError
+
+log = logging.getLogger("rlhf_jax")
+FORMAT_VERSION = 1  # bump when a change in import would give other records from the same files
 
 # (kind, split) read by each use.
 SPLITS = {
@@ -47,8 +57,17 @@ class Source(Protocol):
     """What a data source provides: the datasets of each record kind, and their tokenizer."""
 
     def build(self, config: Config, workdir: Path, kind: Kind) -> Path:
-        """Write the dataset of ``kind`` (every split the source has) and return its path,
-        ``builders.dataset_path(kind, config.data.source, data_dir(workdir))``."""
+        """Write the dataset of ``kind`` (every split the source has) with ``write`` and return
+        its path."""
+        ...
+
+    def fingerprint(self, config: Config, workdir: Path, kind: Kind) -> str:
+        """A digest of everything the dataset of ``kind`` is made from."""
+        ...
+
+    def sizes(self, config: Config, workdir: Path, kind: Kind) -> dict[str, int]:
+        """Records per split of ``kind``, known without building it (an upper bound is fine);
+        empty when the source has no data of that kind."""
         ...
 
     def tokenizer_dir(self, config: Config, workdir: Path) -> Path:
@@ -79,33 +98,8 @@ def data_dir(workdir: str | os.PathLike) -> Path:
     return Path(workdir) / "data"
 
 
-def dataset(config: Config, workdir: str | os.PathLike, use: str) -> tuple[Path, str]:
-    """(dataset path, split) of one use of ``SPLITS``, building it first if it is missing."""
-    kind, split = SPLITS[use]
-    path = builders.dataset_path(kind, config.data.source, data_dir(workdir))
-    if not path.exists() and jax.process_index() == 0:
-        get(config).build(config, Path(workdir), kind)
-    if not path.exists():
-        raise FileNotFoundError(f"dataset {path} is missing (data.source={config.data.source!r})")
-    return path, split
-
-
-def split_size(config: Config, workdir: str | os.PathLike, use: str) -> int:
-    """The number of records of one use."""
-    path, split = dataset(config, workdir, use)
-    return int(builders.read_metadata(path)["splits"][split])
-
-
-def tokenizer_dir(config: Config, workdir: str | os.PathLike) -> Path:
-    return get(config).tokenizer_dir(config, Path(workdir))
-
-
-def special_ids(config: Config, workdir: str | os.PathLike) -> tuple[int, int]:
-    """(EOS, PAD) token ids of the data's tokenizer (PAD defaults to 0 when it has none)."""
-    from rlhf_jax.hf import load_tokenizer
-
-    tok = load_tokenizer(tokenizer_dir(config, workdir))
-    return int(tok.eos_token_id), int(tok.pad_token_id or 0)
+def _path(config: Config, workdir, kind: Kind) -> Path:
+    return builders.dataset_path(kind, config.data.source, data_dir(workdir))
 
 
 def budgets(config: Config) -> dict[str, int]:
@@ -116,32 +110,203 @@ def budgets(config: Config) -> dict[str, int]:
     )
 
 
-class JsonlSource:
-    """The user's JSONL files, one per record kind (``rlhf_jax.data.jsonl`` has the formats)."""
+def write(config: Config, workdir, kind: Kind, splits: dict[str, Any], **kw) -> Path:
+    """Build the dataset of ``kind`` from ``splits`` (records or files, as for
+    ``builders.build_dataset``), replacing a stale one, with the source's fingerprint."""
+    fingerprint = get(config).fingerprint(config, Path(workdir), kind)
+    path = builders.build_dataset(
+        kind,
+        config.data.source,
+        data_dir(workdir),
+        splits,
+        overwrite=True,
+        metadata={"fingerprint": fingerprint},
+        **budgets(config),
+        **kw,
+    )
+    counts = {s: int(n) for s, n in builders.read_metadata(path)["splits"].items()}
+    log.info("[data] %s: %s", path, ", ".join(f"{s} {n:,}" for s, n in counts.items()))
+    return path
 
-    def build(self, config: Config, workdir: Path, kind: Kind) -> Path:
-        from rlhf_jax.hf import load_tokenizer
 
-        path = getattr(config.data, kind.value)
-        if not path:
+def is_current(config: Config, workdir, kind: Kind) -> bool:
+    """Whether the dataset of ``kind`` exists and was made from what the config names now."""
+    path = _path(config, workdir, kind)
+    if not path.exists():
+        return False
+    stored = builders.read_metadata(path).get("fingerprint")
+    return stored == get(config).fingerprint(config, Path(workdir), kind)
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (nothing to wait for on one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def dataset(config: Config, workdir: str | os.PathLike, use: str) -> tuple[Path, str]:
+    """(dataset path, split) of one use of ``SPLITS``, built first if it is missing or stale."""
+    kind, split = SPLITS[use]
+    path = _path(config, workdir, kind)
+    if jax.process_index() == 0 and not is_current(config, workdir, kind):
+        if path.exists():
+            log.info("[data] %s changed since %s was built: importing it again", kind.value, path)
+        get(config).build(config, Path(workdir), kind)
+    barrier(f"rlhf_jax dataset {path}")
+    if not path.exists():
+        raise FileNotFoundError(f"dataset {path} is missing (data.source={config.data.source!r})")
+    if split not in builders.read_metadata(path)["splits"]:
+        raise ConfigError(
+            f"{kind.value} have no {split!r} split: give data.{kind.value}_val, or a "
+            "data.heldout_fraction > 0"
+        )
+    return path, split
+
+
+def split_size(config: Config, workdir: str | os.PathLike, use: str) -> int:
+    """The number of records of one use (the dataset is built first if need be)."""
+    path, split = dataset(config, workdir, use)
+    return int(builders.read_metadata(path)["splits"][split])
+
+
+def expected_size(config: Config, workdir: str | os.PathLike, use: str) -> int:
+    """The number of records of one use, without building anything (for checks before a stage
+    writes): the dataset's own count if it is current, else the source's estimate."""
+    kind, split = SPLITS[use]
+    if is_current(config, workdir, kind):
+        return int(builders.read_metadata(_path(config, workdir, kind))["splits"].get(split, 0))
+    return int(get(config).sizes(config, Path(workdir), kind).get(split, 0))
+
+
+def available(config: Config, workdir: str | os.PathLike, use: str) -> bool:
+    """Whether the data has records for ``use`` (e.g. held-out text for the NLL)."""
+    kind, split = SPLITS[use]
+    return get(config).sizes(config, Path(workdir), kind).get(split, 0) > 0
+
+
+def fingerprint(config: Config, workdir: str | os.PathLike, use: str) -> str:
+    """The fingerprint of the dataset one use reads (what a stage records it was trained on)."""
+    return get(config).fingerprint(config, Path(workdir), SPLITS[use][0])
+
+
+def tokenizer_dir(config: Config, workdir: str | os.PathLike) -> Path:
+    return get(config).tokenizer_dir(config, Path(workdir))
+
+
+def load_tokenizer(config: Config, workdir: str | os.PathLike):
+    """The data's tokenizer (``hf.load_tokenizer``: padding on the left)."""
+    from rlhf_jax.hf import load_tokenizer
+
+    return load_tokenizer(tokenizer_dir(config, workdir))
+
+
+def special_ids(config: Config, workdir: str | os.PathLike) -> tuple[int, int]:
+    """(EOS, PAD) token ids of the data's tokenizer (PAD defaults to 0 when it has none)."""
+    tok = load_tokenizer(config, workdir)
+    return int(tok.eos_token_id), int(tok.pad_token_id or 0)
+
+
+def digest(*parts: Any) -> str:
+    """A short stable digest of JSON-able parts (bytes are hashed as they are)."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else json.dumps(part, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+_FILE_DIGESTS: dict[tuple, str] = {}
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes (or of a directory's files), cached by name, size and time."""
+    path = Path(path)
+    if path.is_dir():
+        return digest(*[(f.name, file_digest(f)) for f in sorted(path.iterdir()) if f.is_file()])
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _FILE_DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _FILE_DIGESTS[key] = h.hexdigest()
+    return _FILE_DIGESTS[key]
+
+
+# --------------------------------------------------------------------------------------------------
+# The user's files
+
+
+class FileSource:
+    """The user's JSONL or Parquet files, one per record kind (and an optional held-out one)."""
+
+    SPLIT_NAMES = {
+        Kind.DEMONSTRATIONS: ("sft_train", "sft_val"),
+        Kind.COMPARISONS: ("rm_train", "rm_val"),
+        Kind.PROMPTS: ("ppo_train", "test"),
+        Kind.PRETRAINING: ("train", "heldout"),
+    }
+
+    def _files(self, config: Config, kind: Kind) -> tuple[str, str]:
+        main, val = getattr(config.data, kind.value), getattr(config.data, f"{kind.value}_val")
+        if not main:
             raise ConfigError(
-                f"data.{kind.value} is not set: give a JSONL file of {kind.value} records "
+                f"data.{kind.value} is not set: give a JSONL or Parquet file of {kind.value} "
                 f"(--config.data.{kind.value}=<file>)"
             )
-        split = next(s for k, s in SPLITS.values() if k == kind)
-        tok = load_tokenizer(self.tokenizer_dir(config, workdir))
-        return builders.build_dataset(
-            kind, "jsonl", data_dir(workdir), {split: path}, tokenizer=tok, **budgets(config)
-        )
+        for field, path in ((kind.value, main), (f"{kind.value}_val", val)):
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"data.{field}={path}: no such file")
+        return main, val
+
+    def _held_out(self, n: int, fraction: float) -> int:
+        return 0 if fraction <= 0 or n < 2 else min(n - 1, max(1, round(n * fraction)))
+
+    def sizes(self, config: Config, workdir: Path, kind: Kind) -> dict[str, int]:
+        if not getattr(config.data, kind.value):
+            return {}
+        main, val = self._files(config, kind)
+        train, held = self.SPLIT_NAMES[kind]
+        n = files.count_rows(main)
+        if val:
+            return {train: n, held: files.count_rows(val)}
+        k = self._held_out(n, config.data.heldout_fraction)
+        return {train: n - k, held: k} if k else {train: n}
+
+    def fingerprint(self, config: Config, workdir: Path, kind: Kind) -> str:
+        main, val = self._files(config, kind)
+        parts = [FORMAT_VERSION, kind.value, file_digest(main), val and file_digest(val)]
+        parts += [file_digest(self.tokenizer_dir(config, workdir)), budgets(config)]
+        return digest(*parts, 0.0 if val else config.data.heldout_fraction)
+
+    def build(self, config: Config, workdir: Path, kind: Kind) -> Path:
+        main, val = self._files(config, kind)
+        tok = load_tokenizer(config, workdir)
+        train, held = self.SPLIT_NAMES[kind]
+        if val:
+            return write(config, workdir, kind, {train: main, held: val}, tokenizer=tok)
+        records = files.load_records(main, kind, tok, **budgets(config))
+        k = self._held_out(len(records), config.data.heldout_fraction)
+        if not k:
+            return write(config, workdir, kind, {train: records}, eos_id=tok.eos_token_id)
+        # A fixed permutation picks the held-out records, so a rebuild picks the same ones.
+        held_idx = set(np.random.default_rng(0).permutation(len(records))[:k].tolist())
+        splits = {
+            train: [r for i, r in enumerate(records) if i not in held_idx],
+            held: [r for i, r in enumerate(records) if i in held_idx],
+        }
+        return write(config, workdir, kind, splits, eos_id=tok.eos_token_id)
 
     def tokenizer_dir(self, config: Config, workdir: Path) -> Path:
-        path = Path(config.data.tokenizer)
-        if not config.data.tokenizer or not path.is_dir():
+        name = config.data.tokenizer or config.init_from
+        if not name or not Path(name, "tokenizer_config.json").is_file():
             raise ConfigError(
                 f"data.tokenizer={config.data.tokenizer!r}: expected a local Hugging Face "
-                "tokenizer directory (--config.data.tokenizer=<dir>)"
+                "tokenizer directory (--config.data.tokenizer=<dir>; it defaults to init_from)"
             )
-        return path
+        return Path(name)
 
 
-register("jsonl", JsonlSource())
+register("files", FileSource())

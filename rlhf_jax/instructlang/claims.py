@@ -12,10 +12,9 @@ the run is marked N/A (``passed=None``), not FAIL.
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any
 
-MODEL_ORDER = ("base", "sft", "ppo", "ppo_ptx")
+from rlhf_jax.report import MODEL_ORDER, fmt, num
+
 RL_MODELS = ("ppo", "ppo_ptx")
 GOLD_TOLERANCE = 0.05
 BASE_WIN_MAX = 0.25
@@ -43,20 +42,8 @@ class Claim:
 # Claims
 
 
-def num(x: Any) -> float | None:
-    """A finite float, or None (missing, null in JSON, NaN)."""
-    if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x):
-        return None
-    return float(x)
-
-
 def _metric(models: dict, key: str, names=MODEL_ORDER) -> dict[str, float | None]:
     return {m: num(models[m].get(key)) for m in names if m in models}
-
-
-def fmt(x: Any, digits: int = 3) -> str:
-    v = num(x)
-    return "--" if v is None else f"{v:.{digits}f}"
 
 
 def _values(vals: dict[str, float | None], digits: int = 3) -> str:

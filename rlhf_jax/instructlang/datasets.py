@@ -10,6 +10,7 @@ labelers. Importing ``rlhf_jax.instructlang`` registers the source.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -19,11 +20,11 @@ import jax
 import numpy as np
 
 from rlhf_jax.config import Config
-from rlhf_jax.data import builders, sources
+from rlhf_jax.data import sources
 from rlhf_jax.data.records import Kind
 from rlhf_jax.instructlang import corpus, lang
 from rlhf_jax.instructlang.config import SOURCE, InstructLangConfig
-from rlhf_jax.stages.driver import load_policy, policy_model, stage_exists
+from rlhf_jax.stages.lineage import load_policy, policy_model, stage_exists
 
 log = logging.getLogger("rlhf_jax")
 NAME = SOURCE
@@ -43,7 +44,7 @@ def _texts(docs: np.ndarray) -> list[dict]:
 
 def build(config: InstructLangConfig, workdir: str | os.PathLike, kind: Kind) -> Path:
     """One record kind of the world (every split of it)."""
-    w, out = world(config), sources.data_dir(workdir)
+    w = world(config)
     if kind == Kind.PRETRAINING:
         train, heldout = corpus.pretraining_corpora(
             w, config.world.pretrain_docs, config.world.heldout_docs
@@ -67,9 +68,7 @@ def build(config: InstructLangConfig, workdir: str | os.PathLike, kind: Kind) ->
         }
     else:
         return build_comparisons(config, workdir)
-    return builders.build_dataset(
-        kind, NAME, out, splits, eos_id=lang.EOS_ID, **sources.budgets(config)
-    )
+    return sources.write(config, workdir, kind, splits, eos_id=lang.EOS_ID)
 
 
 def build_comparisons(config: InstructLangConfig, workdir: str | os.PathLike) -> Path:
@@ -126,15 +125,7 @@ def build_comparisons(config: InstructLangConfig, workdir: str | os.PathLike) ->
                 }
             )
         splits[split] = records
-    path = builders.build_dataset(
-        Kind.COMPARISONS,
-        NAME,
-        sources.data_dir(workdir),
-        splits,
-        eos_id=None,
-        overwrite=True,
-        **sources.budgets(config),
-    )
+    path = sources.write(config, workdir, Kind.COMPARISONS, splits, eos_id=None)
     log.info("[comparisons] sampled and labelled in %.1fs", time.perf_counter() - t0)
     return path
 
@@ -149,17 +140,36 @@ class WorldSource:
     """The ``instructlang`` data source (``rlhf_jax.data.sources.Source``)."""
 
     def build(self, config: Config, workdir: Path, kind: Kind) -> Path:
-        if not isinstance(config, InstructLangConfig):
-            raise TypeError(
-                "data.source='instructlang' needs an InstructLangConfig (the world's settings); "
-                f"got {type(config).__name__}"
-            )
-        return build(config, workdir, kind)
+        return build(_world_config(config), workdir, kind)
+
+    def fingerprint(self, config: Config, workdir: Path, kind: Kind) -> str:
+        # The comparisons are also sampled with the run's seed (from its own SFT model).
+        seed = config.seed if kind == Kind.COMPARISONS else None
+        world = dataclasses.asdict(_world_config(config).world)
+        return sources.digest(
+            sources.FORMAT_VERSION, kind.value, world, sources.budgets(config), seed
+        )
+
+    def sizes(self, config: Config, workdir: Path, kind: Kind) -> dict[str, int]:
+        w = _world_config(config).world
+        if kind == Kind.PRETRAINING:
+            return {"train": w.pretrain_docs, "heldout": w.heldout_docs}
+        return dataclasses.asdict(w.splits)  # comparisons: at most one record per prompt
 
     def tokenizer_dir(self, config: Config, workdir: Path) -> Path:
         path = sources.data_dir(workdir) / "tokenizer"
-        if not (path / "tokenizer.json").exists():
+        if not (path / "tokenizer.json").exists() and jax.process_index() == 0:
             from rlhf_jax.instructlang.tokenizer import save_tokenizer
 
             save_tokenizer(path)
+        sources.barrier(f"rlhf_jax tokenizer {path}")
         return path
+
+
+def _world_config(config: Config) -> InstructLangConfig:
+    if not isinstance(config, InstructLangConfig):
+        raise TypeError(
+            "data.source='instructlang' needs an InstructLangConfig (the world's settings); "
+            f"got {type(config).__name__}"
+        )
+    return config

@@ -23,17 +23,11 @@ from jaxtyping import Array, Bool, Float, Int, Shaped
 
 from rlhf_jax import evaluate as ev
 from rlhf_jax import sharding, stats
-from rlhf_jax.config import ModelConfig, rm_config
+from rlhf_jax.config import ModelConfig
 from rlhf_jax.instructlang import corpus, datasets, lang
 from rlhf_jax.instructlang.config import InstructLangConfig, require_world
-from rlhf_jax.stages.driver import (
-    load_policy,
-    load_reward_model,
-    loader,
-    policy_model,
-    read_all,
-    stage_exists,
-)
+from rlhf_jax.stages.driver import loader, read_all
+from rlhf_jax.stages.lineage import load_policy, load_reward_model, policy_model, stage_exists
 
 MODELS = {"base": "pretrain", "sft": "sft", "ppo": "ppo", "ppo_ptx": "ppo_ptx"}  # name: stage
 # The world's special ids, as every model call here needs them.
@@ -232,9 +226,12 @@ class Evaluator:
         self.world, self.model = datasets.world(config), policy_model(config)
         self.test = read_all(config, workdir, "test", "prompt_tokens")[: config.eval.test_prompts]
         self.sft = load_policy(config, workdir, "sft", mesh)
-        self.sft_eval = self._evaluate("sft", self.sft, reference=(self.sft, None))
+        self.sft_eval = self.evaluate("sft", self.sft, reference=(self.sft, None))
 
-    def _evaluate(self, name: str, params, reference) -> ModelEval:
+    def evaluate(self, name: str, params, reference: tuple | None = None) -> ModelEval:
+        """Any policy with the run's architecture (a stage's, or one you trained yourself)
+        against the SFT model (``reference``: another baseline, as for ``evaluate_model``)."""
+        reference = reference or (self.sft, self.sft_eval.golds)
         return evaluate_model(
             name,
             params,
@@ -252,8 +249,7 @@ class Evaluator:
     def stage(self, name: str, stage: str) -> ModelEval:
         if stage == "sft":
             return self.sft_eval
-        params = load_policy(self.config, self.workdir, stage, self.mesh)
-        return self._evaluate(name, params, reference=(self.sft, self.sft_eval.golds))
+        return self.evaluate(name, load_policy(self.config, self.workdir, stage, self.mesh))
 
 
 def evaluate_all(
@@ -275,7 +271,7 @@ def evaluate_all(
 
 def rm_summary(config: InstructLangConfig, workdir, mesh) -> dict:
     """RM accuracy on the validation comparisons, against the noisy labels and gold order."""
-    params, bias = load_reward_model(config, workdir, mesh)
+    params, bias, model = load_reward_model(config, workdir, mesh)
     data = loader(config, workdir, "rm_val", 64, 0, epochs=1, shuffle=False, drop_remainder=False)
     batches = list(data)
     cat = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
@@ -288,7 +284,7 @@ def rm_summary(config: InstructLangConfig, workdir, mesh) -> dict:
     ).reshape(n, k)
     rewards = ev.comparison_scores(
         params,
-        rm_config(config),
+        model,
         bias,
         cat["tokens"],
         cat["attention_mask"],

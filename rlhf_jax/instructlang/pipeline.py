@@ -13,7 +13,6 @@ import dataclasses
 import json
 import logging
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +24,9 @@ from rlhf_jax.instructlang import datasets, lang, report
 from rlhf_jax.instructlang.claims import check_claims
 from rlhf_jax.instructlang.config import InstructLangConfig, require_world
 from rlhf_jax.instructlang.evaluate import evaluate_all
-from rlhf_jax.stages.driver import (
-    policy_model,
-    read_all,
-)
+from rlhf_jax.report import StageClock, read_curves
+from rlhf_jax.stages.driver import read_all
+from rlhf_jax.stages.lineage import policy_model
 from rlhf_jax.stages.lm import run_lm_stage
 from rlhf_jax.stages.ppo import run_ppo
 from rlhf_jax.stages.rm import run_rm
@@ -61,13 +59,7 @@ def run_pipeline(config: InstructLangConfig, workdir: str | os.PathLike) -> dict
     """Every stage in order, then evaluation and ``report.md`` in ``workdir``."""
     require_world(config).validate()
     workdir = Path(workdir)
-    seconds: dict[str, float] = {}
-
-    def timed(name, fn, *args, **kw):
-        t0 = time.perf_counter()
-        out = fn(*args, **kw)
-        seconds[name] = time.perf_counter() - t0
-        return out
+    timed = StageClock()
 
     uses = [u for u, (kind, _) in sources.SPLITS.items() if kind != Kind.COMPARISONS]
     timed("data", lambda: [sources.dataset(config, workdir, u) for u in uses])
@@ -84,31 +76,13 @@ def run_pipeline(config: InstructLangConfig, workdir: str | os.PathLike) -> dict
         timed("ppo_ptx", run_ppo, config, workdir, "ppo_ptx", on_log=on_log)
 
     summary, samples = timed("eval", evaluate_all, config, workdir, heldout)
-    summary["seconds"] = seconds
-    curves = {
-        stage: _curves(workdir / stage)
-        for stage in ("ppo", "ppo_ptx")
-        if (workdir / stage / "metrics.jsonl").exists()
-    }
+    summary["seconds"] = timed.seconds
+    curves = read_curves(workdir, report.CURVES)
     report.write_report(workdir, summary, curves, samples)
     log.info("[pipeline] report: %s", workdir / "report.md")
     for claim in check_claims(summary):
         log.info("  %s %s: %s", claim.status, claim.name, claim.evidence)
     return summary
-
-
-def _curves(stage_dir: Path) -> dict[str, list[float]]:
-    rows = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
-    keys = {
-        "gold": "eval/gold",
-        "score": "objective/score",
-        "kl": "objective/kl",
-        "pretrain_nll": "eval/pretrain_nll",
-        "clipfrac": "ppo/policy/clipfrac",
-        "var_explained": "ppo/val/var_explained",
-        "entropy": "objective/entropy",
-    }
-    return {name: [r[k] for r in rows if k in r] for name, k in keys.items()}
 
 
 def run_seeds(config: InstructLangConfig, workdir: str | os.PathLike, seeds: list[int]) -> str:

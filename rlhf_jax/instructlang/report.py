@@ -7,30 +7,26 @@ backend state and works headless.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
 
-from rlhf_jax.instructlang.claims import (
-    MODEL_ORDER,
-    STATEMENTS,
-    Claim,
-    check_claims,
-    fmt,
-    num,
-)
+from rlhf_jax import report as common
+from rlhf_jax.instructlang.claims import STATEMENTS, Claim, check_claims
+from rlhf_jax.report import num, ordered
 
-SAMPLES_PER_MODEL = 3
-CURVE_LABELS = {
-    "gold": "gold reward",
-    "score": "RM score",
-    "kl": "KL to SFT (nats per response)",
-    "pretrain_nll": "held-out pretraining NLL (nats per token)",
-    "clipfrac": "policy clip fraction",
-    "var_explained": "value explained variance",
+# The world's PPO curves: the gold reward of each iteration's samples and the held-out NLL (logged
+# by the pipeline's on_log) beside the library's.
+CURVES = {
+    "gold": ("eval/gold", "gold reward"),
+    "score": common.CURVES["score"],
+    "kl": common.CURVES["kl"],
+    "pretrain_nll": ("eval/pretrain_nll", "held-out pretraining NLL (nats per token)"),
+    "clipfrac": common.CURVES["clipfrac"],
+    "var_explained": common.CURVES["var_explained"],
+    "entropy": common.CURVES["entropy"],
 }
 
 
@@ -38,36 +34,8 @@ CURVE_LABELS = {
 # Plots
 
 
-def _ordered(names) -> list[str]:
-    names = list(names)
-    return [m for m in MODEL_ORDER if m in names] + [m for m in names if m not in MODEL_ORDER]
-
-
-def _plot_curves(run_dir: Path, curves: dict[str, dict[str, Any]]) -> list[str]:
-    """One PNG per metric with a line per RL run; returns the file names."""
-    metrics: list[str] = []
-    for run in curves.values():
-        metrics += [k for k in run if k not in metrics]
-    files = []
-    for metric in metrics:
-        fig = Figure(figsize=(5, 3.2))
-        ax = fig.add_subplot()
-        for run_name, run in curves.items():
-            if metric in run and len(run[metric]):
-                ax.plot(range(1, len(run[metric]) + 1), run[metric], label=run_name)
-        ax.set_xlabel("PPO iteration")
-        ax.set_ylabel(CURVE_LABELS.get(metric, metric))
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        name = f"curve_{metric}.png"
-        fig.savefig(run_dir / name, dpi=100)
-        files.append(name)
-    return files
-
-
 def _plot_gold(run_dir: Path, models: dict) -> str | None:
-    names = [m for m in _ordered(models) if num(models[m].get("gold_mean")) is not None]
+    names = [m for m in ordered(models) if num(models[m].get("gold_mean")) is not None]
     if not names:
         return None
     means = [models[m]["gold_mean"] for m in names]
@@ -101,50 +69,27 @@ HOW_TO_READ = (
 )
 
 
-def _interval(value: Any, ci: Any, digits: int = 3) -> str:
-    if num(value) is None:
-        return "--"
-    if not ci or any(num(c) is None for c in ci):
-        return fmt(value, digits)
-    return f"{fmt(value, digits)} [{fmt(ci[0], digits)}, {fmt(ci[1], digits)}]"
-
-
-def _model_table(models: dict) -> list[str]:
-    lines = [
-        "| model | gold mean [95% CI] | gold - SFT, paired [95% CI] | win rate vs SFT [95% CI] "
-        "| KL to SFT (nats) | pretrain NLL | fact acc. | EOS rate | attempts task | follows LIM "
-        "| hallucination | toxic |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for m in _ordered(models):
-        s = models[m]
-        cells = [
-            m,
-            _interval(s.get("gold_mean"), s.get("gold_ci95")),
-            _interval(s.get("gold_gain_vs_sft"), s.get("gold_gain_ci95")),
-            _interval(s.get("win_rate_vs_sft"), s.get("win_rate_ci95")),
-            fmt(s.get("kl_to_sft"), 2),
-            fmt(s.get("pretrain_nll")),
-            fmt(s.get("fact_accuracy")),
-            fmt(s.get("eos_rate")),
-            fmt(s.get("attempts_task")),
-            fmt(s.get("follows_constraint")),
-            fmt(s.get("hallucination")),
-            fmt(s.get("toxic")),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+COLUMNS = (  # header, summary key, its interval's key, digits
+    ("gold mean [95% CI]", "gold_mean", "gold_ci95", 3),
+    ("gold - SFT, paired [95% CI]", "gold_gain_vs_sft", "gold_gain_ci95", 3),
+    ("win rate vs SFT [95% CI]", "win_rate_vs_sft", "win_rate_ci95", 3),
+    ("KL to SFT (nats)", "kl_to_sft", None, 2),
+    ("pretrain NLL", "pretrain_nll", None, 3),
+    ("fact acc.", "fact_accuracy", None, 3),
+    ("EOS rate", "eos_rate", None, 3),
+    ("attempts task", "attempts_task", None, 3),
+    ("follows LIM", "follows_constraint", None, 3),
+    ("hallucination", "hallucination", None, 3),
+    ("toxic", "toxic", None, 3),
+)
 
 
 def _header(summary: dict) -> list[str]:
-    seconds = summary.get("seconds", {})
-    stages = ", ".join(f"{k} {fmt(v, 1)} s" for k, v in seconds.items()) or "not recorded"
-    total = sum(v for v in seconds.values() if num(v) is not None)
     return [
         f"# InstructLang run report: `{summary.get('config', '?')}`",
         "",
         f"Made by the rlhf_jax pipeline with config `{summary.get('config', '?')}`, "
-        f"seed {summary.get('seed', '?')}. Seconds per stage: {stages} (total {total:.1f} s).",
+        f"seed {summary.get('seed', '?')}. {common.seconds_line(summary)}",
         "",
         "## How to read this report",
         "",
@@ -153,45 +98,23 @@ def _header(summary: dict) -> list[str]:
     ]
 
 
-def _samples_section(samples: list[dict]) -> list[str]:
-    by_model: dict[str, list[dict]] = {}
-    for s in samples:
-        by_model.setdefault(s.get("model", "?"), []).append(s)
-    lines = ["## Samples", ""]
-    for m in _ordered(by_model):
-        lines += [f"### {m}", ""]
-        for s in by_model[m][:SAMPLES_PER_MODEL]:
-            lines.append(
-                f"- `{s.get('prompt', '')}` -> `{s.get('response', '')}` "
-                f"(gold {fmt(s.get('gold'), 2)})"
-            )
-        lines.append("")
-    return lines
-
-
 def render_markdown(
     summary: dict, samples: list[dict], claims: list[Claim], plots: dict[str, list[str]]
 ) -> str:
     """report.md's text; ``plots`` = {"gold": [file], "curves": [files]} (relative names)."""
     models = summary.get("models", {})
     lines = _header(summary)
-    lines += ["## Models", ""] + _model_table(models) + [""]
+    lines += ["## Models", ""] + common.model_table(models, COLUMNS) + [""]
     lines += [f"![gold reward per model]({f})" for f in plots.get("gold", [])] + [""]
     lines += ["## Reward model (validation)", ""]
     rm = summary.get("rm") or {}
-    if rm:
-        lines += ["| metric | value |", "|---|---|"]
-        for k, v in rm.items():
-            shown = fmt(v) if isinstance(v, float) and num(v) is not None else v
-            lines.append(f"| {k} | {shown} |")
-    else:
-        lines.append("No reward-model metrics in this run.")
+    lines += common.metrics_table(rm) if rm else ["No reward-model metrics in this run."]
     lines += ["", "## Claims (docs/instructlang.md section 1)", ""]
     lines += [f"- **{c.name} {c.status}**: {c.statement}. {c.evidence}" for c in claims] + [""]
     if plots.get("curves"):
         lines += ["## PPO training curves", ""]
         lines += [f"![{f[6:-4]}]({f})" for f in plots["curves"]] + [""]
-    lines += _samples_section(samples)
+    lines += common.samples_section(samples, "gold", "gold")
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -203,17 +126,17 @@ def write_report(
 ) -> None:
     """Write summary.json, samples.jsonl, the PNG plots and report.md into ``run_dir``.
 
-    ``curves`` = {run: {metric: per-iteration values}} (lists or arrays); ``summary.json`` holds
-    exactly ``summary``; ``samples`` go one JSON object per line.
+    ``curves`` = {run: {metric: per-iteration values}} (lists or arrays; ``read_curves``);
+    ``summary.json`` holds exactly ``summary``; ``samples`` go one JSON object per line.
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    with open(run_dir / "samples.jsonl", "w") as f:
-        for s in samples:
-            f.write(json.dumps(s) + "\n")
+    common.write_outputs(run_dir, summary, samples)
     gold = _plot_gold(run_dir, summary.get("models", {}))
-    plots = {"gold": [gold] if gold else [], "curves": _plot_curves(run_dir, curves or {})}
+    labels = {name: label for name, (_, label) in CURVES.items()}
+    plots = {
+        "gold": [gold] if gold else [],
+        "curves": common.plot_curves(run_dir, curves or {}, labels),
+    }
     text = render_markdown(summary, samples, check_claims(summary), plots)
     (run_dir / "report.md").write_text(text)
 
@@ -267,7 +190,7 @@ def seeds_markdown(summaries: list[dict]) -> str:
         "| model | " + " | ".join(title for _, title, _ in SEED_COLUMNS) + " |",
         "|---|" + "---|" * len(SEED_COLUMNS),
     ]
-    names = _ordered({m for s in summaries for m in s.get("models", {})})
+    names = ordered({m for s in summaries for m in s.get("models", {})})
     for m in names:
         rows = [s["models"].get(m, {}) for s in summaries]
         cells = [_mean_sd([r.get(k) for r in rows], d) for k, _, d in SEED_COLUMNS]

@@ -1,15 +1,17 @@
-"""What every stage shares: where it starts from, its data, its metrics, and the one driver loop.
-
-``LINEAGE`` is the single table of which stage starts from which. A stage with a checkpoint of its
-own resumes it (params, optimiser, step, key, data-iterator positions); otherwise each of its
-inputs comes from the first available alternative in the table: a previous stage's exported
-params in the same work directory, the HF checkpoint ``config.init_from``, or a fresh
-initialisation. A required stage that has not run stops with a ``StageError`` naming the command
-to run first.
+"""The one loop every stage runs, and what it checks before it writes anything.
 
 Each stage module (``lm``, ``rm``, ``ppo``) builds a ``StageRun`` (its state layout, fresh start,
 jitted step, data and export) and hands it to ``drive``, which owns the rest: the checkpointer,
-resuming, the loop, logging, saving and closing.
+resuming, the loop, logging, saving and closing. Where each stage starts from is
+``stages.lineage``.
+
+``preflight`` runs before a stage writes anything and stops it with one line naming the problem
+and the fix: a tokenizer with more tokens than the model's vocabulary, fewer records than one
+batch, or a stage whose existing checkpoints were made with other settings or other data (the
+fields that differ are named, and its ``config.json`` is left as it was). While it runs, a
+non-finite loss stops the stage at the step where it is seen, before anything is saved, so the
+last good checkpoint stays. Checkpoints are saved every ``checkpoint_every`` steps and every
+``checkpoint_minutes`` minutes; a resumed stage drops the metric rows logged after its checkpoint.
 """
 
 from __future__ import annotations
@@ -17,170 +19,156 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from tqdm.auto import tqdm
 
 from rlhf_jax import checkpoint, sharding
-from rlhf_jax.config import Config, ModelConfig, OptimizerConfig, rm_config
+from rlhf_jax.config import Config, ModelConfig, OptimizerConfig
 from rlhf_jax.data import loaders, sources
 from rlhf_jax.errors import ConfigError, StageError
-from rlhf_jax.model import abstract_params
+from rlhf_jax.stages.lineage import write_model
 from rlhf_jax.train_state import (
     TrainState,
     abstract_state,
     create_train_state,
-    init_model_params,
     key_data,
     make_optimizer,
-    params_shardings,
     train_state_shardings,
 )
 
 log = logging.getLogger("rlhf_jax")
 
-INIT_FROM, FRESH = "init_from", "fresh"
-
-# Where a stage starts when it has no checkpoint of its own: for each of its inputs, the
-# alternatives in order of preference. A stage name is that stage's exported params in the same
-# work directory, INIT_FROM the HF checkpoint `config.init_from`, FRESH a random initialisation.
-LINEAGE: dict[str, dict[str, tuple[str, ...]]] = {
-    "pretrain": {"policy": (INIT_FROM, FRESH)},
-    "sft": {"policy": ("pretrain", INIT_FROM, FRESH)},
-    "rm": {"policy": ("sft",)},
-    "ppo": {"policy": ("sft",), "reward": ("rm",)},
-    "ppo_ptx": {"policy": ("sft",), "reward": ("rm",)},
-}
-
-
-def stage_exists(workdir, stage: str) -> bool:
-    """Whether ``stage`` has run (or is running) in ``workdir``."""
-    return (Path(workdir) / stage).is_dir()
-
-
-def command_for(stage: str) -> str:
-    """The command that runs ``stage``."""
-    if stage == "ppo_ptx":
-        return "rlhf-jax ppo --config.ppo.ptx_coef=<gamma > 0>"
-    return f"rlhf-jax {stage}"
-
-
-def start_point(config: Config, workdir, stage: str, role: str = "policy") -> str:
-    """Where ``stage``'s ``role`` input comes from: a stage name, ``INIT_FROM`` or ``FRESH``."""
-    options = LINEAGE[stage][role]
-    for option in options:
-        if option == FRESH or (option == INIT_FROM and config.init_from):
-            return option
-        if option not in (FRESH, INIT_FROM) and stage_exists(workdir, option):
-            return option
-    wanted = " or ".join(f"'{o}'" for o in options)
-    raise StageError(
-        f"stage '{stage}' starts from {wanted}, which has not run in {workdir}: "
-        f"run `{command_for(options[0])}` with the same --workdir first"
-    )
+# The config sections each stage reads besides the shared fields below; a stage's checkpoints
+# refuse to continue under other values of these (mesh, logging and checkpointing may change).
+STAGE_SECTIONS = {"pretrain": "pretrain", "sft": "sft", "rm": "rm", "ppo": "ppo", "ppo_ptx": "ppo"}
+SHARED_SETTINGS = ("seed", "init_from", "model.", "data.prompt_len", "data.response_len",
+                   "data.text_len")  # fmt: skip
+FREE_SETTINGS = ("model.remat",)  # recomputation changes no number
 
 
 # --------------------------------------------------------------------------------------------------
-# Params: what stages hand on
-
-# The ModelConfig fields that fix the parameter shapes and the forward pass of a checkpoint.
-ARCHITECTURE_FIELDS = (
-    "family",
-    "vocab_size",
-    "d_model",
-    "n_layers",
-    "n_heads",
-    "n_kv_heads",
-    "resolved_head_dim",
-    "mlp_dim",
-    "tie_embeddings",
-    "use_bias",
-    "qkv_bias",
-    "norm_eps",
-    "rope_theta",
-)
+# Before a stage writes anything
 
 
-def stage_params(workdir, stage: str, target: Any) -> Any:
-    """The params ``stage`` exported, restored into ``target`` (abstract, with shardings)."""
-    try:
-        return checkpoint.exported_params(workdir, stage, target)
-    except FileNotFoundError as e:
+def _settings(config: dict, stage: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+
+    def walk(d, prefix):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[prefix + k] = v
+
+    walk({k: v for k, v in config.items() if k != "data_fingerprints"}, "")
+    own = STAGE_SECTIONS[stage] + "."
+    keep = {
+        k: v
+        for k, v in flat.items()
+        if (k.startswith(own) or any(k == s or (s.endswith(".") and k.startswith(s))
+                                     for s in SHARED_SETTINGS)) and k not in FREE_SETTINGS
+    }  # fmt: skip
+    keep.update({f"data[{u}]": fp for u, fp in config.get("data_fingerprints", {}).items()})
+    return keep
+
+
+def committed_steps(workdir, stage: str) -> list[int]:
+    """The committed checkpoint steps of a stage (without opening it)."""
+    directory = Path(workdir) / stage
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def check_settings(config: Config, workdir, stage: str, fingerprints: dict[str, str]) -> None:
+    """A stage with checkpoints continues only with the settings and data it was started with."""
+    saved_file = Path(workdir) / stage / "config.json"
+    steps = committed_steps(workdir, stage)
+    if not steps or not saved_file.is_file():
+        return
+    saved = json.loads(saved_file.read_text())
+    now = {**dataclasses.asdict(config), "data_fingerprints": fingerprints}
+    was_, now_ = _settings(saved, stage), _settings(now, stage)
+    differ = [k for k in sorted(set(was_) | set(now_)) if was_.get(k) != now_.get(k)]
+    if differ:
+        shown = ", ".join(
+            f"{k} changed" if k.startswith("data[") else f"{k}: {was_.get(k)!r} -> {now_.get(k)!r}"
+            for k in differ[:6]
+        ) + (f" and {len(differ) - 6} more" if len(differ) > 6 else "")
+        # A finished stage's last step holds the params it exported.
+        finished = (Path(workdir) / stage / str(steps[-1]) / "params").exists()
+        state = "finished" if finished else "started"
         raise StageError(
-            f"stage '{stage}' in {workdir} has not finished ({e}): run `{command_for(stage)}` "
-            "with the same --workdir to finish it"
-        ) from None
+            f"stage '{stage}' in {workdir} has checkpoints made with other settings ({shown}): "
+            f"run it with the settings it was {state} with, use another --workdir, or delete "
+            f"{Path(workdir) / stage} to start it again"
+        )
 
 
-def initial_params(config: Config, workdir, origin: str, model: ModelConfig, mesh):
-    """Params for a fresh start from ``origin`` (a stage name, ``INIT_FROM`` or ``FRESH``), in
-    their shardings."""
-    shardings = params_shardings(model, mesh, config.mesh.rules)
-    if origin == FRESH:
-        return init_model_params(model, jax.random.key(config.seed), mesh, config.mesh.rules)
-    if origin == INIT_FROM:
-        from rlhf_jax.hf import load_checkpoint
+def _field_value(config: Config, path: str) -> Any:
+    value = config
+    for part in path.split(".") if path else ():
+        value = getattr(value, part)
+    return value
 
-        hf_model, params = load_checkpoint(config.init_from, dtype=model.dtype)
-        # Learned positions (GPT-2) make the context length part of the parameter shapes.
-        fields = ARCHITECTURE_FIELDS + (("max_len",) if model.family == "gpt2" else ())
-        different = {
-            f: (getattr(hf_model, f), getattr(model, f))
-            for f in fields
-            if getattr(hf_model, f) != getattr(model, f)
-        }
-        if different:
+
+def preflight(
+    config: Config,
+    workdir,
+    stage: str,
+    batches: dict[str, tuple[int, str]],
+    sharded: tuple[tuple[int, str], ...] = (),
+    why: dict[str, str] | None = None,
+) -> dict:
+    """Checks before a stage writes anything (see the module docstring); ``batches`` maps each
+    data use to ``(global batch size, the config field that sets it)``, ``sharded`` lists the
+    batch sizes split over the data-parallel devices, which must divide them, and ``why`` says
+    for a use that a setting asks for it (added to a missing-data error). Returns the
+    fingerprints of the data the stage reads, which it records."""
+    n = sharding.data_parallel_size(config.mesh)
+    for size, field in sharded:
+        if size % n:
             raise ConfigError(
-                f"init_from={config.init_from}: the checkpoint's architecture differs from "
-                "config.model in (checkpoint, config): "
-                + ", ".join(f"{f}={a!r} vs {b!r}" for f, (a, b) in different.items())
-                + "; set --config.model.<field> to match"
+                f"{field}={size} does not split over the {n} data-parallel devices (mesh.data x "
+                f"mesh.fsdp): make it a multiple of {n}"
             )
-        return jax.device_put(params, shardings)
-    abstract = nn.meta.unbox(abstract_params(model))
-    return stage_params(workdir, origin, checkpoint.abstract_with_shardings(abstract, shardings))
-
-
-def load_policy(config: Config, workdir, stage: str, mesh=None):
-    """The policy params ``stage`` exported (PPO stages export their EMA weights), sharded."""
-    mesh = mesh or sharding.make_mesh(config.mesh)
-    return initial_params(config, workdir, stage, policy_model(config), mesh)
-
-
-def load_reward_model(config: Config, workdir, mesh=None) -> tuple[dict, jax.Array]:
-    """The reward model's exported params (sharded) and its bias."""
-    mesh = mesh or sharding.make_mesh(config.mesh)
-    model = rm_config(config)
-    shardings = params_shardings(model, mesh, config.mesh.rules)
-    abstract = abstract_state(model, optax.identity()).params
-    target = {
-        "params": checkpoint.abstract_with_shardings(abstract, shardings),
-        "bias": jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh)),
-    }
-    exported = stage_params(workdir, "rm", target)
-    return exported["params"], exported["bias"]
-
-
-def policy_model(config: Config) -> ModelConfig:
-    """The policy's architecture as every RL forward uses it: no dropout."""
-    return dataclasses.replace(config.model, dropout=0.0)
-
-
-# --------------------------------------------------------------------------------------------------
-# Data
+    tokenizer = sources.load_tokenizer(config, workdir)
+    if len(tokenizer) > config.model.vocab_size:
+        raise ConfigError(
+            f"the tokenizer of {sources.tokenizer_dir(config, workdir)} has {len(tokenizer)} "
+            f"tokens, more than model.vocab_size={config.model.vocab_size}: their ids would "
+            "index past the embedding; use the model's own tokenizer or a larger vocab_size"
+        )
+    fingerprints = {}
+    for use in batches:
+        try:
+            fingerprints[use] = sources.fingerprint(config, workdir, use)
+        except ConfigError as e:
+            raise ConfigError(f"{e}; {why[use]}" if why and use in why else str(e)) from None
+    check_settings(config, workdir, stage, fingerprints)
+    for use, (batch, field) in batches.items():
+        n = sources.expected_size(config, workdir, use)
+        if n < batch:
+            kind, value = sources.SPLITS[use][0].value, _field_value(config, field)
+            raise ConfigError(
+                f"stage '{stage}' needs batches of {batch} {kind} ({field}={value}), but the "
+                f"data has {n}: add records, or lower {field}"
+            )
+    return fingerprints
 
 
 def loader(config: Config, workdir, use: str, batch_size: int, seed: int, epochs=None, **kw):
-    """A grain loader over this process's shard of the dataset for ``use`` (``sources.SPLITS``)."""
+    """A grain loader of global batches of the dataset for ``use`` (``sources.SPLITS``). Every
+    process reads the same batches; the loop keeps this process's rows (``process_rows``)."""
     path, split = sources.dataset(config, workdir, use)
     d = config.data
     return loaders.make_loader(
@@ -192,8 +180,6 @@ def loader(config: Config, workdir, use: str, batch_size: int, seed: int, epochs
         response_len=d.response_len,
         text_len=d.text_len,
         num_epochs=epochs,
-        shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
         **kw,
     )
 
@@ -247,14 +233,25 @@ def jit_step(step, shardings: TrainState, mesh):
 
 
 class MetricsLog:
-    """``metrics.jsonl`` plus TensorBoard event files under ``<workdir>/<stage>/`` (process 0)."""
+    """``metrics.jsonl`` plus TensorBoard event files under ``<workdir>/<stage>/`` (process 0).
 
-    def __init__(self, workdir: str | os.PathLike, stage: str):
+    A stage resumed from step ``resumed_at`` first drops the rows logged after that step (they
+    belong to the interrupted run, and the resumed one logs those steps again)."""
+
+    def __init__(self, workdir: str | os.PathLike, stage: str, resumed_at: int = 0):
         self.enabled = jax.process_index() == 0
         self.dir = Path(workdir) / stage
         self.history: list[dict] = []
         if self.enabled:
             self.dir.mkdir(parents=True, exist_ok=True)
+            path = self.dir / "metrics.jsonl"
+            if path.exists():
+                rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+                kept = [r for r in rows if r["step"] <= resumed_at]
+                if len(kept) < len(rows):
+                    tmp = path.with_suffix(".jsonl.tmp")
+                    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+                    tmp.replace(path)
             from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(str(self.dir / "tensorboard"))
@@ -278,15 +275,20 @@ class MetricsLog:
 class StageRun:
     """One stage, ready for ``drive``.
 
-    ``target`` is the abstract state (leaves with shardings) a resume restores into; ``start()``
-    the fresh state when there is no checkpoint; ``step(state, host_batch)`` one jitted step
-    returning ``(state, metrics)`` (metrics whose name starts with ``_`` are not logged but go
-    to ``on_log``); ``batches`` yields host batches drawn from ``iterators``, whose positions are
-    checkpointed; ``export(state)`` is what the next stage loads; ``position(state)`` the state's
-    step counter.
+    ``model`` is the architecture of what the stage exports (written to ``model.json``);
+    ``fingerprints`` those of the data it reads (``preflight``); ``target`` the abstract state
+    (leaves with shardings) a resume restores into; ``start()`` the fresh state when there is no
+    checkpoint; ``step(state, host_batch)`` one jitted step returning ``(state, metrics)``
+    (metrics whose name starts with ``_`` are not logged but go to ``on_log``); ``batches`` yields
+    host batches drawn from ``iterators``, whose positions are checkpointed; ``export(state)`` is
+    what the next stage loads; ``position(state)`` the state's step counter; ``loss`` the metric
+    that must stay finite; ``validate(state)`` held-out metrics, logged every ``validate_every``
+    steps and at the end.
     """
 
     stage: str
+    model: ModelConfig
+    fingerprints: dict[str, str]
     total: int
     target: Any
     start: Callable[[], Any]
@@ -296,6 +298,9 @@ class StageRun:
     export: Callable[[Any], Any]
     position: Callable[[Any], Any]
     key_metric: str = "loss"
+    loss: str = "loss"
+    validate: Callable[[Any], dict[str, float]] | None = None
+    validate_every: int = 0
     # Called at each logging step with (step, state, metrics["_samples"]); returns extra metrics.
     on_log: Callable[[int, Any, Any], dict] | None = None
 
@@ -304,11 +309,15 @@ def drive(config: Config, workdir, run: StageRun, mesh) -> dict:
     """Resume or start ``run``, step it to ``run.total`` (logging and checkpointing on the way),
     save the final state with its export, and return the stage's metadata. The checkpointer and
     the metrics log are closed whatever happens."""
+    if run.total < 1:
+        raise ConfigError(f"stage '{run.stage}' has no step to take (total {run.total})")
+    record = {**dataclasses.asdict(config), "data_fingerprints": run.fingerprints}
     ckpt = checkpoint.StageCheckpointer(
-        workdir, run.stage, keep=config.keep_checkpoints, config=dataclasses.asdict(config)
+        workdir, run.stage, keep=config.keep_checkpoints, config=record
     )
-    metrics_log = MetricsLog(workdir, run.stage)
+    metrics_log = None
     try:
+        write_model(Path(workdir) / run.stage, run.model)
         state, data_state, _ = checkpoint.resume_or_start(ckpt, run.target, start=run.start)
         if data_state:
             for it, s in zip(run.iterators, data_state["iterators"]):
@@ -317,15 +326,28 @@ def drive(config: Config, workdir, run: StageRun, mesh) -> dict:
         if start >= run.total:  # already finished: a re-run (e.g. of the pipeline) is a no-op
             log.info("[%s] already complete (%d steps) in %s", run.stage, run.total, ckpt.directory)
             return ckpt.read_metadata()
+        metrics_log = MetricsLog(workdir, run.stage, resumed_at=start)
         return _loop(config, run, ckpt, metrics_log, state, start, mesh)
     finally:
-        metrics_log.close()
+        if metrics_log is not None:
+            metrics_log.close()
         ckpt.close()
+
+
+def _check_finite(run: StageRun, metrics: dict, done: int, ckpt) -> None:
+    value = float(np.asarray(metrics[run.loss]))
+    if not math.isfinite(value):
+        latest = ckpt.latest_step()
+        kept = f"the last good checkpoint, step {latest}, is kept" if latest else "nothing is saved"
+        raise StageError(
+            f"stage '{run.stage}': {run.loss} = {value} at step {done}; {kept}. Lower the "
+            "learning rate (or clip gradients: optimizer.grad_clip) and run it again"
+        )
 
 
 def _loop(config: Config, run: StageRun, ckpt, metrics_log: MetricsLog, state, start, mesh) -> dict:
     data_state = lambda: {"iterators": [loaders.get_iterator_state(it) for it in run.iterators]}  # noqa: E731
-    t0 = time.perf_counter()
+    t0 = last_save = time.perf_counter()
     last: dict[str, float] = {}
     bar = tqdm(
         range(start, run.total),
@@ -335,17 +357,29 @@ def _loop(config: Config, run: StageRun, ckpt, metrics_log: MetricsLog, state, s
         disable=jax.process_index() != 0,
     )
     for i in bar:
-        batch = sharding.shard_batch(next(run.batches), mesh)
+        batch = sharding.shard_batch(sharding.process_rows(next(run.batches)), mesh)
         state, metrics = run.step(state, batch)
         done = i + 1
-        if done % config.log_every == 0 or done == run.total:
+        every, minutes = config.checkpoint_every, config.checkpoint_minutes
+        save = done < run.total and (
+            (every and done % every == 0)
+            or (minutes and time.perf_counter() - last_save >= 60 * minutes)
+        )
+        validate = run.validate and (
+            done == run.total or (run.validate_every and done % run.validate_every == 0)
+        )
+        if done % config.log_every == 0 or done == run.total or save or validate:
+            _check_finite(run, metrics, done, ckpt)
+        if done % config.log_every == 0 or done == run.total or validate:
             extra = run.on_log(done, state, metrics.get("_samples")) if run.on_log else {}
+            if validate:
+                extra = {**extra, **run.validate(state)}
             scalars = {k: v for k, v in metrics.items() if not k.startswith("_")}
             last = metrics_log.write(done, {**scalars, **extra})
             bar.set_postfix({run.key_metric: f"{last.get(run.key_metric, 0.0):.4f}"})
-        every = config.checkpoint_every
-        if every and done % every == 0 and done < run.total:
+        if save:
             ckpt.save(done, state, data_state=data_state())
+            last_save = time.perf_counter()
     seconds = time.perf_counter() - t0
     meta = {"seconds": seconds, **{f"final_{k}": v for k, v in last.items()}}
     ckpt.save(

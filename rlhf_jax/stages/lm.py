@@ -25,15 +25,8 @@ from rlhf_jax import losses, sharding
 from rlhf_jax.config import Config, ModelConfig
 from rlhf_jax.data import sources
 from rlhf_jax.model import Transformer
-from rlhf_jax.stages.driver import (
-    StageRun,
-    drive,
-    initial_params,
-    jit_step,
-    loader,
-    one_model,
-    start_point,
-)
+from rlhf_jax.stages.driver import StageRun, drive, jit_step, loader, one_model, preflight
+from rlhf_jax.stages.lineage import initial_params, start_point
 from rlhf_jax.train_state import TrainState, apply_gradients, state_key
 
 
@@ -92,30 +85,57 @@ def concat_batches(a: dict, b: dict) -> dict:
     return out
 
 
+def validation_loss(params, model: ModelConfig, config: Config, workdir) -> float:
+    """SFT's loss on the held-out demonstrations (``sft_val``): the response-token NLL pooled over
+    every held-out token (``prompt_loss_weight`` as in training)."""
+    weight = config.sft.prompt_loss_weight
+
+    @jax.jit
+    def sums(p, b):
+        logits = Transformer(model).apply({"params": p}, b["tokens"], b["attention_mask"])
+        logp = losses.token_logprobs(logits[:, :-1], b["tokens"][:, 1:])
+        w = (b["response_mask"] + weight * b["prompt_mask"])[:, 1:]
+        return -(logp * w).sum(), w.sum()
+
+    data = loader(config, workdir, "sft_val", 256, 0, epochs=1, shuffle=False, drop_remainder=False)
+    total = np.sum([np.asarray(sums(params, b), np.float64) for b in data], axis=0)
+    return float(total[0] / total[1])
+
+
 def run_lm_stage(config: Config, workdir: str | os.PathLike, stage: str, *, mesh=None) -> dict:
     """Run ``stage`` in {"pretrain", "sft"}; it resumes its own checkpoint if there is one."""
     if stage not in ("pretrain", "sft"):
         raise ValueError(f"stage={stage!r}: expected 'pretrain' or 'sft'")
     config.validate()
-    mesh = mesh or sharding.make_mesh(config.mesh)
     is_sft = stage == "sft"
     cfg = config.sft if is_sft else config.pretrain
     model = dataclasses.replace(config.model, dropout=cfg.dropout)
     origin = start_point(config, workdir, stage)
+    n_ptx = round(cfg.batch_size * cfg.ptx_fraction) if is_sft else 0
+    n_demo = cfg.batch_size - n_ptx
+    if is_sft:
+        uses = {"sft": (n_demo, "sft.batch_size")}
+        if n_ptx:  # the pretraining share of every batch (InstructGPT appendix C.3)
+            uses["pretrain"] = (n_ptx, "sft.ptx_fraction")
+    else:
+        uses = {"pretrain": (cfg.batch_size, "pretrain.batch_size")}
+    why = {"pretrain": f"or set --config.sft.ptx_fraction=0 (sft.ptx_fraction={cfg.ptx_fraction} "
+           "mixes pretraining text into every SFT batch)"} if is_sft else None  # fmt: skip
+    sharded = ((cfg.batch_size, f"{stage}.batch_size"),)
+    fingerprints = preflight(config, workdir, stage, uses, sharded, why)
+    mesh = mesh or sharding.make_mesh(config.mesh)
 
     # Data: SFT = demonstrations (+ a pretraining share); pretraining = text only. Batch sizes are
-    # global; each process loads its share.
-    procs = jax.process_count()
+    # global: every process reads the global batch and keeps its rows (sharding.process_rows).
     if is_sft:
-        n_ptx = round(cfg.batch_size * cfg.ptx_fraction)
-        n_demo = cfg.batch_size - n_ptx
-        demos = loader(config, workdir, "sft", n_demo // procs, config.seed, epochs=cfg.epochs)
+        demos = loader(config, workdir, "sft", n_demo, config.seed, epochs=cfg.epochs)
         iters = [iter(demos)]
         if n_ptx:
-            iters.append(iter(loader(config, workdir, "pretrain", n_ptx // procs, config.seed + 1)))
-        total = cfg.epochs * (sources.split_size(config, workdir, "sft") // n_demo)
+            iters.append(iter(loader(config, workdir, "pretrain", n_ptx, config.seed + 1)))
+        steps_per_epoch = sources.split_size(config, workdir, "sft") // n_demo
+        total = cfg.epochs * steps_per_epoch
     else:
-        iters = [iter(loader(config, workdir, "pretrain", cfg.batch_size // procs, config.seed))]
+        iters = [iter(loader(config, workdir, "pretrain", cfg.batch_size, config.seed))]
         total = cfg.steps
 
     def batches():
@@ -126,16 +146,16 @@ def run_lm_stage(config: Config, workdir: str | os.PathLike, stage: str, *, mesh
             b = demo_batch(next(iters[0]), cfg.prompt_loss_weight)
             yield concat_batches(b, text_batch(next(iters[1]))) if len(iters) > 1 else b
 
-    state = one_model(
-        config,
-        model,
-        cfg.optimizer,
-        total,
-        mesh,
-        init=lambda: initial_params(config, workdir, origin, model, mesh),
-    )
+    init = lambda: initial_params(config, workdir, origin, model, mesh)  # noqa: E731
+    state = one_model(config, model, cfg.optimizer, total, mesh, init)
+    validate = None
+    if is_sft and sources.expected_size(config, workdir, "sft_val"):
+        eval_model = dataclasses.replace(model, dropout=0.0)
+        validate = lambda s: {"val/loss": validation_loss(s.params, eval_model, config, workdir)}  # noqa: E731
     run = StageRun(
         stage=stage,
+        model=dataclasses.replace(model, dropout=0.0),
+        fingerprints=fingerprints,
         total=total,
         target=state.target,
         start=state.start,
@@ -144,5 +164,7 @@ def run_lm_stage(config: Config, workdir: str | os.PathLike, stage: str, *, mesh
         batches=batches(),
         export=lambda s: s.params,
         position=lambda s: s.step,
+        validate=validate,
+        validate_every=steps_per_epoch if is_sft else 0,
     )
     return drive(config, workdir, run, mesh)

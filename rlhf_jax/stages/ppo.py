@@ -23,17 +23,16 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax import checkpoint, losses, rollout, sharding
-from rlhf_jax.config import Config, rm_config
+from rlhf_jax.config import Config, ModelConfig, rm_config
 from rlhf_jax.data import sources
 from rlhf_jax.fields import validate
 from rlhf_jax.model import Transformer
-from rlhf_jax.stages.driver import (
-    StageRun,
-    drive,
+from rlhf_jax.stages.driver import StageRun, drive, loader, preflight
+from rlhf_jax.stages.lineage import (
     initial_params,
     load_reward_model,
-    loader,
     policy_model,
+    reward_model_config,
     start_point,
 )
 from rlhf_jax.train_state import (
@@ -52,12 +51,21 @@ from rlhf_jax.train_state import (
 
 
 def make_ppo_iteration(
-    config: Config, policy_tx, value_tx, *, eos_id: int, pad_id: int
+    config: Config,
+    policy_tx,
+    value_tx,
+    *,
+    eos_id: int,
+    pad_id: int,
+    critic: ModelConfig | None = None,
 ) -> Callable:
-    """The whole PPO iteration as one traceable function (jit it with ``jit_ppo_iteration``)."""
+    """The whole PPO iteration as one traceable function (jit it with ``jit_ppo_iteration``).
+
+    ``critic`` is the architecture of the reward and value networks (default: the policy's with
+    a scalar head, ``config.rm_config``); it may differ from the policy's."""
     cfg = config.ppo
     policy_cfg = policy_model(config)
-    critic_cfg = rm_config(config)
+    critic_cfg = critic or rm_config(config)
     validate(cfg, "ppo")
     n_mb = cfg.batch_size // cfg.minibatch_size
     sampler = rollout.Sampler(temperature=cfg.temperature)
@@ -256,10 +264,12 @@ def _layout(config: Config, policy: TrainState, value: TrainState, scalar) -> PP
     )
 
 
-def ppo_state_shardings(config: Config, policy_tx, value_tx, mesh) -> PPOState:
+def ppo_state_shardings(
+    config: Config, policy_tx, value_tx, mesh, critic: ModelConfig | None = None
+) -> PPOState:
     rules = config.mesh.rules
     pol = train_state_shardings(config.model, policy_tx, mesh, rules)
-    val = train_state_shardings(rm_config(config), value_tx, mesh, rules)
+    val = train_state_shardings(critic or rm_config(config), value_tx, mesh, rules)
     return _layout(config, pol, val, sharding.replicated(mesh))
 
 
@@ -293,9 +303,11 @@ def init_ppo_state(
     )
 
 
-def abstract_ppo_state(config: Config, policy_tx, value_tx) -> PPOState:
+def abstract_ppo_state(
+    config: Config, policy_tx, value_tx, critic: ModelConfig | None = None
+) -> PPOState:
     pol = abstract_state(config.model, policy_tx)
-    val = abstract_state(rm_config(config), value_tx)
+    val = abstract_state(critic or rm_config(config), value_tx)
     return _layout(config, pol, val, jax.ShapeDtypeStruct((), jnp.float32))
 
 
@@ -325,29 +337,42 @@ def run_ppo(
     pipeline adds the gold reward of the samples and the held-out pretraining NLL).
     """
     config.validate()
-    mesh = mesh or sharding.make_mesh(config.mesh)
     cfg = config.ppo
     policy_origin = start_point(config, workdir, stage, "policy")
     start_point(config, workdir, stage, "reward")  # the RM must have run
+    critic = reward_model_config(config, workdir)
+    uses = {"ppo": (cfg.batch_size, "ppo.batch_size")}
+    if cfg.ptx_coef > 0:
+        ptx = cfg.epochs * cfg.batch_size * cfg.ptx_per_episode
+        uses["pretrain"] = (ptx, "ppo.ptx_per_episode")
+    sharded = (
+        (cfg.batch_size, "ppo.batch_size"),
+        *([uses["pretrain"]] if cfg.ptx_coef > 0 else []),
+    )
+    why = {"pretrain": f"or set --config.ppo.ptx_coef=0 for plain PPO (ppo.ptx_coef={cfg.ptx_coef} "
+           "is PPO-ptx, which mixes in pretraining text)"}  # fmt: skip
+    fingerprints = preflight(config, workdir, stage, uses, sharded, why)
+    mesh = mesh or sharding.make_mesh(config.mesh)
     with_ptx = cfg.ptx_coef > 0
-    procs = jax.process_count()
-    prompts_it = iter(loader(config, workdir, "ppo", cfg.batch_size // procs, config.seed))
+    prompts_it = iter(loader(config, workdir, "ppo", cfg.batch_size, config.seed))
     iters = [prompts_it]
     if with_ptx:
-        n_ptx = cfg.epochs * cfg.batch_size * cfg.ptx_per_episode // procs
+        n_ptx = cfg.epochs * cfg.batch_size * cfg.ptx_per_episode
         iters.append(iter(loader(config, workdir, "pretrain", n_ptx, config.seed + 3)))
 
     policy_tx = make_optimizer(cfg.policy_optimizer, cfg.iterations)
     value_tx = make_optimizer(cfg.value_optimizer, cfg.iterations)
-    shardings = ppo_state_shardings(config, policy_tx, value_tx, mesh)
+    shardings = ppo_state_shardings(config, policy_tx, value_tx, mesh, critic)
 
     def start() -> PPOState:
         sft = initial_params(config, workdir, policy_origin, policy_model(config), mesh)
-        reward, bias = load_reward_model(config, workdir, mesh)
+        reward, bias, _ = load_reward_model(config, workdir, mesh)
         return init_ppo_state(config, policy_tx, value_tx, shardings, sft, reward, bias)
 
     eos_id, pad_id = sources.special_ids(config, workdir)
-    iteration = make_ppo_iteration(config, policy_tx, value_tx, eos_id=eos_id, pad_id=pad_id)
+    iteration = make_ppo_iteration(
+        config, policy_tx, value_tx, eos_id=eos_id, pad_id=pad_id, critic=critic
+    )
     step = jit_ppo_iteration(iteration, shardings, mesh, with_ptx)
 
     def batches():
@@ -362,9 +387,11 @@ def run_ppo(
 
     run = StageRun(
         stage=stage,
+        model=policy_model(config),
+        fingerprints=fingerprints,
         total=cfg.iterations,
         target=checkpoint.abstract_with_shardings(
-            abstract_ppo_state(config, policy_tx, value_tx), shardings
+            abstract_ppo_state(config, policy_tx, value_tx, critic), shardings
         ),
         start=start,
         step=step_fn,
@@ -373,6 +400,7 @@ def run_ppo(
         export=lambda s: s.ema_params if s.ema_params is not None else s.policy.params,
         position=lambda s: s.iteration,
         key_metric="objective/score",
+        loss="ppo/loss/total",
         on_log=on_log,
     )
     return drive(config, workdir, run, mesh)

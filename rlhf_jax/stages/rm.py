@@ -16,19 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import losses, rollout, sharding
-from rlhf_jax.config import Config, ModelConfig, rm_config
+from rlhf_jax.config import Config, ModelConfig
 from rlhf_jax.data import sources
-from rlhf_jax.stages.driver import (
-    StageRun,
-    drive,
-    initial_params,
-    jit_step,
-    loader,
-    one_model,
-    policy_model,
-    start_point,
-)
-from rlhf_jax.train_state import TrainState, apply_gradients, scalar_head_params
+from rlhf_jax.stages.driver import StageRun, drive, jit_step, loader, one_model, preflight
+from rlhf_jax.stages.lineage import initial_reward_params, rm_architecture, start_point
+from rlhf_jax.train_state import TrainState, apply_gradients
 
 
 def completion_rewards(params, model: ModelConfig, batch: dict, prompt_len: int):
@@ -65,21 +57,49 @@ def demonstration_scores(
     return np.concatenate([np.asarray(score(params, b)) for b in data])
 
 
+def validation_metrics(params, model: ModelConfig, config: Config, workdir) -> dict[str, float]:
+    """The RM's pairwise accuracy, ranking loss and number of pairs on the held-out comparisons
+    (``rm_val``; ``rlhf_jax.evaluate.rm_metrics``)."""
+    from rlhf_jax.evaluate import comparison_scores, rm_metrics
+
+    data = loader(config, workdir, "rm_val", 64, 0, epochs=1, shuffle=False, drop_remainder=False)
+    batches = list(data)
+    cat = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    rewards = comparison_scores(
+        params,
+        model,
+        0.0,
+        cat["tokens"],
+        cat["attention_mask"],
+        cat["response_mask"],
+        prompt_len=config.data.prompt_len,
+        batch_size=config.eval.batch_size,
+    )
+    return rm_metrics(rewards, cat["ranks"], cat["valid"])
+
+
 def run_rm(config: Config, workdir: str | os.PathLike, *, mesh=None) -> dict:
-    """Train the RM on the comparison dataset; resumes its own checkpoint if there is one."""
+    """Train the RM on the comparison dataset; resumes its own checkpoint if there is one.
+
+    It starts from this run's SFT model, or from ``rm.init_from`` (an HF checkpoint, another
+    run's stage, or a named size): the RM may be larger than the policy, as InstructGPT's 6B RM
+    was for every policy size (``stages.lineage``)."""
     config.validate()
+    cfg, P = config.rm, config.data.prompt_len
+    model = rm_architecture(config)
+    start_point(config, workdir, "rm")
+    fingerprints = preflight(
+        config,
+        workdir,
+        "rm",
+        {"rm": (cfg.batch_size, "rm.batch_size"), "sft": (1, "")},
+        ((cfg.batch_size, "rm.batch_size"),),
+    )
     mesh = mesh or sharding.make_mesh(config.mesh)
-    cfg, model, P = config.rm, rm_config(config), config.data.prompt_len
-    origin = start_point(config, workdir, "rm")
-    procs = jax.process_count()  # batch sizes are global; each process loads its share
-    data = loader(config, workdir, "rm", cfg.batch_size // procs, config.seed, epochs=cfg.epochs)
+    data = loader(config, workdir, "rm", cfg.batch_size, config.seed, epochs=cfg.epochs)
     iters = [iter(data)]
     total = cfg.epochs * (sources.split_size(config, workdir, "rm") // cfg.batch_size)
-
-    def init():
-        sft = initial_params(config, workdir, origin, policy_model(config), mesh)
-        return scalar_head_params(jax.device_get(sft), model, jax.random.key(config.seed + 2))
-
+    init = lambda: initial_reward_params(config, workdir, model, mesh)  # noqa: E731
     state = one_model(config, model, cfg.optimizer, total, mesh, init)
 
     def batches():
@@ -90,8 +110,17 @@ def run_rm(config: Config, workdir: str | os.PathLike, *, mesh=None) -> dict:
         scores = demonstration_scores(s.params, model, config, workdir)
         return {"params": s.params, "bias": jnp.asarray(scores.mean(), jnp.float32)}
 
+    validate = None
+    if sources.expected_size(config, workdir, "rm_val"):
+
+        def validate(s: TrainState) -> dict[str, float]:
+            metrics = validation_metrics(s.params, model, config, workdir)
+            return {"val/accuracy": metrics["val_accuracy"], "val/loss": metrics["val_loss"]}
+
     run = StageRun(
         stage="rm",
+        model=model,
+        fingerprints=fingerprints,
         total=total,
         target=state.target,
         start=state.start,
@@ -101,5 +130,6 @@ def run_rm(config: Config, workdir: str | os.PathLike, *, mesh=None) -> dict:
         export=export,
         position=lambda s: s.step,
         key_metric="accuracy",
+        validate=validate,
     )
     return drive(config, workdir, run, mesh)

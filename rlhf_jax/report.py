@@ -1,0 +1,242 @@
+"""A run's report on the user's data: summary.json, samples.jsonl, PNG curves and report.md.
+
+The pieces every report shares (number formatting, intervals, the PPO curves read from
+``metrics.jsonl`` and plotted, the decoded samples, writing the files) are here; the built-in
+world's report (``rlhf_jax.instructlang.report``) adds its gold reward and claims to them. Plots
+use matplotlib's object-oriented ``Figure`` (Agg canvas), never pyplot, so writing a report
+touches no global backend state and works headless.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+MODEL_ORDER = ("base", "sft", "ppo", "ppo_ptx")
+SAMPLES_PER_MODEL = 3
+# The PPO curves of every report: name -> (metrics.jsonl key, axis label).
+CURVES = {
+    "score": ("objective/score", "RM score"),
+    "kl": ("objective/kl", "KL to SFT (nats per response)"),
+    "clipfrac": ("ppo/policy/clipfrac", "policy clip fraction"),
+    "var_explained": ("ppo/val/var_explained", "value explained variance"),
+    "entropy": ("objective/entropy", "entropy (nats per token)"),
+    "eos_rate": ("objective/eos_rate", "EOS rate"),
+}
+
+
+def num(x: Any) -> float | None:
+    """A finite float, or None (missing, null in JSON, NaN)."""
+    if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x):
+        return None
+    return float(x)
+
+
+def fmt(x: Any, digits: int = 3) -> str:
+    v = num(x)
+    return "--" if v is None else f"{v:.{digits}f}"
+
+
+def interval(value: Any, ci: Any, digits: int = 3) -> str:
+    """``value [lo, hi]``, or the value alone, or ``--``."""
+    if num(value) is None:
+        return "--"
+    if not ci or any(num(c) is None for c in ci):
+        return fmt(value, digits)
+    return f"{fmt(value, digits)} [{fmt(ci[0], digits)}, {fmt(ci[1], digits)}]"
+
+
+def ordered(names) -> list[str]:
+    names = list(names)
+    return [m for m in MODEL_ORDER if m in names] + [m for m in names if m not in MODEL_ORDER]
+
+
+def read_curves(run_dir: Path, keys: dict[str, tuple[str, str]]) -> dict[str, dict[str, list]]:
+    """{stage: {name: values per logged iteration}} of the PPO stages a run has."""
+    out = {}
+    for stage in ("ppo", "ppo_ptx"):
+        path = Path(run_dir) / stage / "metrics.jsonl"
+        if path.exists():
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+            out[stage] = {name: [r[k] for r in rows if k in r] for name, (k, _) in keys.items()}
+    return out
+
+
+def plot_curves(run_dir: Path, curves: dict[str, dict[str, Any]], labels: dict[str, str]) -> list:
+    """One PNG per metric with a line per RL run; returns the file names."""
+    metrics: list[str] = []
+    for run in curves.values():
+        metrics += [k for k in run if k not in metrics and len(run[k])]
+    files = []
+    for metric in metrics:
+        fig = Figure(figsize=(5, 3.2))
+        ax = fig.add_subplot()
+        for run_name, run in curves.items():
+            if metric in run and len(run[metric]):
+                ax.plot(range(1, len(run[metric]) + 1), run[metric], label=run_name)
+        ax.set_xlabel("PPO iteration")
+        ax.set_ylabel(labels.get(metric, metric))
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        name = f"curve_{metric}.png"
+        fig.savefig(Path(run_dir) / name, dpi=100)
+        files.append(name)
+    return files
+
+
+def samples_section(samples: list[dict], score: str, label: str) -> list[str]:
+    """A few decoded samples per model, each with its ``score`` field."""
+    by_model: dict[str, list[dict]] = {}
+    for s in samples:
+        by_model.setdefault(s.get("model", "?"), []).append(s)
+    lines = ["## Samples", ""]
+    for m in ordered(by_model):
+        lines += [f"### {m}", ""]
+        for s in by_model[m][:SAMPLES_PER_MODEL]:
+            lines.append(
+                f"- `{s.get('prompt', '')}` -> `{s.get('response', '')}` "
+                f"({label} {fmt(s.get(score), 2)})"
+            )
+        lines.append("")
+    return lines
+
+
+def model_table(models: dict, columns: tuple[tuple[str, str, str | None, int], ...]) -> list:
+    """One row per model: each column ``(header, key, interval key or None, digits)``."""
+    lines = [
+        "| model | " + " | ".join(c[0] for c in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for m in ordered(models):
+        s = models[m]
+        cells = [
+            interval(s.get(key), s.get(ci), digits) if ci else fmt(s.get(key), digits)
+            for _, key, ci, digits in columns
+        ]
+        lines.append("| " + " | ".join([m, *cells]) + " |")
+    return lines
+
+
+class StageClock:
+    """``clock(name, fn, *args)`` runs ``fn`` and records its seconds in ``clock.seconds`` (a
+    report's ``summary["seconds"]``)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str, fn, *args, **kw):
+        t0 = time.perf_counter()
+        out = fn(*args, **kw)
+        self.seconds[name] = time.perf_counter() - t0
+        return out
+
+
+def metrics_table(values: dict) -> list[str]:
+    lines = ["| metric | value |", "|---|---|"]
+    for k, v in values.items():
+        lines.append(f"| {k} | {fmt(v) if isinstance(v, float) and num(v) is not None else v} |")
+    return lines
+
+
+def write_outputs(run_dir: Path, summary: dict, samples: list[dict]) -> None:
+    """``summary.json`` (exactly ``summary``) and ``samples.jsonl`` (one object per line)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with open(run_dir / "samples.jsonl", "w") as f:
+        for s in samples:
+            f.write(json.dumps(s) + "\n")
+
+
+def seconds_line(summary: dict) -> str:
+    seconds = summary.get("seconds", {})
+    stages = ", ".join(f"{k} {fmt(v, 1)} s" for k, v in seconds.items()) or "not recorded"
+    total = sum(v for v in seconds.values() if num(v) is not None)
+    return f"Seconds per stage: {stages} (total {total:.1f} s)."
+
+
+# --------------------------------------------------------------------------------------------------
+# The report of a run on the user's data
+
+HOW_TO_READ = (
+    "Each row is one model answering the same held-out prompts at temperature 1 "
+    "(eval.samples_per_prompt times each). There is no gold reward on your data: the RM score "
+    "is the run's own reward model (normalised so that the demonstrations score 0), with a 95% "
+    "interval over prompts; the paired gain and win rate judge each model against the SFT model "
+    "by that RM on the same prompts, so they show what PPO optimised, not what a human would "
+    "prefer. KL to SFT is in nats per response; the held-out NLL (when pretraining text is "
+    "given) measures the alignment tax. The reward model section gives its accuracy on the "
+    "held-out comparisons."
+)
+
+
+COLUMNS = (  # header, summary key, its interval's key, digits
+    ("RM score [95% CI]", "rm_score_mean", "rm_score_ci95", 3),
+    ("RM score - SFT, paired [95% CI]", "rm_gain_vs_sft", "rm_gain_ci95", 3),
+    ("win rate vs SFT by the RM [95% CI]", "rm_win_rate_vs_sft", "rm_win_rate_ci95", 3),
+    ("KL to SFT (nats)", "kl_to_sft", None, 2),
+    ("held-out NLL", "heldout_nll", None, 3),
+    ("EOS rate", "eos_rate", None, 3),
+    ("response length", "response_length", None, 1),
+)
+
+
+def render_markdown(summary: dict, samples: list[dict], curves: list[str]) -> str:
+    """report.md's text for a run on the user's data."""
+    lines = [
+        f"# Run report: `{summary.get('config', '?')}`",
+        "",
+        f"Made by `rlhf-jax pipeline` with config `{summary.get('config', '?')}`, seed "
+        f"{summary.get('seed', '?')}. {seconds_line(summary)}",
+        "",
+        "## How to read this report",
+        "",
+        HOW_TO_READ,
+        "",
+        "## Models",
+        "",
+        *model_table(summary.get("models", {}), COLUMNS),
+        "",
+        "## Reward model (held-out comparisons)",
+        "",
+        *(metrics_table(summary["rm"]) if summary.get("rm") else ["No held-out comparisons."]),
+        "",
+    ]
+    if summary.get("exported"):
+        lines += ["## Exported", ""]
+        lines += [f"- `{stage}`: `{path}`" for stage, path in summary["exported"].items()] + [""]
+    if curves:
+        lines += ["## PPO training curves", ""] + [f"![{f[6:-4]}]({f})" for f in curves] + [""]
+    lines += samples_section(samples, "rm_score", "RM score")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(run_dir: str | Path, summary: dict, samples: list[dict]) -> None:
+    """summary.json, samples.jsonl, the PPO curves and report.md of a run on the user's data."""
+    run_dir = Path(run_dir)
+    write_outputs(run_dir, summary, samples)
+    labels = {name: label for name, (_, label) in CURVES.items()}
+    curves = plot_curves(run_dir, read_curves(run_dir, CURVES), labels)
+    (run_dir / "report.md").write_text(render_markdown(summary, samples, curves))
+
+
+def inline_images(markdown: str, run_dir: str | Path) -> str:
+    """``markdown`` with every ``![alt](file.png)`` of ``run_dir`` embedded as a data URI, so a
+    report renders where its files are not served: a notebook cell (``IPython.display.Markdown``),
+    Colab, a paste into an issue."""
+
+    def embed(match: re.Match) -> str:
+        path = Path(run_dir) / match.group(2)
+        if not path.is_file():
+            return match.group(0)
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        return f"![{match.group(1)}](data:image/png;base64,{data})"
+
+    return re.sub(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)", embed, markdown)
