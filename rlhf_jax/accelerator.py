@@ -18,7 +18,6 @@ from pathlib import Path
 import jax
 
 GIB = 1024**3
-CACHE_MAX_BYTES = 4 * GIB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,8 +103,7 @@ def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path
 
     The directory is ``directory``, else ``$RLHF_JAX_COMPILATION_CACHE`` (``off`` disables it),
     else JAX's own ``$JAX_COMPILATION_CACHE_DIR``, else ``~/.cache/rlhf_jax/xla``. Programs that
-    compile in under 0.2 s are not kept, and beyond 4 GiB the least recently used are deleted.
-    Returns the directory in use, or None when off."""
+    compile in under 0.2 s are not kept. Returns the directory in use, or None when off."""
     setting = os.environ.get("RLHF_JAX_COMPILATION_CACHE", "")
     if directory is None and setting.lower() in ("off", "0", "false", "no"):
         return None
@@ -117,6 +115,4 @@ def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path
     path.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-    # Least recently used programs go first beyond this, so the cache never fills a disk.
-    jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
     return path

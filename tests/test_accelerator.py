@@ -55,8 +55,3 @@ def test_inline_images_embeds_the_run_dirs_pngs_only(tmp_path):
     out = report.inline_images(text, tmp_path)
     assert f"![kl](data:image/png;base64,{base64.b64encode(png).decode()})" in out
     assert "![gone](missing.png)" in out and "![web](https://x/y.png)" in out
-
-
-def test_compilation_cache_can_be_turned_off(monkeypatch):
-    monkeypatch.setenv("RLHF_JAX_COMPILATION_CACHE", "off")
-    assert accelerator.enable_compilation_cache() is None
