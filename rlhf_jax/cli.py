@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_jax import fields
-from rlhf_jax.accelerator import enable_compilation_cache
 from rlhf_jax.errors import ConfigError, UserError
 
 SHARED_FIELDS = ("name", "seed", "init_from", "keep_checkpoints", "checkpoint_every", "log_every")
@@ -448,7 +447,6 @@ def main(argv: list[str] | None = None) -> None:
             print(parsed)
             return
         setup_logging()
-        enable_compilation_cache()  # a rerun starts without compiling
         run(*parsed)
     except UserError as e:
         if verbose:

@@ -1,28 +1,16 @@
-"""Test setup: 8 fake CPU devices (must happen before JAX initialises), float32 numerics, and one
-persistent compilation cache for the session (CLI subprocesses included)."""
+"""Test setup: 8 fake CPU devices (must happen before JAX initialises) and float32 numerics."""
 
-import atexit
 import os
-import shutil
-import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# Fresh for every session, so a test never sees a program an older version of the code compiled.
-XLA_CACHE = tempfile.mkdtemp(prefix="rlhf_jax_xla_")
-os.environ["RLHF_JAX_COMPILATION_CACHE"] = XLA_CACHE
-atexit.register(shutil.rmtree, XLA_CACHE, True)
 
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-
-from rlhf_jax.accelerator import enable_compilation_cache  # noqa: E402
-
-enable_compilation_cache()
 
 
 import socket  # noqa: E402

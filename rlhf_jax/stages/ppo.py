@@ -288,7 +288,7 @@ def init_ppo_state(
     copy = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731  (distinct, donatable buffers)
     cfg = config.ppo
     value_params = shift_scalar_head(copy(reward_params), -jnp.asarray(reward_bias, jnp.float32))
-    state = PPOState(
+    return PPOState(
         iteration=jnp.zeros((), jnp.int32),
         policy=create_train_state(sft_params, policy_tx, key_data(config.seed), shardings.policy),
         value=create_train_state(value_params, value_tx, key_data(config.seed), shardings.value),
@@ -301,10 +301,6 @@ def init_ppo_state(
         ),
         rng=key_data(config.seed + 4),
     )
-    # Every leaf in its layout, the scalars and the key included: the iteration's jit returns
-    # them so, and an input placed otherwise (one device, uncommitted) is another cache key, which
-    # would compile the whole iteration a second time at its second call.
-    return jax.device_put(state, shardings)
 
 
 def abstract_ppo_state(
