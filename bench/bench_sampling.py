@@ -1,13 +1,19 @@
-"""Sampling throughput: KV-cached ``rollout.sample`` against a no-cache baseline, same process.
+"""Sampling throughput: KV-cached ``rollout.sample`` against a no-cache baseline and against
+Hugging Face ``transformers`` ``generate``, in the same command.
 
     python bench/bench_sampling.py                       # GPT-2-small shape, batch 64, 128 tokens
     python bench/bench_sampling.py --size=S --vocab=64   # an InstructLang size
+    python bench/bench_sampling.py --transformers        # + transformers.generate (".[bench]")
 
 The baseline is what a naive implementation does: a fixed [B, P+R] buffer and a full forward pass
 over it for every new token (fixed shapes, so it compiles once). Its cost per token does not depend
 on how many tokens have been generated, so it is timed over ``--baseline_steps`` steps only and
 reported per token. The cached sampler is timed over the whole response; tokens per second count
 the tokens it actually generated (through each row's EOS), not R.
+
+``--transformers`` adds the PyTorch baseline: ``GPT2LMHeadModel.generate`` (random weights of
+the same shape, float32, KV cache on, multinomial sampling, exactly R new tokens) on the same
+prompts, timed the same way. It runs only for GPT-2-family sizes.
 """
 
 from __future__ import annotations
@@ -54,6 +60,38 @@ def timed(fn, repeats):
     return best
 
 
+def transformers_tokens_per_second(cfg, prompts: np.ndarray, new_tokens: int, repeats: int):
+    """Tokens/s of ``transformers`` ``generate`` on a random GPT-2 of ``cfg``'s shape."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    shape = GPT2Config(
+        vocab_size=cfg.vocab_size,
+        n_positions=cfg.max_len,
+        n_embd=cfg.d_model,
+        n_layer=cfg.n_layers,
+        n_head=cfg.n_heads,
+        n_inner=cfg.mlp_dim,
+    )
+    model = GPT2LMHeadModel(shape).eval()
+    ids = torch.as_tensor(prompts, dtype=torch.long)
+
+    def run():
+        with torch.no_grad():
+            model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=True,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                pad_token_id=0,
+                use_cache=True,
+            )
+
+    return prompts.shape[0] * new_tokens / timed(run, repeats), torch.__version__
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="gpt2-small")
@@ -63,6 +101,7 @@ def main():
     ap.add_argument("--new_tokens", type=int, default=128)
     ap.add_argument("--baseline_steps", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--transformers", action="store_true", help="add the transformers baseline")
     args = ap.parse_args()
 
     overrides = {"max_len": max(1024, args.prompt_len + args.new_tokens)}
@@ -114,6 +153,14 @@ def main():
         f"KV cache         : {cached_tps:10.1f} tokens/s ({generated} tokens in {t_cached:.2f} s)"
     )
     print(f"speed-up         : {cached_tps / base_tps:10.1f}x")
+    if args.transformers:
+        if cfg.family != "gpt2":
+            raise SystemExit("--transformers: the baseline is a GPT-2 model; pick a gpt2 size")
+        hf_tps, version = transformers_tokens_per_second(
+            cfg, np.asarray(prompts), args.new_tokens, args.repeats
+        )
+        print(f"transformers     : {hf_tps:10.1f} tokens/s (generate, torch {version})")
+        print(f"rlhf_jax / transformers: {cached_tps / hf_tps:.2f}x")
 
 
 if __name__ == "__main__":

@@ -5,16 +5,21 @@ compute dtype from it: bfloat16 matmuls with float32 parameters on TPUs and on G
 tensor cores (compute capability 8.0 and up: A100, L4, H100), float32 elsewhere. A CPU runs
 float32 matmuls faster than bfloat16 ones in XLA, and Colab's free T4 (compute capability 7.5)
 has no bfloat16 tensor cores, so both keep float32. The mesh needs nothing here: the presets'
-``MeshConfig`` already spreads the batch over every local device.
+``MeshConfig`` already spreads the batch over every local device. ``enable_compilation_cache``
+keeps compiled programs on disk for the next run (the command turns it on).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
+from pathlib import Path
 
 import jax
 
 GIB = 1024**3
+CACHE_MAX_BYTES = 4 * GIB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,3 +96,41 @@ def peak_memory_gib() -> float:
     import resource  # POSIX; ru_maxrss is in KiB on Linux
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path | None:
+    """Keep compiled XLA programs on disk, so that a rerun of the same command starts its first
+    step without compiling (JAX's persistent compilation cache: a hit runs the program a miss
+    compiled, so the numbers are the same bit for bit). Call it after any
+    ``jax.distributed.initialize``: it looks at the local devices.
+
+    The directory is ``directory``, else ``$RLHF_JAX_COMPILATION_CACHE`` (``off`` turns it off),
+    else JAX's own ``$JAX_COMPILATION_CACHE_DIR``, else ``~/.cache/rlhf_jax/xla``. Programs that
+    compile in under 0.2 s are not kept, and beyond 4 GiB the least recently used are deleted.
+    Returns the directory in use, or None when off.
+
+    It stays off on a CPU with several devices (``--xla_force_host_platform_device_count``, the
+    test session's fake mesh): there jaxlib 0.10.2 aborts (SIGABRT) while reading back the output
+    of a sharded program loaded from the cache, measured on the tiny pipeline's PPO iteration.
+    One CPU device, GPUs and TPUs use it."""
+    setting = os.environ.get("RLHF_JAX_COMPILATION_CACHE", "")
+    if directory is None and setting.lower() in ("off", "0", "false", "no"):
+        return None
+    devices = jax.local_devices()
+    if devices[0].platform == "cpu" and len(devices) > 1:
+        logging.getLogger(__name__).info(
+            "compilation cache off: %d CPU devices (jaxlib aborts on cached sharded CPU programs)",
+            len(devices),
+        )
+        return None
+    chosen = directory or setting or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    if not chosen:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        chosen = Path(base) / "rlhf_jax" / "xla"
+    path = Path(chosen).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    # Least recently used programs go first beyond this, so the cache never fills a disk.
+    jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+    return path

@@ -357,6 +357,9 @@ def start_distributed(args: argparse.Namespace) -> None:
 def run(command: str, args: argparse.Namespace, config: Any) -> None:
     if "distributed" in COMMANDS[command].flags:
         start_distributed(args)
+    from rlhf_jax.accelerator import enable_compilation_cache
+
+    enable_compilation_cache()  # a rerun starts its first step without compiling
     workdir = Path(args.workdir or Path("runs") / config.name)
     world = config.data.source == "instructlang"
     if command in ("pretrain", "sft"):

@@ -31,17 +31,21 @@ from rlhf_jax.config import ModelConfig
 
 
 class KVCache(NamedTuple):
-    """Per-layer keys/values [B S G E], the validity of each slot [B S], and the next write slot."""
+    """Per-layer keys/values [B G S E], the validity of each slot [B S], and the next write slot.
 
-    k: tuple[Float[Array, "B S G E"], ...]
-    v: tuple[Float[Array, "B S G E"], ...]
+    Heads come before slots so that a decode step's attention reads each head's keys and values
+    as they lie: in [B S G E] XLA transposed the whole cache of every layer at every step, about
+    a third of a GPT-2-small decode step on CPU (``bench/bench_sampling.py``)."""
+
+    k: tuple[Float[Array, "B G S E"], ...]
+    v: tuple[Float[Array, "B G S E"], ...]
     mask: Int[Array, "B S"]
     index: Int[Array, ""]
 
 
 def init_cache(config: ModelConfig, batch: int, length: int) -> KVCache:
     """An empty cache with room for ``length`` tokens (prompt plus generated)."""
-    shape = (batch, length, config.n_kv_heads, config.resolved_head_dim)
+    shape = (batch, config.n_kv_heads, length, config.resolved_head_dim)
     zeros = tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(config.n_layers))
     return KVCache(
         k=zeros,
@@ -137,19 +141,20 @@ class Attention(nn.Module):
         v = Dense((G, E), ("embed",), ("kv_heads", "head_dim"), cfg, bias, name="v")(x)
         if cfg.family == "llama":
             q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+        k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)  # [B G T E], the cache's layout
         if layer_cache is not None:
             ck, cv = layer_cache
-            k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), query_offset, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), query_offset, axis=1)
-        B, T, S = x.shape[0], x.shape[1], k.shape[1]
+            k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), query_offset, axis=2)
+            v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), query_offset, axis=2)
+        B, T, S = x.shape[0], x.shape[1], k.shape[2]
         causal = jnp.arange(S)[None, :] <= (query_offset + jnp.arange(T))[:, None]  # [T S]
         allowed = causal[None] & (key_mask[:, None, :] > 0)  # [B T S]
         q = q.reshape(B, T, G, H // G, E)
-        scores = jnp.einsum("btgre,bsge->bgrts", q, k).astype(jnp.float32) / jnp.sqrt(E)
+        scores = jnp.einsum("btgre,bgse->bgrts", q, k).astype(jnp.float32) / jnp.sqrt(E)
         # A finite fill keeps rows with no allowed key (padding queries) NaN-free.
         scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bgrts,bsge->btgre", probs, v).reshape(B, T, H, E)
+        out = jnp.einsum("bgrts,bgse->btgre", probs, v).reshape(B, T, H, E)
         out = Dense((cfg.d_model,), ("heads", "head_dim"), ("embed",), cfg, cfg.use_bias, name="o")(
             out
         )
@@ -183,6 +188,32 @@ class Block(nn.Module):
         x = x + drop(h)
         x = x + drop(MLP(self.config, name="mlp")(Norm(self.config, name="mlp_norm")(x)))
         return x, kv
+
+
+@jax.custom_vjp
+def _materialized_cotangent(x):
+    """The identity, whose cotangent is computed into a buffer of its own (XLA:CPU only).
+
+    The backward pass adds each block's contribution to the residual stream's cotangent, and
+    XLA:CPU fuses that chain of adds into every consumer, including the transposes that feed the
+    weight gradients, so each layer recomputes the sums of all the layers above it: O(L^2)
+    reads, a quarter of a 12-layer x 768 backward (bench/RESULTS.md). An optimisation barrier
+    does not stop it there; a conditional does, as XLA cannot fuse across one and cannot prove
+    its predicate. Both branches give the same cotangent whenever it holds no NaN (with one, the
+    update is all NaN, and a stage stops at the non-finite loss either way)."""
+    return x
+
+
+def _materialized_cotangent_fwd(x):
+    return x, None
+
+
+def _materialized_cotangent_bwd(_, g):
+    nan_free = g[0, 0, 0] == g[0, 0, 0]
+    return (jax.lax.cond(nan_free, lambda a: a, lambda a: jnp.full_like(a, jnp.nan), g),)
+
+
+_materialized_cotangent.defvjp(_materialized_cotangent_fwd, _materialized_cotangent_bwd)
 
 
 def _score_head(cfg: ModelConfig) -> Dense:
@@ -264,9 +295,13 @@ class Transformer(nn.Module):
         # instead of stored (argument 6, ``deterministic``, is a Python bool). Decoding with a
         # cache has no backward pass.
         block = nn.remat(Block, static_argnums=(6,)) if cfg.remat and cache is None else Block
+        # On CPU, each block's input cotangent gets a buffer of its own (see the function).
+        on_cpu = cache is None and jax.default_backend() == "cpu"
         new_k, new_v = [], []
         for i in range(cfg.n_layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+            if on_cpu:
+                x = _materialized_cotangent(x)
             x, (k, v) = block(cfg, name=f"layers_{i}")(
                 x, positions, key_mask, offset, layer_cache, deterministic
             )

@@ -55,3 +55,12 @@ def test_inline_images_embeds_the_run_dirs_pngs_only(tmp_path):
     out = report.inline_images(text, tmp_path)
     assert f"![kl](data:image/png;base64,{base64.b64encode(png).decode()})" in out
     assert "![gone](missing.png)" in out and "![web](https://x/y.png)" in out
+
+
+def test_compilation_cache_stays_off_on_a_fake_multi_device_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLHF_JAX_COMPILATION_CACHE", str(tmp_path / "xla"))
+    assert len(jax.local_devices()) == 8  # the test session's fake mesh
+    assert accelerator.enable_compilation_cache() is None
+    assert not (tmp_path / "xla").exists()
+    monkeypatch.setenv("RLHF_JAX_COMPILATION_CACHE", "off")
+    assert accelerator.enable_compilation_cache() is None

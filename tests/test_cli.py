@@ -3,6 +3,7 @@ written) for every user mistake; ``--verbose`` brings the traceback back."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -112,3 +113,25 @@ def test_bad_data_is_one_line_naming_file_line_and_field(capsys, tmp_path):
         timeout=300,
     )
     assert out.returncode != 0 and "Traceback" in out.stderr and "DataError" in out.stderr
+
+
+def test_a_rerun_starts_its_first_step_without_compiling(tmp_path, rlhf_jax_cli):
+    # The same command twice (the second in another workdir, so that it trains again), sharing
+    # a compilation cache: the second loads the step's program from disk instead of compiling it.
+    # One CPU device, as a user's CPU run has: the cache stays off on a fake multi-device CPU.
+    env = {
+        "RLHF_JAX_COMPILATION_CACHE": str(tmp_path / "xla"),
+        "JAX_LOG_COMPILES": "1",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+    }
+    args = ("pretrain", "--config=tiny", "--config.pretrain.steps=2")
+    runs = [rlhf_jax_cli(*args, f"--workdir=run{i}", cwd=tmp_path, env=env) for i in range(2)]
+    for out in runs:
+        assert out.returncode == 0, out.stderr[-3000:]
+    hits = [re.findall(r"compilation cache hit for '(\w+)'", r.stderr) for r in runs]
+    assert "jit_step" not in hits[0] and "jit_step" in hits[1], hits
+    # The same program gives the same numbers.
+    losses = [(tmp_path / f"run{i}" / "pretrain" / "metrics.jsonl").read_text() for i in range(2)]
+    assert [json.loads(line)["loss"] for line in losses[0].splitlines()] == [
+        json.loads(line)["loss"] for line in losses[1].splitlines()
+    ]

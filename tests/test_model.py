@@ -159,3 +159,24 @@ def test_remat_recomputes_the_same_gradients(size):
         grads(remat),
         grads(model),
     )
+
+
+@pytest.mark.parametrize("size", FAMILIES)
+def test_the_cpu_cotangent_buffer_changes_no_gradient_bit(size, monkeypatch):
+    # On CPU every block's input cotangent is materialised through a conditional (an XLA:CPU
+    # fusion workaround, model._materialized_cotangent). It must be there, one per layer, and
+    # the gradients must be bit for bit those of the plain model.
+    from rlhf_jax import model as model_module
+
+    cfg, params, tokens = _setup(size, n_layers=3)
+    padded, mask = _left_pad(tokens, 2)
+
+    def loss(p):
+        return (jnp.tanh(Transformer(cfg).apply({"params": p}, padded, mask)) ** 2).mean()
+
+    grad = jax.jit(jax.grad(loss))
+    assert grad.lower(params).compile().as_text().count(" conditional(") == cfg.n_layers
+    materialised = grad(params)
+    monkeypatch.setattr(model_module, "_materialized_cotangent", lambda x: x)
+    plain = jax.jit(jax.grad(loss))(params)
+    jax.tree.map(np.testing.assert_array_equal, materialised, plain)

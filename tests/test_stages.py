@@ -3,7 +3,9 @@ docs/method.md section 7 checks 1, 2, 5 and 6 on real checkpoints."""
 
 import dataclasses
 import json
+import logging
 import os
+import re
 
 import jax
 import numpy as np
@@ -16,10 +18,11 @@ from rlhf_jax.errors import ConfigError
 from rlhf_jax.instructlang import lang, pipeline
 from rlhf_jax.instructlang.pipeline import run_seeds
 from rlhf_jax.stages import lineage
-from rlhf_jax.stages.driver import loader
+from rlhf_jax.stages.driver import committed_steps, loader
 from rlhf_jax.stages.lineage import load_policy, load_reward_model
 from rlhf_jax.stages.lm import run_lm_stage
-from rlhf_jax.stages.rm import demonstration_scores
+from rlhf_jax.stages.ppo import run_ppo
+from rlhf_jax.stages.rm import demonstration_scores, run_rm
 
 MODEL_KEYS = (
     "gold_mean",
@@ -264,3 +267,28 @@ def test_init_from_an_hf_checkpoint_checks_the_architecture(tmp_path):
     wider = dataclasses.replace(config.model, mlp_dim=128)
     with pytest.raises(ConfigError, match="mlp_dim=64 vs 128"):
         lineage.initial_params(config, tmp_path, lineage.INIT_FROM, wider, mesh)
+
+
+def test_each_stage_compiles_its_step_once(tmp_path, caplog):
+    # A second compilation of the same step means some input came back from the jitted call with
+    # another sharding, weak type or committedness than it went in with (PPO's counters and key
+    # did, until init_ppo_state placed them in the iteration's shardings).
+    config = _small()
+    config = dataclasses.replace(
+        config, pretrain=dataclasses.replace(config.pretrain, steps=3), checkpoint_every=100
+    )
+    plain = dataclasses.replace(config, ppo=dataclasses.replace(config.ppo, ptx_coef=0.0))
+    runs = {
+        "pretrain": lambda: run_lm_stage(config, tmp_path, "pretrain"),
+        "sft": lambda: run_lm_stage(config, tmp_path, "sft"),
+        "rm": lambda: run_rm(config, tmp_path),
+        "ppo": lambda: run_ppo(plain, tmp_path, "ppo"),
+        "ppo_ptx": lambda: run_ppo(config, tmp_path, "ppo_ptx"),
+    }
+    for stage, run in runs.items():
+        caplog.clear()
+        with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+            run()
+        assert committed_steps(tmp_path, stage)[-1] >= 3, stage
+        compiled = re.findall(r"Compiling jit\((step|iteration)\)", caplog.text)
+        assert len(compiled) == 1, (stage, compiled)

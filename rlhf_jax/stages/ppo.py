@@ -288,7 +288,7 @@ def init_ppo_state(
     copy = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731  (distinct, donatable buffers)
     cfg = config.ppo
     value_params = shift_scalar_head(copy(reward_params), -jnp.asarray(reward_bias, jnp.float32))
-    return PPOState(
+    state = PPOState(
         iteration=jnp.zeros((), jnp.int32),
         policy=create_train_state(sft_params, policy_tx, key_data(config.seed), shardings.policy),
         value=create_train_state(value_params, value_tx, key_data(config.seed), shardings.value),
@@ -301,6 +301,10 @@ def init_ppo_state(
         ),
         rng=key_data(config.seed + 4),
     )
+    # Every leaf where the jitted iteration returns it: a counter or key left on one device is
+    # another trace-cache key than the mesh-replicated one the iteration gives back, and the
+    # second iteration would compile the whole program again.
+    return jax.device_put(state, shardings)
 
 
 def abstract_ppo_state(
