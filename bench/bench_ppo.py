@@ -10,7 +10,8 @@ a value network and a reward model of the policy's shape, then 4 epochs x 2 mini
 policy and value updates. TRL runs in a subprocess (``--trl``: ``trl.experimental.ppo``, the last
 release with PPO) with its time per iteration taken between ``on_step_end`` callbacks; ours is
 ``stages.ppo.make_ppo_iteration`` jitted as the PPO stage jits it. Each is timed over
-``--iterations`` iterations after a first one that compiles (ours) or warms up (TRL).
+``--iterations`` iterations after a first one that compiles (ours) or warms up (TRL), in wall
+time and in process CPU time (a shared VM's steal time inflates the first, not the second).
 
 The floor is the iteration's matmul FLOPs over this machine's float32 matmul rate, measured at
 the start of the same run (``bench_train.matmul_rate``): sampling (prefill + one decode per
@@ -103,13 +104,14 @@ def run_ours(size: dict, iterations: int) -> dict:
         "prompt_tokens": rng.integers(1, VOCAB, (EPISODES, PROMPT), dtype=np.int32),
         "prompt_mask": np.ones((EPISODES, PROMPT), np.int32),
     }
-    times = []
+    times, cpu = [], []
     for _ in range(iterations + 1):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         state, metrics, _ = step(state, prompts, None)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
-    return {"first": times[0], "times": times[1:]}
+        cpu.append(time.process_time() - start_cpu)
+    return {"first": times[0], "times": times[1:], "cpu": cpu[1:]}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,16 +174,18 @@ def run_trl(size: dict, iterations: int) -> dict:
         seed=0,
     )
     times: list[float] = []
+    cpu: list[float] = []
 
     class Clock(TrainerCallback):
         last = None
 
         def on_train_begin(self, *a, **k):
-            Clock.last = time.perf_counter()
+            Clock.last = (time.perf_counter(), time.process_time())
 
         def on_step_end(self, *a, **k):
-            now = time.perf_counter()
-            times.append(now - Clock.last)
+            now = (time.perf_counter(), time.process_time())
+            times.append(now[0] - Clock.last[0])
+            cpu.append(now[1] - Clock.last[1])
             Clock.last = now
 
     trainer = PPOTrainer(
@@ -195,7 +199,7 @@ def run_trl(size: dict, iterations: int) -> dict:
         callbacks=[Clock()],
     )
     trainer.train()
-    return {"first": times[0], "times": times[1:], "torch": torch.__version__}
+    return {"first": times[0], "times": times[1:], "cpu": cpu[1:], "torch": torch.__version__}
 
 
 def trl_subprocess(size_name: str, iterations: int) -> dict:
@@ -238,20 +242,25 @@ def main() -> None:
         + f" GFLOP; floor {floor * 1e3:.0f} ms"
     )
     ours = run_ours(size, args.iterations)
-    t_ours = float(np.median(ours["times"]))
+    t_ours, c_ours = float(np.median(ours["times"])), float(np.median(ours["cpu"]))
     print(
         f"rlhf_jax: {t_ours * 1e3:8.0f} ms/iteration (median of {len(ours['times'])}; "
-        f"first call with compilation {ours['first']:.1f} s) = {floor / t_ours:.0%} of the floor"
+        f"first call with compilation {ours['first']:.1f} s) = {floor / t_ours:.0%} of the floor; "
+        f"{c_ours:.1f} CPU s"
     )
     if args.skip_trl:
         return
     trl = trl_subprocess(args.size, args.iterations)
-    t_trl = float(np.median(trl["times"]))
+    t_trl, c_trl = float(np.median(trl["times"])), float(np.median(trl["cpu"]))
     print(
         f"TRL 1.12: {t_trl * 1e3:8.0f} ms/iteration (median of {len(trl['times'])}; "
-        f"first {trl['first']:.1f} s; torch {trl['torch']}) = {floor / t_trl:.0%} of the floor"
+        f"first {trl['first']:.1f} s; torch {trl['torch']}) = {floor / t_trl:.0%} of the floor; "
+        f"{c_trl:.1f} CPU s"
     )
-    print(f"ratio: rlhf_jax is {t_trl / t_ours:.2f}x TRL's speed")
+    print(
+        f"ratio: rlhf_jax is {t_trl / t_ours:.2f}x TRL's speed ({c_trl / c_ours:.2f}x in CPU "
+        "time, which hypervisor steal does not inflate)"
+    )
 
 
 if __name__ == "__main__":
