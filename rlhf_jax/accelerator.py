@@ -118,7 +118,8 @@ def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path
         return None
     devices = jax.local_devices()
     if devices[0].platform == "cpu" and len(devices) > 1:
-        logging.getLogger(__name__).info(
+        # Debug, not info: the command's progress lines share stdout with JSON answers (eval).
+        logging.getLogger(__name__).debug(
             "compilation cache off: %d CPU devices (jaxlib aborts on cached sharded CPU programs)",
             len(devices),
         )
