@@ -91,6 +91,15 @@ COMMANDS: dict[str, Command] = {
         "of --workdir, or the RM of ppo.reward_from (another run's rm stage or an exported "
         "RM); writes <workdir>/ppo, or <workdir>/ppo_ptx when ppo.ptx_coef > 0.",
     ),
+    "dpo": Command(
+        "DPO (or IPO, hinge) from the SFT model on the ranked comparisons; no reward model",
+        ("dpo",),
+        RUN_FLAGS,
+        details="Starts from the sft stage of --workdir, which is also the frozen reference; "
+        "each K-wise comparison counts as its C(K,2) pairs (ties dropped). Writes <workdir>/dpo, "
+        "a policy stage like sft: rlhf-jax eval/export/generate --stage=dpo. On the built-in "
+        "world the comparisons are first sampled from that SFT model and labelled.",
+    ),
     "eval": Command(
         "evaluate one stage's policy against the SFT model and print JSON",
         ("eval",),
@@ -288,19 +297,31 @@ def command_help(command: str, config: Any, preset: str) -> str:
 # Running a command
 
 
+# Commands whose stdout is their result (JSON lines): progress lines go to stderr instead.
+DATA_ON_STDOUT = ("eval", "generate")
+
+
 class _Stdout(logging.Handler):
-    """The library's progress lines on whatever ``sys.stdout`` is when they are written."""
+    """The library's progress lines on whatever ``sys.stdout`` (or ``sys.stderr``) is when they
+    are written."""
+
+    def __init__(self, to_stderr: bool = False):
+        super().__init__()
+        self.to_stderr = to_stderr
 
     def emit(self, record: logging.LogRecord) -> None:
-        print(self.format(record), file=sys.stdout, flush=True)
+        print(self.format(record), file=sys.stderr if self.to_stderr else sys.stdout, flush=True)
 
 
-def setup_logging() -> None:
-    """The library's progress lines on stdout, quiet Orbax and tfds: what the command shows, for
-    scripts and notebooks that call the library directly."""
+def setup_logging(to_stderr: bool = False) -> None:
+    """The library's progress lines on stdout (``to_stderr``: on stderr), quiet Orbax and tfds:
+    what the command shows, for scripts and notebooks that call the library directly."""
     library = logging.getLogger("rlhf_jax")
-    if not any(isinstance(h, _Stdout) for h in library.handlers):  # main() may run twice
-        library.addHandler(_Stdout())
+    handlers = [h for h in library.handlers if isinstance(h, _Stdout)]  # main() may run twice
+    if handlers:
+        handlers[0].to_stderr = to_stderr
+    else:
+        library.addHandler(_Stdout(to_stderr))
     library.setLevel(logging.INFO)
     library.propagate = False
     # Orbax and tfds log every file operation at INFO through absl.
@@ -374,6 +395,10 @@ def run(command: str, args: argparse.Namespace, config: Any) -> None:
         from rlhf_jax.stages.ppo import run_ppo
 
         run_ppo(config, workdir, "ppo_ptx" if config.ppo.ptx_coef > 0 else "ppo")
+    elif command == "dpo":
+        from rlhf_jax.stages.dpo import run_dpo
+
+        run_dpo(config, workdir)
     elif command == "pipeline" and world:
         from rlhf_jax.instructlang.pipeline import run_pipeline
 
@@ -449,7 +474,7 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(parsed, str):
             print(parsed)
             return
-        setup_logging()
+        setup_logging(to_stderr=parsed[0] in DATA_ON_STDOUT)
         run(*parsed)
     except UserError as e:
         if verbose:

@@ -221,6 +221,32 @@ class RMConfig:
 
 
 @dataclasses.dataclass(unsafe_hash=True)
+class DPOConfig:
+    """Direct preference optimisation of the SFT policy on the comparisons (Rafailov et al. 2023),
+    every K-wise comparison expanded to its C(K,2) pairs; the SFT model is the reference."""
+
+    epochs: int = field(1, "passes over the comparisons", ge=1)
+    batch_size: int = field(16, "prompts per step, each with all its C(K,2) pairs (global)", ge=1)
+    beta: float = field(0.1, "KL strength of the implicit reward (Rafailov et al.: 0.1)", gt=0)
+    loss_type: str = field(
+        "sigmoid", "sigmoid (DPO), ipo (Azar et al.) or hinge (SLiC)",
+        choices=("sigmoid", "ipo", "hinge"),
+    )  # fmt: skip
+    label_smoothing: float = field(
+        0.0, "sigmoid: assumed label-noise rate eps (conservative DPO); 0: off", ge=0, lt=0.5
+    )
+    average_logprobs: bool = field(
+        False, "compare length-averaged log-probs (usual for ipo) instead of sums"
+    )
+    optimizer: OptimizerConfig = field(OptimizerConfig(lr=1e-5), "optimiser")
+
+    def problems(self) -> list[tuple[str, str]]:
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            return [("label_smoothing", f"applies to loss_type='sigmoid', not {self.loss_type!r}")]
+        return []
+
+
+@dataclasses.dataclass(unsafe_hash=True)
 class PPOConfig:
     """PPO with a per-token KL penalty; PPO-ptx when ``ptx_coef > 0`` (InstructGPT appendix C.4)."""
 
@@ -316,6 +342,7 @@ class Config:
     sft: SFTConfig = field(SFTConfig(), "supervised fine-tuning")
     rm: RMConfig = field(RMConfig(), "reward model")
     ppo: PPOConfig = field(PPOConfig(), "PPO / PPO-ptx")
+    dpo: DPOConfig = field(DPOConfig(), "DPO and its IPO and hinge variants")
     eval: EvalConfig = field(EvalConfig(), "evaluation")
     init_from: str = field(
         "", "a local HF checkpoint directory to start from instead of pretraining"

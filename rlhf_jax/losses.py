@@ -1,4 +1,5 @@
-"""Pure, jittable RLHF losses and RL math: SFT NLL, ranking loss, KL-penalised rewards, GAE, PPO.
+"""Pure, jittable RLHF losses and RL math: SFT NLL, ranking loss, KL-penalised rewards, GAE, PPO,
+DPO and its variants, GRPO and RLOO advantages, KL penalties.
 
 Every function here maps arrays to arrays: no modules, parameters or config objects, keyword-only
 knobs, and shapes written in the project's dimension alphabet (B batch, K completions per prompt,
@@ -45,19 +46,25 @@ Scalar = float | int | Real[ArrayLike, ""]
 __all__ = [
     "KLEstimates",
     "adaptive_kl_coef",
+    "dpo_loss",
     "entropy",
     "full_kl",
     "gae",
+    "group_advantages",
     "kl_estimates",
     "kl_penalized_rewards",
+    "kl_penalty",
     "masked_mean",
     "masked_whiten",
     "pairwise_loss",
     "ppo_policy_loss",
     "ptx_loss",
     "ranking_loss",
+    "rloo_advantages",
+    "sequence_logprobs",
     "sft_loss",
     "token_logprobs",
+    "token_aggregate",
     "value_loss",
 ]
 
@@ -131,6 +138,43 @@ def masked_whiten(
     return jnp.where(valid, out, 0.0)
 
 
+def token_aggregate(
+    x: Float[Array, "B R"], mask: Shaped[Array, "B R"], *, normalize: str = "token"
+) -> Float[Array, ""]:
+    """Per-token terms to one number, the choice that separates PPO, GRPO and Dr. GRPO.
+
+    - ``"token"``: ``sum_{b,t} m x / sum_{b,t} m``, every valid token of the batch weighs the
+      same (LHP, N+, DAPO); long responses weigh more in total.
+    - ``"sequence"``: ``mean_b (sum_t m x / sum_t m)`` over rows with a valid token, every
+      response weighs the same (GRPO, Shao et al. 2024, eq. 3); a token of a short response
+      weighs more, which Liu et al. 2025 (Dr. GRPO) show biases toward long wrong answers.
+    - ``"constant"``: ``sum_{b,t} m x / (B R)``, a fixed normaliser (Dr. GRPO), so no token's
+      weight depends on its response's length.
+
+    Args:
+      x: [B, R] per-token terms.
+      mask: [B, R] valid tokens; float entries weight the sums.
+      normalize: static Python string, one of the three above.
+
+    Returns:
+      Scalar float32; 0 when the mask is empty. Masked entries never reach it or its gradient.
+    """
+    how = _choice(normalize, ("token", "sequence", "constant"), "normalize")
+    if how == "token":
+        return masked_mean(x, mask)
+    if how == "sequence":
+        per_row = masked_mean(x, mask, axis=-1)
+        return masked_mean(per_row, jnp.any(mask != 0, axis=-1))
+    w = mask.astype(_upcast(x).dtype)
+    return jnp.sum(jnp.where(w != 0, _upcast(x), 0.0) * w) / x.size
+
+
+def _choice(value: str, allowed: tuple[str, ...], name: str) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r}: expected one of {', '.join(map(repr, allowed))}")
+    return value
+
+
 # ---------------------------------------------------------------------------------------------
 # Language-model likelihoods
 
@@ -156,6 +200,29 @@ def token_logprobs(
     logits = _upcast(logits) / temperature
     picked = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
     return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def sequence_logprobs(
+    logprobs: Float[Array, "B R"], mask: Shaped[Array, "B R"], *, average: bool = False
+) -> Float[Array, " B"]:
+    """Log-probability of each whole response: ``log pi(y | x) = sum_t m_t log pi(y_t | x, y_<t)``.
+
+    The quantity DPO compares between policy and reference (Rafailov et al. 2023, eq. 7);
+    ``average=True`` divides by the number of valid tokens, the length-normalised form IPO is
+    usually run with (and SimPO's reward). Feed it ``token_logprobs`` of the response positions.
+
+    Args:
+      logprobs: [B, R] per-token log-probabilities.
+      mask: [B, R] valid response tokens (bool or 0/1).
+      average: static; mean instead of sum (0 for a row with no valid token).
+
+    Returns:
+      [B] float32. Masked entries (even NaN) never reach it or its gradient.
+    """
+    if average:
+        return masked_mean(logprobs, mask, axis=-1)
+    valid = mask != 0
+    return jnp.sum(jnp.where(valid, _upcast(logprobs), 0.0), axis=-1)
 
 
 def sft_loss(
@@ -363,20 +430,26 @@ def ppo_policy_loss(
     mask: Shaped[Array, "B R"],
     *,
     clip_eps: Scalar = 0.2,
+    normalize: str = "token",
 ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
     """PPO clipped surrogate (Schulman et al. 2017, eq. 7), as a loss to minimise.
 
     ``rho_t = exp(logp_t - old_logp_t)``,
     ``L = masked_mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps))`` over valid tokens of
     the whole batch (a token-level mean, as LHP and N+; eps = 0.2 in InstructGPT C.4).
-    ``old_logprobs`` and ``advantages`` are treated as data: pass constants.
+    ``old_logprobs`` and ``advantages`` are treated as data: pass constants. ``normalize`` picks
+    how the per-token terms become one number (``token_aggregate``): ``"sequence"`` is GRPO's
+    per-response mean, ``"constant"`` Dr. GRPO's sum over a fixed R.
 
     Args:
       logprobs: [B, R] log pi_theta of the sampled tokens (differentiated).
       old_logprobs: [B, R] log pi_old from the rollout.
-      advantages: [B, R] advantages (usually whitened).
+      advantages: [B, R] advantages (usually whitened; a sequence-level advantage repeated over
+        the row's tokens for GRPO and RLOO).
       mask: [B, R] valid tokens; float entries weight the means.
       clip_eps: clipping range eps.
+      normalize: static; ``"token"`` (default), ``"sequence"`` or ``"constant"``. The statistics
+        are token-level means whatever it is.
 
     Returns:
       ``(loss, stats)``: scalar loss; ``stats`` (stop-gradiented scalars) has ``clipfrac``
@@ -390,7 +463,7 @@ def ppo_policy_loss(
     adv = jnp.where(valid, _upcast(advantages), 0.0)
     unclipped = -adv * ratio
     clipped = -adv * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(jnp.maximum(unclipped, clipped), mask)
+    loss = token_aggregate(jnp.maximum(unclipped, clipped), mask, normalize=normalize)
     stats = {
         "clipfrac": masked_mean((clipped > unclipped).astype(ratio.dtype), mask),
         "approxkl": 0.5 * masked_mean(log_ratio**2, mask),
@@ -443,6 +516,123 @@ def value_loss(
 
 
 # ---------------------------------------------------------------------------------------------
+# Direct preference optimisation and group baselines (DPO, IPO, GRPO, RLOO)
+
+
+def dpo_loss(
+    policy_chosen: Float[Array, " B"],
+    policy_rejected: Float[Array, " B"],
+    ref_chosen: Float[Array, " B"],
+    ref_rejected: Float[Array, " B"],
+    *,
+    beta: Scalar = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: Scalar = 0.0,
+    mask: Shaped[Array, " B"] | None = None,
+) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
+    """DPO and its IPO and hinge variants, on sequence log-probabilities (``sequence_logprobs``).
+
+    With the implicit rewards ``r_w = beta (log pi(y_w) - log pi_ref(y_w))``, ``r_l`` likewise,
+    and the margin ``h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))``:
+
+    - ``"sigmoid"`` (Rafailov et al. 2023, eq. 7), with label smoothing eps (the conservative
+      DPO of Mitchell 2023: each label is wrong with probability eps):
+      ``L = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)``;
+    - ``"ipo"`` (Azar et al. 2023, eq. 17): ``L = (h - 1 / (2 beta))^2``, usually on
+      length-averaged log-probs;
+    - ``"hinge"`` (SLiC, Zhao et al. 2023): ``L = max(0, 1 - beta h)``.
+
+    The batch loss is the mean over pairs (over the pairs ``mask`` keeps). At pi = pi_ref (h = 0)
+    the sigmoid loss is log 2 and ``dL/dh = -beta (1 - 2 eps) / 2`` per pair. The reference
+    log-probs are data: pass constants.
+
+    Args:
+      policy_chosen, policy_rejected: [B] log pi(y_w | x), log pi(y_l | x) (differentiated).
+      ref_chosen, ref_rejected: [B] the same under the frozen reference (the SFT model).
+      beta: the KL strength (0.1 in Rafailov et al.); may be traced.
+      loss_type: static; ``"sigmoid"``, ``"ipo"`` or ``"hinge"``.
+      label_smoothing: eps in [0, 0.5), sigmoid loss only (0: plain DPO).
+      mask: optional [B] bool or 0/1, the pairs that count (e.g. the valid, untied pairs of a
+        K-wise comparison laid out as a K x K grid); the others (even NaN) reach nothing.
+
+    Returns:
+      ``(loss, stats)``: scalar float32 loss, 0 when no pair counts; ``stats`` (stop-gradiented
+      means over the pairs) has ``reward_chosen``, ``reward_rejected``, ``margin`` (``r_w -
+      r_l``) and ``accuracy`` (the fraction of pairs with ``r_w > r_l``; ties count as wrong).
+    """
+    kind = _choice(loss_type, ("sigmoid", "ipo", "hinge"), "loss_type")
+    keep = jnp.ones(policy_chosen.shape, bool) if mask is None else mask != 0
+    chosen = jnp.where(keep, _upcast(policy_chosen) - _upcast(ref_chosen), 0.0)
+    rejected = jnp.where(keep, _upcast(policy_rejected) - _upcast(ref_rejected), 0.0)
+    h = chosen - rejected
+    if kind == "sigmoid":
+        per_pair = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * h)
+        per_pair = per_pair - label_smoothing * jax.nn.log_sigmoid(-beta * h)
+    elif kind == "ipo":
+        per_pair = (h - 1.0 / (2.0 * beta)) ** 2
+    else:
+        per_pair = jax.nn.relu(1.0 - beta * h)
+    r_w, r_l = beta * chosen, beta * rejected
+    stats = {
+        "reward_chosen": masked_mean(r_w, keep),
+        "reward_rejected": masked_mean(r_l, keep),
+        "margin": masked_mean(r_w - r_l, keep),
+        "accuracy": masked_mean((r_w > r_l).astype(r_w.dtype), keep),
+    }
+    return masked_mean(per_pair, keep), jax.lax.stop_gradient(stats)
+
+
+def group_advantages(
+    rewards: Float[Array, "B K"], *, scale: bool = True, eps: Scalar = 1e-4
+) -> Float[Array, "B K"]:
+    """GRPO's group-relative advantage of each of K responses to one prompt (Shao et al. 2024,
+    section 4.1.2, outcome supervision): ``A_i = (r_i - mean_k r) / (std_k r + eps)``.
+
+    ``std`` is the sample standard deviation (ddof 1, as the GRPO implementations compute it).
+    ``scale=False`` leaves ``r_i - mean_k r``: Dr. GRPO (Liu et al. 2025) shows that dividing by
+    the group's std up-weights prompts whose answers are all nearly alike (too easy or too hard).
+    Every group's advantages sum to 0. Repeat ``A_i`` over the response's tokens for the loss.
+
+    Args:
+      rewards: [B, K] scalar rewards, row b the K >= 2 responses to prompt b.
+      scale: static; divide by the group std.
+      eps: added to the std (a group of equal rewards gets advantages 0, not NaN).
+
+    Returns:
+      [B, K] float32 advantages.
+    """
+    r = _upcast(rewards)
+    centered = r - jnp.mean(r, axis=-1, keepdims=True)
+    if not scale:
+        return centered
+    var = jnp.sum(centered**2, axis=-1, keepdims=True) / (r.shape[-1] - 1)
+    # sqrt has an infinite slope at 0 (a group of equal rewards): keep the gradient finite.
+    std = jnp.where(var > 0, jnp.sqrt(jnp.where(var > 0, var, 1.0)), 0.0)
+    return centered / (std + eps)
+
+
+def rloo_advantages(rewards: Float[Array, "B K"]) -> Float[Array, "B K"]:
+    """REINFORCE leave-one-out: each response's baseline is the mean reward of the *other* K - 1
+    responses to its prompt (Kool et al. 2019; Ahmadian et al. 2024, eq. 5):
+
+    ``A_i = r_i - 1/(K-1) sum_{j != i} r_j = K/(K-1) (r_i - mean_k r)``.
+
+    The baseline does not depend on ``r_i``, so the estimate stays unbiased; the advantages of a
+    group sum to 0.
+
+    Args:
+      rewards: [B, K] scalar rewards, K >= 2 responses per prompt.
+
+    Returns:
+      [B, K] float32 advantages.
+    """
+    r = _upcast(rewards)
+    k = r.shape[-1]
+    others = (jnp.sum(r, axis=-1, keepdims=True) - r) / (k - 1)
+    return r - others
+
+
+# ---------------------------------------------------------------------------------------------
 # KL and entropy diagnostics
 
 
@@ -455,7 +645,9 @@ class KLEstimates(NamedTuple):
 
 
 def kl_estimates(
-    logprobs: Float[Array, "*shape"], ref_logprobs: Float[Array, "*shape"]
+    logprobs: Float[Array, "*shape"],
+    ref_logprobs: Float[Array, "*shape"],
+    mask: Shaped[Array, "*shape"] | None = None,
 ) -> KLEstimates:
     """k1, k2, k3 estimators of KL(pi || pi_ref) per sampled token (docs/method.md section 6;
     J. Schulman, "Approximating KL divergence", 2020).
@@ -466,14 +658,51 @@ def kl_estimates(
     Args:
       logprobs: log pi(y) of sampled tokens, any shape.
       ref_logprobs: log pi_ref(y) of the same tokens, same shape.
+      mask: optional, same shape; where it is 0 every estimate is 0 and the inputs (even NaN or
+        inf) reach neither the result nor its gradient.
 
     Returns:
-      ``KLEstimates(k1, k2, k3)``, each the input shape, float32. No mask: reduce with
-      ``masked_mean``.
+      ``KLEstimates(k1, k2, k3)``, each the input shape, float32. Reduce with ``masked_mean``, or
+      use ``kl_penalty`` for a KL loss term.
     """
     log_r = _upcast(ref_logprobs) - _upcast(logprobs)
+    if mask is not None:
+        log_r = jnp.where(mask != 0, log_r, 0.0)  # every estimator is exactly 0 at log r = 0
     # expm1 keeps k3 accurate near r = 1, where it is O(log_r^2).
     return KLEstimates(k1=-log_r, k2=0.5 * log_r**2, k3=jnp.expm1(log_r) - log_r)
+
+
+def kl_penalty(
+    logprobs: Float[Array, "B R"],
+    ref_logprobs: Float[Array, "B R"],
+    mask: Shaped[Array, "B R"],
+    *,
+    estimator: str = "k3",
+    normalize: str = "token",
+) -> Float[Array, ""]:
+    """A KL(pi || pi_ref) estimate as a loss term, differentiable in ``logprobs``.
+
+    ``L_KL = token_aggregate(k(log pi_ref - log pi), mask)`` with ``k`` one of ``kl_estimates``'.
+    GRPO (Shao et al. 2024, eq. 4) adds ``beta * L_KL`` with k3 instead of putting the KL in the
+    reward as PPO does; its gradient in ``log pi`` is ``1 - pi_ref / pi`` per token. The tokens
+    must come from pi (or pi_old, close to it) for the estimate to mean KL(pi || pi_ref).
+
+    Args:
+      logprobs: [B, R] log pi_theta of the sampled tokens (differentiated).
+      ref_logprobs: [B, R] log pi_ref of the same tokens (pass constants).
+      mask: [B, R] valid tokens.
+      estimator: static; ``"k1"``, ``"k2"`` or ``"k3"``.
+      normalize: static; as in ``token_aggregate``.
+
+    Returns:
+      Scalar float32, in nats per token (``"token"``, ``"sequence"``) or per R slots
+      (``"constant"``).
+    """
+    per_token = getattr(
+        kl_estimates(logprobs, ref_logprobs, mask),
+        _choice(estimator, ("k1", "k2", "k3"), "estimator"),
+    )
+    return token_aggregate(per_token, mask, normalize=normalize)
 
 
 def full_kl(

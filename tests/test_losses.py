@@ -34,6 +34,12 @@ SHAPES = ((4, 7, 11, 4), (2, 5, 6, 3))
 J = SimpleNamespace(**{name: jax.jit(getattr(L, name)) for name in L.__all__ if name[0].islower()})
 J.masked_mean = jax.jit(L.masked_mean, static_argnames="axis")
 J.masked_whiten = jax.jit(L.masked_whiten, static_argnames="shift_mean")
+J.ppo_policy_loss = jax.jit(L.ppo_policy_loss, static_argnames="normalize")
+J.token_aggregate = jax.jit(L.token_aggregate, static_argnames="normalize")
+J.sequence_logprobs = jax.jit(L.sequence_logprobs, static_argnames="average")
+J.dpo_loss = jax.jit(L.dpo_loss, static_argnames="loss_type")
+J.group_advantages = jax.jit(L.group_advantages, static_argnames="scale")
+J.kl_penalty = jax.jit(L.kl_penalty, static_argnames=("estimator", "normalize"))
 
 
 def close(actual, expected, rtol=RTOL, atol=ATOL):
@@ -537,6 +543,229 @@ def test_masking_equals_slicing():
 
 
 # ---------------------------------------------------------------------------------------------
+# DPO, group baselines, loss normalisation, KL penalties: float64 references and hand cases
+
+
+def np_token_aggregate(x, w, normalize):
+    b_, r_ = x.shape
+    if normalize == "token":
+        return np_masked_mean(x, w)
+    if normalize == "constant":
+        return sum(float(w[i]) * float(x[i]) for i in np.ndindex(x.shape) if w[i]) / (b_ * r_)
+    rows = [np_masked_mean(x[b], w[b]) for b in range(b_) if any(w[b])]
+    return sum(rows) / len(rows) if rows else 0.0
+
+
+def np_sequence_logprobs(logp, m, average):
+    out = []
+    for b in range(logp.shape[0]):
+        total = sum(float(logp[b, t]) for t in range(logp.shape[1]) if m[b, t])
+        n = sum(1 for t in range(logp.shape[1]) if m[b, t])
+        out.append((total / n if n else 0.0) if average else total)
+    return out
+
+
+def np_dpo(pc, pr, rc, rr, beta, loss_type, eps):
+    losses, stats = [], {"reward_chosen": [], "reward_rejected": [], "margin": [], "accuracy": []}
+    for i in range(len(pc)):
+        w, lo = float(pc[i]) - float(rc[i]), float(pr[i]) - float(rr[i])
+        h = w - lo
+        if loss_type == "sigmoid":
+            # -log sigmoid(z) = log(1 + exp(-z))
+            losses.append(
+                (1 - eps) * math.log1p(math.exp(-beta * h)) + eps * math.log1p(math.exp(beta * h))
+            )
+        elif loss_type == "ipo":
+            losses.append((h - 1 / (2 * beta)) ** 2)
+        else:
+            losses.append(max(0.0, 1 - beta * h))
+        stats["reward_chosen"].append(beta * w)
+        stats["reward_rejected"].append(beta * lo)
+        stats["margin"].append(beta * w - beta * lo)
+        stats["accuracy"].append(float(beta * w > beta * lo))
+    return sum(losses) / len(losses), {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+def np_group_advantages(r, scale, eps):
+    out = np.zeros(r.shape)
+    for b in range(r.shape[0]):
+        row = [float(x) for x in r[b]]
+        mean = sum(row) / len(row)
+        std = math.sqrt(sum((x - mean) ** 2 for x in row) / (len(row) - 1))
+        for i, x in enumerate(row):
+            out[b, i] = (x - mean) / (std + eps) if scale else x - mean
+    return out
+
+
+def np_rloo(r):
+    out = np.zeros(r.shape)
+    for b, i in np.ndindex(r.shape):
+        others = [float(r[b, j]) for j in range(r.shape[1]) if j != i]
+        out[b, i] = float(r[b, i]) - sum(others) / len(others)
+    return out
+
+
+NORMALIZE = ("token", "sequence", "constant")
+
+
+@cases
+def test_token_aggregate_and_sequence_logprobs_match_reference(seed, shape):
+    b, t, _, _ = shape
+    rng = np.random.default_rng(seed)
+    x, m = normal(rng, b, t), random_mask(rng, b, t)
+    w = (m * rng.uniform(0.1, 1.0, (b, t))).astype(np.float32)
+    for mask in (m, w):
+        for how in NORMALIZE:
+            got = J.token_aggregate(jnp.asarray(x), jnp.asarray(mask), normalize=how)
+            close(got, np_token_aggregate(x, mask, how))
+    logp, _ = logprobs_pair(rng, b, t)
+    for average in (False, True):
+        got = J.sequence_logprobs(jnp.asarray(logp), jnp.asarray(m), average=average)
+        close(got, np_sequence_logprobs(logp, m, average))
+
+
+@cases
+def test_ppo_policy_loss_normalisations_match_reference(seed, shape):
+    b, t, _, _ = shape
+    rng = np.random.default_rng(seed)
+    old, adv = np.log(rng.uniform(0.05, 1.0, (b, t))).astype(np.float32), normal(rng, b, t)
+    logp = (old + normal(rng, b, t, scale=0.3)).astype(np.float32)
+    m = random_mask(rng, b, t)
+    per_token = np.zeros((b, t))
+    for i in np.ndindex(per_token.shape):
+        ratio = math.exp(float(logp[i]) - float(old[i]))
+        a = float(adv[i])
+        per_token[i] = max(-a * ratio, -a * min(max(ratio, 0.8), 1.2))
+    for how in NORMALIZE:
+        loss, _ = J.ppo_policy_loss(*map(jnp.asarray, (logp, old, adv, m)), normalize=how)
+        close(loss, np_token_aggregate(per_token, m, how))
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_dpo_loss_matches_reference(seed, loss_type):
+    rng = np.random.default_rng(seed)
+    pc, pr, rc, rr = (normal(rng, 6, scale=3.0) - 20.0 for _ in range(4))
+    for beta, eps in ((0.1, 0.0), (0.5, 0.2)):
+        eps = eps if loss_type == "sigmoid" else 0.0
+        loss, stats = J.dpo_loss(
+            *map(jnp.asarray, (pc, pr, rc, rr)), beta=beta, loss_type=loss_type, label_smoothing=eps
+        )
+        exp_loss, exp_stats = np_dpo(pc, pr, rc, rr, beta, loss_type, eps)
+        close(loss, exp_loss)
+        assert set(stats) == set(exp_stats)
+        for key in exp_stats:
+            close(stats[key], exp_stats[key])
+    # A pair mask equals dropping the pairs (NaN in a dropped pair reaches nothing).
+    keep = np.array([1, 0, 1, 1, 0, 1], bool)
+    nan_pc = np.where(keep, pc, np.nan).astype(np.float32)
+    loss, stats = J.dpo_loss(
+        *map(jnp.asarray, (nan_pc, pr, rc, rr)), loss_type=loss_type, mask=jnp.asarray(keep)
+    )
+    exp_loss, exp_stats = np_dpo(pc[keep], pr[keep], rc[keep], rr[keep], 0.1, loss_type, 0.0)
+    close(loss, exp_loss)
+    for key in exp_stats:
+        close(stats[key], exp_stats[key])
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_group_and_leave_one_out_advantages_match_reference(seed):
+    rng = np.random.default_rng(seed)
+    r = normal(rng, 5, 4, scale=2.0)
+    for scale in (True, False):
+        close(J.group_advantages(jnp.asarray(r), scale=scale), np_group_advantages(r, scale, 1e-4))
+    close(J.rloo_advantages(jnp.asarray(r)), np_rloo(r))
+
+
+@cases
+def test_kl_penalty_and_masked_estimates_match_reference(seed, shape):
+    b, t, _, _ = shape
+    rng = np.random.default_rng(seed)
+    logp, ref = logprobs_pair(rng, b, t)
+    m = random_mask(rng, b, t)
+    est = J.kl_estimates(jnp.asarray(logp), jnp.asarray(ref), jnp.asarray(m))
+    per = {k: np.zeros((b, t)) for k in ("k1", "k2", "k3")}
+    for i in np.ndindex(logp.shape):
+        if m[i]:
+            log_r = float(ref[i]) - float(logp[i])
+            per["k1"][i], per["k2"][i] = -log_r, 0.5 * log_r**2
+            per["k3"][i] = math.exp(log_r) - 1.0 - log_r
+    for k in per:
+        close(getattr(est, k), per[k])
+        for how in NORMALIZE:
+            got = J.kl_penalty(*map(jnp.asarray, (logp, ref, m)), estimator=k, normalize=how)
+            close(got, np_token_aggregate(per[k], m, how))
+
+
+def test_dpo_at_the_reference_by_hand():
+    # pi = pi_ref: every margin h is 0. Sigmoid: L = -log sigmoid(0) = log 2 for any beta; with
+    # eps = 0.1 still (1 - eps) log 2 + eps log 2 = log 2. dL/dh = -beta (1 - 2 eps) sigmoid(0)
+    # ... per pair: d/dh [-(1-eps) log s(beta h) - eps log s(-beta h)] at 0
+    #   = -(1-eps) beta / 2 + eps beta / 2 = -beta (1 - 2 eps) / 2,
+    # and dh/d(policy_chosen) = 1, dh/d(policy_rejected) = -1; the batch mean divides by B = 4.
+    # IPO: L = (0 - 1/(2 beta))^2 = 1/(4 beta^2); dL/dh = -1/beta. Hinge: L = 1; dL/dh = -beta.
+    lp = jnp.asarray([-3.0, -7.5, -1.25, -12.0])
+    beta, eps, n = 0.3, 0.1, 4
+    for loss_type, eps_, loss_0, dl_dh in (
+        ("sigmoid", 0.0, math.log(2), -beta / 2),
+        ("sigmoid", eps, math.log(2), -beta * (1 - 2 * eps) / 2),
+        ("ipo", 0.0, 1 / (4 * beta**2), -1 / beta),
+        ("hinge", 0.0, 1.0, -beta),
+    ):
+
+        def f(chosen, rejected, loss_type=loss_type, eps_=eps_):
+            return L.dpo_loss(
+                chosen, rejected, lp, lp[::-1], beta=beta, loss_type=loss_type, label_smoothing=eps_
+            )[0]
+
+        close(f(lp, lp[::-1]), loss_0)
+        g_chosen, g_rejected = jax.grad(f, argnums=(0, 1))(lp, lp[::-1])
+        close(g_chosen, np.full(n, dl_dh / n))
+        close(g_rejected, np.full(n, -dl_dh / n))
+    _, stats = J.dpo_loss(lp, lp[::-1], lp, lp[::-1], beta=beta)
+    close(stats["margin"], 0.0)
+    close(stats["accuracy"], 0.0)  # equal rewards do not count as right
+
+
+def test_group_baselines_by_hand():
+    # RLOO, one group of rewards (1, 2, 6): each baseline is the mean of the other two,
+    # (2 + 6)/2 = 4, (1 + 6)/2 = 3.5, (1 + 2)/2 = 1.5, so A = (-3, -1.5, 4.5).
+    r = jnp.asarray([[1.0, 2.0, 6.0]])
+    close(J.rloo_advantages(r), [[-3.0, -1.5, 4.5]])
+    # The baseline excludes the sample itself: raising r_0 from 1 to 11 leaves r_0's baseline at
+    # 4 (A_0 = 11 - 4 = 7) and raises the other two baselines by (11 - 1)/2 = 5.
+    moved = J.rloo_advantages(r.at[0, 0].set(11.0))
+    close(moved, [[7.0, -1.5 - 5.0, 4.5 - 5.0]])
+    # GRPO: mean 3, sample std sqrt(((-2)^2 + (-1)^2 + 3^2) / 2) = sqrt(7).
+    close(J.group_advantages(r, scale=False), [[-2.0, -1.0, 3.0]])
+    close(J.group_advantages(r, eps=0.0), np.array([[-2.0, -1.0, 3.0]]) / math.sqrt(7))
+    # A group of equal rewards gets zero advantages, not NaN.
+    close(J.group_advantages(jnp.full((1, 4), 2.5)), np.zeros((1, 4)))
+
+
+@settings(max_examples=30, deadline=None)
+@given(rewards=hnp.arrays(np.float32, (3, 5), elements=st.floats(-5, 5, width=32)))
+def test_group_relative_advantages_have_zero_mean_in_every_group(rewards):
+    for adv in (
+        J.group_advantages(rewards),
+        J.group_advantages(rewards, scale=False),
+        J.rloo_advantages(rewards),
+    ):
+        close(np.asarray(adv, np.float64).mean(axis=1), np.zeros(3), atol=1e-4)
+
+
+def test_normalisations_by_hand():
+    # Two responses: per-token terms (1, 1, 1, 1) over 4 valid tokens and (5) over 1.
+    # token: (4 + 5) / 5 = 1.8; sequence: (1 + 5) / 2 = 3; constant: 9 / (2 rows * 4 slots) = 1.125.
+    x = jnp.asarray([[1.0, 1.0, 1.0, 1.0], [5.0, 7.0, 7.0, 7.0]])
+    m = jnp.asarray([[1, 1, 1, 1], [1, 0, 0, 0]])
+    for how, want in (("token", 1.8), ("sequence", 3.0), ("constant", 1.125)):
+        close(J.token_aggregate(x, m, normalize=how), want)
+    with pytest.raises(ValueError, match="normalize='tokens'"):
+        L.token_aggregate(x, m, normalize="tokens")
+
+
+# ---------------------------------------------------------------------------------------------
 # Gradients, jit and vmap over every function
 
 
@@ -552,6 +781,8 @@ def make_inputs(seed, mask_kind):
         return jnp.asarray(np.where(m, x, np.nan).astype(np.float32))
 
     logp, ref = logprobs_pair(rng, b, t)
+    groups = np.tile(normal(rng, b, 1), (1, k))  # groups of equal rewards (std 0) but row 1
+    groups[1] += normal(rng, k)
     return dict(
         logits=jnp.asarray(normal(rng, b, t, v)),
         ref_logits=jnp.asarray(normal(rng, b, t, v)),
@@ -566,6 +797,7 @@ def make_inputs(seed, mask_kind):
         x=masked(normal(rng, b, t)),
         y=masked(normal(rng, b, t)),
         z=masked(normal(rng, b, t)),
+        rewards_g=jnp.asarray(groups),
         chosen=jnp.asarray(normal(rng, b)),
         rejected=jnp.asarray(normal(rng, b)),
         beta=jnp.float32(0.1),
@@ -618,6 +850,46 @@ FUNCTIONS = {
         ["logits", "ref_logits"],
     ),
     "entropy": (lambda a: L.entropy(a["logits"], a["mask"]), ["logits"]),
+    "sequence_logprobs": (lambda a: L.sequence_logprobs(a["logp"], a["mask"]), ["logp"]),
+    "sequence_logprobs_average": (
+        lambda a: L.sequence_logprobs(a["logp"], a["mask"], average=True),
+        ["logp"],
+    ),
+    "token_aggregate_sequence": (
+        lambda a: L.token_aggregate(a["x"], a["mask"], normalize="sequence"),
+        ["x"],
+    ),
+    "token_aggregate_constant": (
+        lambda a: L.token_aggregate(a["x"], a["mask"], normalize="constant"),
+        ["x"],
+    ),
+    "ppo_policy_loss_sequence": (
+        lambda a: L.ppo_policy_loss(a["logp"], a["ref"], a["x"], a["mask"], normalize="sequence"),
+        ["logp", "ref", "x"],
+    ),
+    "kl_penalty": (lambda a: L.kl_penalty(a["logp"], a["ref"], a["mask"]), ["logp", "ref"]),
+    "kl_estimates_masked": (
+        lambda a: L.kl_estimates(a["logp"], a["ref"], a["mask"]),
+        ["logp", "ref"],
+    ),
+    "dpo_loss": (
+        lambda a: L.dpo_loss(a["chosen"], a["rejected"], a["score"], a["chosen"][::-1]),
+        ["chosen", "rejected"],
+    ),
+    "dpo_loss_ipo": (
+        lambda a: L.dpo_loss(
+            a["chosen"], a["rejected"], a["score"], a["chosen"][::-1], loss_type="ipo"
+        ),
+        ["chosen", "rejected"],
+    ),
+    "dpo_loss_masked": (
+        lambda a: L.dpo_loss(
+            a["logp"][:, 0], a["ref"][:, 0], a["chosen"], a["rejected"], mask=a["mask"][:, 0]
+        ),
+        ["logp", "ref"],
+    ),
+    "group_advantages": (lambda a: L.group_advantages(a["rewards_g"]), ["rewards_g"]),
+    "rloo_advantages": (lambda a: L.rloo_advantages(a["rewards_g"]), ["rewards_g"]),
     "adaptive_kl_coef": (
         lambda a: L.adaptive_kl_coef(a["beta"], a["kl"], 512, target=6.0, horizon=10_000),
         ["beta", "kl"],

@@ -206,8 +206,10 @@ def _write_jsonl(path, rows):
 
 
 def test_stages_run_on_user_jsonl_data(tmp_path):
+    from rlhf_jax.data import sources
     from rlhf_jax.instructlang import corpus
     from rlhf_jax.instructlang.tokenizer import save_tokenizer
+    from rlhf_jax.stages.dpo import run_dpo
     from rlhf_jax.stages.ppo import run_ppo
     from rlhf_jax.stages.rm import run_rm
 
@@ -250,6 +252,9 @@ def test_stages_run_on_user_jsonl_data(tmp_path):
     run_ppo(config, workdir, "ppo")
     assert checkpoint.StageCheckpointer(workdir, "ppo").latest_step() == 1
     assert (workdir / "data" / "rlhf_comparisons" / "files").is_dir()
+    run_dpo(config, workdir)  # the comparisons' 3 ranked responses as 3 pairs each
+    steps = sources.split_size(config, workdir, "rm") // config.dpo.batch_size
+    assert checkpoint.StageCheckpointer(workdir, "dpo").latest_step() == steps >= 1
 
 
 def test_init_from_an_hf_checkpoint_checks_the_architecture(tmp_path):

@@ -1,2 +1,2 @@
-"""Datasets: record kinds, JSONL import, tfds array_record builders, grain batch loaders, and the
+"""Datasets: record kinds, JSONL import, tfds array_record builders, batch loaders, and the
 data sources that build them on first use."""

@@ -47,6 +47,7 @@ LINEAGE: dict[str, dict[str, tuple[str, ...]]] = {
     "rm": {"policy": ("sft",)},
     "ppo": {"policy": ("sft",), "reward": ("rm",)},
     "ppo_ptx": {"policy": ("sft",), "reward": ("rm",)},
+    "dpo": {"policy": ("sft",)},
 }
 MODEL_FILE = "model.json"
 

@@ -1,0 +1,174 @@
+"""DPO (Rafailov et al. 2023) and its IPO and hinge variants: the SFT policy trained directly on
+the comparisons, with the SFT model as the frozen reference; no reward model, no sampling.
+
+A comparison batch holds B prompts with K completions each (``tokens`` [B K T]). One step runs
+the policy and the reference over all B K sequences once, sums (or averages) each response's
+token log-probs (``losses.sequence_logprobs``), and lays the K x K grid of pairs over them:
+pair (i, j) counts when completion i is ranked strictly above j and both are real, so a K-wise
+ranking gives its C(K,2) pairs without a forward pass per pair, and ties are dropped as in the
+reward model (InstructGPT appendix C.2). ``losses.dpo_loss`` averages over the counted pairs.
+
+The reference params are loaded from the SFT stage's export at every start, fresh or resumed, and
+passed to the jitted step beside the state (not saved with it): a resumed run sees the same
+reference, and the checkpoint holds one model.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import losses, sharding
+from rlhf_jax.config import Config, DPOConfig, ModelConfig
+from rlhf_jax.data import sources
+from rlhf_jax.model import Transformer
+from rlhf_jax.stages.driver import StageRun, drive, loader, one_model, preflight
+from rlhf_jax.stages.lineage import initial_params, policy_model, start_point
+from rlhf_jax.train_state import TrainState, apply_gradients, params_shardings
+
+FIELDS = ("tokens", "attention_mask", "response_mask", "ranks", "valid")
+
+
+def completion_logprobs(
+    params, model: ModelConfig, batch: dict, prompt_len: int, *, average: bool = False
+) -> jax.Array:
+    """log pi(y_k | x) [B K] of every completion of a comparison batch (tokens [B K T])."""
+    B, K, T = batch["tokens"].shape
+    tokens = batch["tokens"].reshape(B * K, T)
+    logits = Transformer(model).apply(
+        {"params": params}, tokens, batch["attention_mask"].reshape(B * K, T)
+    )
+    per_token = losses.token_logprobs(logits[:, prompt_len - 1 : -1], tokens[:, prompt_len:])
+    mask = batch["response_mask"].reshape(B * K, T)[:, prompt_len:]
+    return losses.sequence_logprobs(per_token, mask, average=average).reshape(B, K)
+
+
+def pair_grid(ranks: jax.Array, valid: jax.Array) -> jax.Array:
+    """[B K K] bool: pair (i, j) counts when i is ranked strictly above j and both are real."""
+    ok = valid != 0
+    return (ranks[:, :, None] < ranks[:, None, :]) & ok[:, :, None] & ok[:, None, :]
+
+
+def dpo_batch_loss(
+    policy_params, ref_params, model: ModelConfig, cfg: DPOConfig, batch: dict, prompt_len: int
+):
+    """``losses.dpo_loss`` over every counted pair of the batch; ``(loss, stats)``."""
+    logp = completion_logprobs(
+        policy_params, model, batch, prompt_len, average=cfg.average_logprobs
+    )
+    ref = completion_logprobs(ref_params, model, batch, prompt_len, average=cfg.average_logprobs)
+    ref = jax.lax.stop_gradient(ref)
+    pairs = pair_grid(batch["ranks"], batch["valid"])
+    B, K = logp.shape
+
+    def grid(x, axis):  # [B K] -> [B*K*K]: the chosen (axis 2) or rejected (axis 1) side
+        return jnp.broadcast_to(jnp.expand_dims(x, axis), (B, K, K)).reshape(-1)
+
+    loss, stats = losses.dpo_loss(
+        grid(logp, 2),
+        grid(logp, 1),
+        grid(ref, 2),
+        grid(ref, 1),
+        beta=cfg.beta,
+        loss_type=cfg.loss_type,
+        label_smoothing=cfg.label_smoothing,
+        mask=pairs.reshape(-1),
+    )
+    return loss, {**stats, "pairs": jnp.sum(pairs).astype(jnp.float32)}
+
+
+def make_dpo_step(
+    model: ModelConfig, cfg: DPOConfig, tx, shardings: TrainState, mesh, ref_sh, prompt_len: int
+):
+    """``step(state, batch, ref_params) -> (state, metrics)``, jitted (state donated)."""
+
+    def step(state: TrainState, batch: dict, ref_params):
+        def loss_fn(params):
+            return dpo_batch_loss(params, ref_params, model, cfg, batch, prompt_len)
+
+        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        return apply_gradients(tx, state, grads), {"loss": loss, **stats}
+
+    batch_sh = sharding.batch_sharding(mesh, 2)
+    return jax.jit(
+        step,
+        in_shardings=(shardings, batch_sh, ref_sh),
+        out_shardings=(shardings, None),
+        donate_argnums=0,
+    )
+
+
+def validation_metrics(params, ref_params, model: ModelConfig, config: Config, workdir) -> dict:
+    """DPO loss and implicit-reward accuracy over every counted pair of the held-out comparisons
+    (``rm_val``), pooled over pairs."""
+    P = config.data.prompt_len
+
+    @jax.jit
+    def sums(p, r, b):
+        loss, stats = dpo_batch_loss(p, r, model, config.dpo, b, P)
+        n = stats["pairs"]
+        return jnp.stack([loss * n, stats["accuracy"] * n, stats["margin"] * n, n])
+
+    data = loader(config, workdir, "rm_val", 64, 0, epochs=1, shuffle=False, drop_remainder=False)
+    total = np.sum(
+        [np.asarray(sums(params, ref_params, {k: b[k] for k in FIELDS}), np.float64) for b in data],
+        axis=0,
+    )
+    n = max(total[3], 1.0)
+    return {"val/loss": total[0] / n, "val/accuracy": total[1] / n, "val/margin": total[2] / n}
+
+
+def run_dpo(config: Config, workdir: str | os.PathLike, *, mesh=None) -> dict:
+    """DPO from this run's SFT model on the comparison dataset, into ``<workdir>/dpo``;
+    resumable. Exports the policy params, as SFT does (``rlhf-jax export --stage=dpo``)."""
+    config.validate()
+    cfg, P = config.dpo, config.data.prompt_len
+    model = policy_model(config)
+    origin = start_point(config, workdir, "dpo")
+    fingerprints = preflight(
+        config,
+        workdir,
+        "dpo",
+        {"rm": (cfg.batch_size, "dpo.batch_size")},
+        ((cfg.batch_size, "dpo.batch_size"),),
+    )
+    mesh = mesh or sharding.make_mesh(config.mesh)
+    data = loader(config, workdir, "rm", cfg.batch_size, config.seed, epochs=cfg.epochs)
+    iters = [iter(data)]
+    total = cfg.epochs * (sources.split_size(config, workdir, "rm") // cfg.batch_size)
+    reference = initial_params(config, workdir, origin, model, mesh)
+    ref_sh = params_shardings(model, mesh, config.mesh.rules)
+    # The policy starts as a copy of the reference: its own buffers, since the state is donated.
+    init = lambda: jax.tree.map(jnp.copy, reference)  # noqa: E731
+    state = one_model(config, model, cfg.optimizer, total, mesh, init)
+    step = make_dpo_step(model, cfg, state.tx, state.shardings, mesh, ref_sh, P)
+
+    def batches():
+        for b in iters[0]:
+            yield {k: b[k] for k in FIELDS}
+
+    validate = None
+    if sources.expected_size(config, workdir, "rm_val"):
+
+        def validate(s: TrainState) -> dict[str, float]:
+            return validation_metrics(s.params, reference, model, config, workdir)
+
+    run = StageRun(
+        stage="dpo",
+        model=model,
+        fingerprints=fingerprints,
+        total=total,
+        target=state.target,
+        start=state.start,
+        step=lambda s, batch: step(s, batch, reference),
+        iterators=iters,
+        batches=batches(),
+        export=lambda s: s.params,
+        position=lambda s: s.step,
+        key_metric="accuracy",
+        validate=validate,
+    )
+    return drive(config, workdir, run, mesh)
