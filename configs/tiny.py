@@ -42,6 +42,10 @@ def get_config(arg: str | None = None) -> InstructLangConfig:
             ptx_per_episode=2,
             ptx_coef=1.0,
         ),
+        # Not in the pipeline: `rlhf-jax dpo` / `rlhf-jax grpo --config=tiny` after it.
+        grpo=dataclasses.replace(
+            C.GRPOConfig(), iterations=3, batch_size=8, group_size=4, minibatch_size=16
+        ),
         eval=C.EvalConfig(
             test_prompts=64, samples_per_prompt=2, batch_size=32, samples_per_model=8
         ),

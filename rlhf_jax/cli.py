@@ -100,6 +100,16 @@ COMMANDS: dict[str, Command] = {
         "a policy stage like sft: rlhf-jax eval/export/generate --stage=dpo. On the built-in "
         "world the comparisons are first sampled from that SFT model and labelled.",
     ),
+    "grpo": Command(
+        "GRPO (or RLOO) from the SFT model against the reward model; no value network",
+        ("grpo",),
+        RUN_FLAGS,
+        details="Starts from the sft stage (policy, KL reference) and the reward model PPO uses "
+        "(the rm stage of --workdir, or ppo.reward_from). grpo.group_size responses per prompt "
+        "are each other's baseline: the group mean (grpo.baseline=group, divided by the group's "
+        "std unless grpo.scale_rewards=False) or the mean of the others (grpo.baseline=rloo). "
+        "Writes <workdir>/grpo, a policy stage: rlhf-jax eval/export/generate --stage=grpo.",
+    ),
     "eval": Command(
         "evaluate one stage's policy against the SFT model and print JSON",
         ("eval",),
@@ -256,7 +266,8 @@ def _field_lines(config: Any, prefixes: tuple[str, ...], top: tuple[str, ...] = 
 def main_help() -> str:
     width = max(map(len, COMMANDS)) + 2
     lines = [
-        "rlhf-jax: the InstructGPT recipe (SFT, K-wise reward model, PPO / PPO-ptx) in JAX.",
+        "rlhf-jax: the InstructGPT recipe (SFT, K-wise reward model, PPO / PPO-ptx) in JAX, "
+        "and DPO and GRPO beside it.",
         "",
         "usage: rlhf-jax <command> [--config=<preset>] [--workdir=<dir>] "
         "[--config.<field>=<value> ...]",
@@ -399,6 +410,10 @@ def run(command: str, args: argparse.Namespace, config: Any) -> None:
         from rlhf_jax.stages.dpo import run_dpo
 
         run_dpo(config, workdir)
+    elif command == "grpo":
+        from rlhf_jax.stages.grpo import run_grpo
+
+        run_grpo(config, workdir)
     elif command == "pipeline" and world:
         from rlhf_jax.instructlang.pipeline import run_pipeline
 

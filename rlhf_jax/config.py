@@ -247,6 +247,44 @@ class DPOConfig:
 
 
 @dataclasses.dataclass(unsafe_hash=True)
+class GRPOConfig:
+    """Group-relative policy optimisation (Shao et al. 2024) from the SFT model against the
+    reward model, with the RLOO baseline (Ahmadian et al. 2024) as an option: no value network;
+    K responses per prompt are each other's baseline; KL to the SFT model is a loss term."""
+
+    iterations: int = field(80, "sample + update iterations", ge=1)
+    batch_size: int = field(32, "prompts per iteration (global)", ge=1)
+    group_size: int = field(8, "K: responses sampled per prompt", ge=2)
+    minibatch_size: int = field(64, "responses per optimiser step", ge=1)
+    epochs: int = field(1, "passes over each iteration's responses", ge=1)
+    baseline: str = field(
+        "group", "group (GRPO: the group mean) or rloo (the mean of the other K-1)",
+        choices=("group", "rloo"),
+    )  # fmt: skip
+    scale_rewards: bool = field(True, "group: divide by the group's std (GRPO); False: Dr. GRPO")
+    normalize: str = field(
+        "sequence", "loss over tokens: sequence (GRPO), token (DAPO) or constant (Dr. GRPO)",
+        choices=("sequence", "token", "constant"),
+    )  # fmt: skip
+    clip_eps: float = field(0.2, "policy ratio clip epsilon", gt=0)
+    kl_coef: float = field(0.04, "beta of the KL loss term (Shao et al.: 0.04)", ge=0)
+    kl_estimator: str = field(
+        "k3", "KL estimator of the loss term (GRPO: k3)", choices=("k1", "k2", "k3")
+    )
+    temperature: float = field(1.0, "sampling temperature", gt=0)
+    max_new_tokens: int = field(12, "response tokens sampled per response", ge=1)
+    policy_optimizer: OptimizerConfig = field(
+        OptimizerConfig(lr=1e-5, schedule="constant"), "policy optimiser"
+    )
+
+    def problems(self) -> list[tuple[str, str]]:
+        n = self.batch_size * self.group_size
+        if n % self.minibatch_size:
+            return [("minibatch_size", f"batch_size x group_size = {n} is not a multiple of it")]
+        return []
+
+
+@dataclasses.dataclass(unsafe_hash=True)
 class PPOConfig:
     """PPO with a per-token KL penalty; PPO-ptx when ``ptx_coef > 0`` (InstructGPT appendix C.4)."""
 
@@ -343,6 +381,7 @@ class Config:
     rm: RMConfig = field(RMConfig(), "reward model")
     ppo: PPOConfig = field(PPOConfig(), "PPO / PPO-ptx")
     dpo: DPOConfig = field(DPOConfig(), "DPO and its IPO and hinge variants")
+    grpo: GRPOConfig = field(GRPOConfig(), "GRPO and RLOO")
     eval: EvalConfig = field(EvalConfig(), "evaluation")
     init_from: str = field(
         "", "a local HF checkpoint directory to start from instead of pretraining"

@@ -210,6 +210,7 @@ def test_stages_run_on_user_jsonl_data(tmp_path):
     from rlhf_jax.instructlang import corpus
     from rlhf_jax.instructlang.tokenizer import save_tokenizer
     from rlhf_jax.stages.dpo import run_dpo
+    from rlhf_jax.stages.grpo import run_grpo
     from rlhf_jax.stages.ppo import run_ppo
     from rlhf_jax.stages.rm import run_rm
 
@@ -255,6 +256,9 @@ def test_stages_run_on_user_jsonl_data(tmp_path):
     run_dpo(config, workdir)  # the comparisons' 3 ranked responses as 3 pairs each
     steps = sources.split_size(config, workdir, "rm") // config.dpo.batch_size
     assert checkpoint.StageCheckpointer(workdir, "dpo").latest_step() == steps >= 1
+    grpo = dict(iterations=1, batch_size=8, group_size=2, minibatch_size=16)
+    run_grpo(dataclasses.replace(config, grpo=dataclasses.replace(config.grpo, **grpo)), workdir)
+    assert checkpoint.StageCheckpointer(workdir, "grpo").latest_step() == 1
 
 
 def test_init_from_an_hf_checkpoint_checks_the_architecture(tmp_path):

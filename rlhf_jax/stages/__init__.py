@@ -1,2 +1,3 @@
-"""The stages: ``driver`` (which stage starts from which, data, the one loop), ``lm`` (pretraining,
-SFT), ``rm`` and ``ppo`` (PPO, PPO-ptx)."""
+"""The stages: ``driver`` (the checks before a stage writes, the one loop), ``lineage`` (which
+stage starts from which), ``lm`` (pretraining, SFT), ``rm`` and ``ppo`` (PPO, PPO-ptx), and beside
+the recipe ``dpo`` (DPO, IPO, hinge) and ``grpo`` (GRPO, RLOO)."""

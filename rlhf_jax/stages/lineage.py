@@ -48,6 +48,7 @@ LINEAGE: dict[str, dict[str, tuple[str, ...]]] = {
     "ppo": {"policy": ("sft",), "reward": ("rm",)},
     "ppo_ptx": {"policy": ("sft",), "reward": ("rm",)},
     "dpo": {"policy": ("sft",)},
+    "grpo": {"policy": ("sft",), "reward": ("rm",)},
 }
 MODEL_FILE = "model.json"
 

@@ -1,0 +1,250 @@
+"""GRPO (Shao et al. 2024) and RLOO (Ahmadian et al. 2024): one jitted function per iteration,
+on the PPO stage's rails, without a value network.
+
+``make_grpo_iteration`` returns ``iteration(state, prompts, frozen) -> (state, metrics,
+samples)``: every prompt is repeated K = ``group_size`` times and answered by the policy (KV
+cache, temperature T); the reward model scores each response (with its bias, so the SFT
+demonstrations score 0), or ``reward_fn`` does; each group's rewards become advantages relative
+to the group (``losses.group_advantages``, or ``losses.rloo_advantages`` with ``baseline=rloo``),
+repeated over the response's tokens; then ``epochs x minibatches`` optimiser steps in a
+``lax.scan`` on the clipped surrogate plus ``kl_coef`` times a KL estimate to the SFT model
+(``losses.kl_penalty``, k3 by default), both aggregated over tokens as ``normalize`` says.
+
+The state is the policy's ``TrainState`` alone; its step counts optimiser steps, so the iteration
+is ``step // steps_per_iteration``. The frozen SFT reference and the reward model are loaded at
+every start, fresh or resumed, and passed beside the state (``frozen``), as DPO's reference is.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax import losses, rollout, sharding
+from rlhf_jax.config import Config, ModelConfig
+from rlhf_jax.data import sources
+from rlhf_jax.model import Transformer
+from rlhf_jax.stages.driver import StageRun, drive, loader, one_model, preflight
+from rlhf_jax.stages.lineage import (
+    initial_params,
+    load_reward_model,
+    policy_model,
+    reward_model_config,
+    start_point,
+)
+from rlhf_jax.train_state import TrainState, apply_gradients, params_shardings, state_key
+
+# reward_fn(prompt_tokens [N P], prompt_mask [N P], response_tokens [N R], response_mask [N R])
+# -> scores [N]: a jittable reward in place of the reward model (e.g. a verifier).
+RewardFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def steps_per_iteration(config: Config) -> int:
+    cfg = config.grpo
+    return cfg.epochs * cfg.batch_size * cfg.group_size // cfg.minibatch_size
+
+
+def make_grpo_iteration(
+    config: Config,
+    policy_tx,
+    *,
+    eos_id: int,
+    pad_id: int,
+    critic: ModelConfig | None = None,
+    reward_fn: RewardFn | None = None,
+) -> Callable:
+    """The whole GRPO/RLOO iteration as one traceable function (jit it with
+    ``jit_grpo_iteration``). ``frozen = (ref_params, reward_params, reward_bias)``; with
+    ``reward_fn`` the reward model is not called (pass ``None`` for its params)."""
+    cfg = config.grpo
+    policy_cfg = policy_model(config)
+    K, n_mb = cfg.group_size, steps_per_iteration(config) // cfg.epochs
+    sampler = rollout.Sampler(temperature=cfg.temperature)
+    if reward_fn is None and critic is None:
+        raise ValueError("make_grpo_iteration: give the reward model's architecture or reward_fn")
+
+    def iteration(state: TrainState, prompts: dict, frozen: tuple):
+        ref_params, reward_params, reward_bias = frozen
+        sample_rng, perm_rng = jax.random.split(state_key(state.rng, state.step))
+        # Each prompt K times in a row: group b is rows b K .. b K + K - 1.
+        pt = jnp.repeat(prompts["prompt_tokens"], K, axis=0)
+        pm = jnp.repeat(prompts["prompt_mask"], K, axis=0)
+        P, N = pt.shape[1], pt.shape[0]
+        sample = rollout.generate(
+            state.params,
+            policy_cfg,
+            pt,
+            pm,
+            sample_rng,
+            max_new_tokens=cfg.max_new_tokens,
+            sampler=sampler,
+            eos_id=eos_id,
+            pad_id=pad_id,
+        )
+        mask = sample.mask
+        tokens, attention = rollout.full_sequence(pt, pm, sample.tokens, mask)
+        # pi_old teacher-forced, as in PPO, so the first ratio is exactly 1.
+        logp = rollout.response_logprobs(
+            state.params, policy_cfg, tokens, attention, P, temperature=cfg.temperature
+        )
+        ref = rollout.response_logprobs(
+            ref_params, policy_cfg, tokens, attention, P, temperature=cfg.temperature
+        )
+        if reward_fn is not None:
+            scores = reward_fn(pt, pm, sample.tokens, mask).astype(jnp.float32)
+        else:
+            scores = rollout.reward_scores(
+                reward_params, critic, tokens, attention, P, mask, bias=reward_bias
+            )
+        groups = scores.reshape(-1, K)
+        if cfg.baseline == "rloo":
+            adv = losses.rloo_advantages(groups)
+        else:
+            adv = losses.group_advantages(groups, scale=cfg.scale_rewards)
+        valid = mask > 0
+        batch = {
+            "tokens": tokens,
+            "attention": attention,
+            "mask": mask,
+            "old": jnp.where(valid, logp, 0.0),
+            "ref": jnp.where(valid, ref, 0.0),
+            "adv": jnp.where(valid, adv.reshape(N, 1), 0.0),
+        }
+        order = jnp.concatenate(
+            [jax.random.permutation(jax.random.fold_in(perm_rng, e), N) for e in range(cfg.epochs)]
+        ).reshape(cfg.epochs * n_mb, -1)
+
+        def loss_fn(params, mb):
+            logits = Transformer(policy_cfg).apply(
+                {"params": params}, mb["tokens"], mb["attention"]
+            )
+            logits = logits[:, P - 1 : -1]
+            new = losses.token_logprobs(logits, mb["tokens"][:, P:], temperature=cfg.temperature)
+            pg, stats = losses.ppo_policy_loss(
+                new, mb["old"], mb["adv"], mb["mask"], clip_eps=cfg.clip_eps,
+                normalize=cfg.normalize,
+            )  # fmt: skip
+            kl = losses.kl_penalty(
+                new, mb["ref"], mb["mask"], estimator=cfg.kl_estimator, normalize=cfg.normalize
+            )
+            stats = {**stats, "policy_loss": pg, "kl_loss": kl}
+            return pg + cfg.kl_coef * kl, stats
+
+        def update(policy: TrainState, idx):
+            mb = jax.tree.map(lambda x: x[idx], batch)
+            (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(policy.params, mb)
+            return apply_gradients(policy_tx, policy, grads), {**stats, "loss": loss}
+
+        policy, stats = jax.lax.scan(update, state, order)
+        kl = losses.kl_estimates(logp, ref, mask).k1.sum(axis=1)  # the sequence KL, as PPO logs
+        metrics = {
+            "objective/score": scores.mean(),
+            "objective/score_std_in_group": jnp.sqrt(groups.var(axis=1)).mean(),
+            "objective/kl": kl.mean(),
+            "objective/eos_rate": jnp.any(valid & (sample.tokens == eos_id), axis=1).mean(),
+            "objective/response_length": mask.sum(axis=1).mean(),
+            "grpo/loss/total": stats["loss"].mean(),
+            "grpo/loss/policy": stats["policy_loss"].mean(),
+            "grpo/loss/kl": stats["kl_loss"].mean(),
+            "grpo/policy/approxkl": stats["approxkl"].mean(),
+            "grpo/policy/clipfrac": stats["clipfrac"].mean(),
+            "grpo/policy/ratio_max": stats["ratio_max"].max(),
+            # The first minibatch still sees the sampling policy: ratio 1, approxkl 0.
+            "grpo/policy/first_approxkl": stats["approxkl"][0],
+        }
+        return policy, metrics, (pt, sample.tokens, mask)
+
+    return iteration
+
+
+def jit_grpo_iteration(iteration, shardings: TrainState, frozen_shardings: tuple, mesh):
+    b2 = sharding.batch_sharding(mesh, 2)
+    return jax.jit(
+        iteration,
+        in_shardings=(shardings, {"prompt_tokens": b2, "prompt_mask": b2}, frozen_shardings),
+        out_shardings=(shardings, None, None),
+        donate_argnums=0,
+    )
+
+
+def run_grpo(
+    config: Config,
+    workdir: str | os.PathLike,
+    *,
+    mesh=None,
+    reward_fn: RewardFn | None = None,
+    on_log: Callable[[int, Any, tuple], dict] | None = None,
+) -> dict:
+    """GRPO (``grpo.baseline=group``) or RLOO (``rloo``) from this run's SFT model against the
+    reward model PPO uses (this run's rm stage, or ``ppo.reward_from``), into
+    ``<workdir>/grpo``; resumable. ``reward_fn`` replaces the reward model (no rm stage needed);
+    ``on_log`` as for ``run_ppo``. Exports the policy params, as SFT does."""
+    config.validate()
+    cfg = config.grpo
+    policy_origin = start_point(config, workdir, "grpo", "policy")
+    if reward_fn is None:
+        start_point(config, workdir, "grpo", "reward")  # the RM must have run
+    fingerprints = preflight(
+        config,
+        workdir,
+        "grpo",
+        {"ppo": (cfg.batch_size, "grpo.batch_size")},
+        ((cfg.batch_size, "grpo.batch_size"),),
+    )
+    mesh = mesh or sharding.make_mesh(config.mesh)
+    model = policy_model(config)
+    per_iteration = steps_per_iteration(config)
+    prompts_it = iter(loader(config, workdir, "ppo", cfg.batch_size, config.seed))
+    reference = initial_params(config, workdir, policy_origin, model, mesh)
+    ref_sh = params_shardings(model, mesh, config.mesh.rules)
+    scalar = sharding.replicated(mesh)
+    if reward_fn is None:
+        critic = reward_model_config(config, workdir)
+        reward, bias, _ = load_reward_model(config, workdir, mesh)
+        frozen = (reference, reward, bias)
+        frozen_sh = (ref_sh, params_shardings(critic, mesh, config.mesh.rules), scalar)
+    else:
+        critic = None
+        frozen = (reference, None, jnp.zeros((), jnp.float32))
+        frozen_sh = (ref_sh, None, scalar)
+
+    init = lambda: jax.tree.map(jnp.copy, reference)  # noqa: E731  (the state is donated)
+    state = one_model(
+        config, model, cfg.policy_optimizer, cfg.iterations * per_iteration, mesh, init
+    )
+    eos_id, pad_id = sources.special_ids(config, workdir)
+    iteration = make_grpo_iteration(
+        config, state.tx, eos_id=eos_id, pad_id=pad_id, critic=critic, reward_fn=reward_fn
+    )
+    step = jit_grpo_iteration(iteration, state.shardings, frozen_sh, mesh)
+
+    def batches():
+        while True:
+            p = next(prompts_it)
+            yield {"prompt_tokens": p["prompt_tokens"], "prompt_mask": p["prompt_mask"]}
+
+    def step_fn(s, batch):
+        s, metrics, samples = step(s, batch, frozen)
+        return s, {**metrics, "_samples": samples}
+
+    run = StageRun(
+        stage="grpo",
+        model=model,
+        fingerprints=fingerprints,
+        total=cfg.iterations,
+        target=state.target,
+        start=state.start,
+        step=step_fn,
+        iterators=[prompts_it],
+        batches=batches(),
+        export=lambda s: s.params,
+        position=lambda s: s.step // per_iteration,
+        key_metric="objective/score",
+        loss="grpo/loss/total",
+        on_log=on_log,
+    )
+    return drive(config, workdir, run, mesh)
