@@ -602,7 +602,11 @@ def group_advantages(
       [B, K] float32 advantages.
     """
     r = _upcast(rewards)
-    centered = r - jnp.mean(r, axis=-1, keepdims=True)
+    # Centre around the first member first: a group of equal rewards then gives exactly 0 (the
+    # float32 mean of five 4.6587973 is one ulp off, and dividing by a std of ~1e-7 + eps made
+    # that -0.005).
+    shifted = r - r[..., :1]
+    centered = shifted - jnp.mean(shifted, axis=-1, keepdims=True)
     if not scale:
         return centered
     var = jnp.sum(centered**2, axis=-1, keepdims=True) / (r.shape[-1] - 1)
