@@ -37,7 +37,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Float, Int, Real, Shaped
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, Real, Shaped
 
 # Python numbers, NumPy scalars and 0-d arrays all appear here: knobs are usually Python floats,
 # but become traced 0-d arrays when a caller passes them through jax.jit (e.g. an adaptive beta).
@@ -59,6 +59,7 @@ __all__ = [
     "pairwise_loss",
     "ppo_policy_loss",
     "ptx_loss",
+    "ranked_pairs",
     "ranking_loss",
     "rloo_advantages",
     "sequence_logprobs",
@@ -306,8 +307,7 @@ def ranking_loss(
       prompts with many pairs weigh more, as when comparisons are counted one by one. 0 with no
       pairs.
     """
-    ok = jnp.ones(rewards.shape, bool) if valid is None else valid != 0
-    pair = (ranks[:, :, None] < ranks[:, None, :]) & ok[:, :, None] & ok[:, None, :]
+    pair = ranked_pairs(ranks, valid)
     r = _upcast(rewards)
     # Unselected completions may hold garbage rewards (padding); keep them out of the graph.
     diff = jnp.where(pair, r[:, :, None] - r[:, None, :], 0.0)
@@ -317,6 +317,16 @@ def ranking_loss(
     loss = masked_mean(per_prompt, n_pairs > 0)
     accuracy = _safe_div(jnp.sum((diff > 0) * pair_f), jnp.sum(n_pairs))
     return loss, accuracy
+
+
+def ranked_pairs(
+    ranks: Int[Array, "B K"], valid: Shaped[Array, "B K"] | None = None
+) -> Bool[Array, "B K K"]:
+    """The pairs a K-wise ranking holds: ``[b, i, j]`` is True when completion i is ranked
+    strictly above j (ties dropped, InstructGPT C.2) and both are valid. ``ranking_loss`` sums over
+    them; DPO takes each as a (chosen, rejected) pair."""
+    ok = jnp.ones(ranks.shape, bool) if valid is None else valid != 0
+    return (ranks[:, :, None] < ranks[:, None, :]) & ok[:, :, None] & ok[:, None, :]
 
 
 def pairwise_loss(chosen: Float[Array, " B"], rejected: Float[Array, " B"]) -> Float[Array, ""]:

@@ -447,6 +447,13 @@ def test_ranking_ties_dropped_by_hand():
     assert np.all(np.asarray(jax.grad(no_pairs)(rewards[1:2])) == 0.0)
 
 
+def test_ranked_pairs_by_hand():
+    # Ranks (0, 2, 1, 1), the last completion padding: 0 beats 1 and 2, 2 beats 1; the tie
+    # between 2 and 3 and every pair with 3 are dropped.
+    pairs = J.ranked_pairs(jnp.array([[0, 2, 1, 1]]), jnp.array([[1, 1, 1, 0]]))
+    assert {tuple(x) for x in np.argwhere(np.asarray(pairs[0]))} == {(0, 1), (0, 2), (2, 1)}
+
+
 def test_policy_loss_ratio_one():
     # logp == old gives rho = 1, so both surrogate terms are -A: loss = -masked_mean(A), nothing is
     # clipped, approxkl = 0 and the ratio stats are 1 (docs/method.md check 1). Here masked mean

@@ -46,12 +46,6 @@ def completion_logprobs(
     return losses.sequence_logprobs(per_token, mask, average=average).reshape(B, K)
 
 
-def pair_grid(ranks: jax.Array, valid: jax.Array) -> jax.Array:
-    """[B K K] bool: pair (i, j) counts when i is ranked strictly above j and both are real."""
-    ok = valid != 0
-    return (ranks[:, :, None] < ranks[:, None, :]) & ok[:, :, None] & ok[:, None, :]
-
-
 def dpo_batch_loss(
     policy_params, ref_params, model: ModelConfig, cfg: DPOConfig, batch: dict, prompt_len: int
 ):
@@ -61,7 +55,7 @@ def dpo_batch_loss(
     )
     ref = completion_logprobs(ref_params, model, batch, prompt_len, average=cfg.average_logprobs)
     ref = jax.lax.stop_gradient(ref)
-    pairs = pair_grid(batch["ranks"], batch["valid"])
+    pairs = losses.ranked_pairs(batch["ranks"], batch["valid"])
     B, K = logp.shape
 
     def grid(x, axis):  # [B K] -> [B*K*K]: the chosen (axis 2) or rejected (axis 1) side
