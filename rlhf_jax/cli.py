@@ -108,7 +108,8 @@ COMMANDS: dict[str, Command] = {
         "(the rm stage of --workdir, or ppo.reward_from). grpo.group_size responses per prompt "
         "are each other's baseline: the group mean (grpo.baseline=group, divided by the group's "
         "std unless grpo.scale_rewards=False) or the mean of the others (grpo.baseline=rloo). "
-        "Writes <workdir>/grpo, a policy stage: rlhf-jax eval/export/generate --stage=grpo.",
+        "Writes <workdir>/grpo (<workdir>/rloo for RLOO, so a run can hold both), a policy "
+        "stage: rlhf-jax eval/export/generate --stage=grpo (or rloo).",
     ),
     "eval": Command(
         "evaluate one stage's policy against the SFT model and print JSON",

@@ -35,6 +35,8 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("scalar", None),
 )
 DTYPES = ("float32", "bfloat16", "float16")
+# What `methods` may name: the stages beside PPO (best_of_n trains nothing: it is evaluated).
+METHODS = ("dpo", "grpo", "rloo", "best_of_n")
 
 
 @dataclasses.dataclass(unsafe_hash=True)
@@ -365,6 +367,9 @@ class EvalConfig:
     )
     batch_size: int = field(250, "prompts per forward pass", ge=1)
     samples_per_model: int = field(200, "decoded samples written to samples.jsonl", ge=0)
+    best_of_n: int = field(
+        16, "n of the best_of_n method: SFT samples per answer, the RM keeps its best", ge=2
+    )
 
 
 @dataclasses.dataclass(unsafe_hash=True)
@@ -394,10 +399,26 @@ class Config:
         0, "steps (PPO: iterations) between checkpoints; 0: at the end", ge=0
     )
     log_every: int = field(10, "steps between metric rows", ge=1)
+    methods: str = field(
+        "",
+        "methods the pipeline runs after PPO and PPO-ptx and compares in its report, "
+        "comma-separated: any of " + ", ".join(METHODS),
+    )
+
+    def problems(self) -> list[tuple[str, str]]:
+        unknown = [m for m in methods(self) if m not in METHODS]
+        if unknown:
+            return [("methods", f"unknown {', '.join(unknown)}; expected any of {METHODS}")]
+        return []
 
     def validate(self) -> Config:
         """This config, checked (``validate``); raises ``ConfigError`` naming each bad field."""
         return validate(self)
+
+
+def methods(config: Config) -> tuple[str, ...]:
+    """``config.methods`` as a tuple of names (empty when unset)."""
+    return tuple(m.strip() for m in config.methods.split(",") if m.strip())
 
 
 def rm_config(config: Config) -> ModelConfig:

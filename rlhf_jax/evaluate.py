@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -253,6 +254,52 @@ def response_scores(
     return scores[:, 0].astype(np.float64)
 
 
+def best_of_n(
+    params,
+    config: ModelConfig,
+    prompts: Int[np.ndarray | Array, "N P"],
+    *,
+    n: int,
+    reward: tuple[Any, ModelConfig, Any],
+    prompt_mask: Shaped[np.ndarray | Array, "N P"] | None = None,
+    rng: jax.Array,
+    batch_size: int,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+) -> tuple[Int[np.ndarray, "N R"], Int[np.ndarray, "N R"], Float[np.ndarray, " N"]]:
+    """Best-of-n sampling, a policy made at evaluation time from a policy and a reward model
+    (Nakano et al. 2021; Stiennon et al. 2020): each prompt is answered ``n`` times at T = 1 and
+    the answer that ``reward = (params, config, bias)`` scores highest is kept (the first of equal
+    scores). Prompt i's candidates are rows ``i n .. i n + n - 1`` of one ``sample_responses``
+    call with ``rng``. Returns the kept ``tokens`` [N R], their ``mask`` [N R] and their scores
+    [N]. Its KL to the sampling policy is ``best_of_n_kl(n)``."""
+    prompts = np.asarray(prompts, np.int32)
+    N = len(prompts)
+    rows = np.repeat(prompts, n, axis=0)
+    kw = dict(
+        prompt_mask=np.repeat(real_mask(prompts, prompt_mask, pad_id), n, axis=0),
+        batch_size=batch_size,
+        pad_id=pad_id,
+    )
+    responses, mask = sample_responses(
+        params, config, rows, rng=rng, max_new_tokens=max_new_tokens, eos_id=eos_id, **kw
+    )
+    rm_params, rm_cfg, bias = reward
+    scores = response_scores(rm_params, rm_cfg, bias, rows, responses, mask, **kw).reshape(N, n)
+    best = np.argmax(scores, axis=1)
+    pick = np.arange(N) * n + best
+    return responses[pick], mask[pick], scores[np.arange(N), best]
+
+
+def best_of_n_kl(n: int) -> float:
+    """KL(best-of-n || policy) in nats per response, ``log n - (n - 1) / n``: the analytic value
+    the best-of-n literature plots gold against (Stiennon et al. 2020; Gao et al. 2023), an upper
+    bound on the exact KL, which Beirami et al. (2024) show to be close to it for continuous
+    rewards."""
+    return math.log(n) - (n - 1) / n
+
+
 # --------------------------------------------------------------------------------------------------
 # Reward model
 
@@ -364,6 +411,7 @@ def evaluate_policy(
     heldout_docs: Int[np.ndarray | Array, "M T"] | None = None,
     heldout_mask: Shaped[np.ndarray | Array, "M T"] | None = None,
     samples_per_prompt: int = 1,
+    best_of: int = 1,
 ) -> PolicyEval:
     """Everything measurable about one policy without a gold reward (see the module docstring).
 
@@ -373,6 +421,11 @@ def evaluate_policy(
     its ``evaluate_policy`` with the same ``rng``), the paired RM win rate and gain; ``None``
     scores compare the policy with itself (win rate 0.5, gain 0). ``heldout_docs`` adds the
     held-out NLL. The masks are 1 on real tokens (default: tokens that are not ``pad_id``).
+    ``best_of = n > 1`` evaluates best-of-n of ``params`` by ``reward`` instead (``best_of_n``):
+    every answer is the RM's pick of n; the KL reported is ``best_of_n_kl(n)``, its KL to
+    ``params``, which is the KL to the reference in the usual case of best-of-n of the reference
+    itself; its held-out NLL is that of ``params``, whose weights it leaves unchanged. Its RM
+    score is the picking RM's own, so it flatters it.
     """
     test_prompts = np.asarray(test_prompts, np.int32)
     n, k = len(test_prompts), samples_per_prompt
@@ -383,9 +436,13 @@ def evaluate_policy(
         pad_id=pad_id,
         prompt_mask=np.repeat(real_mask(test_prompts, prompt_mask, pad_id), k, axis=0),
     )
-    responses, mask = sample_responses(
-        params, config, prompts, rng=rng, max_new_tokens=max_new_tokens, eos_id=eos_id, **kw
-    )
+    draw = dict(rng=rng, max_new_tokens=max_new_tokens, eos_id=eos_id, **kw)
+    if best_of > 1:
+        if reward is None:
+            raise ValueError("evaluate_policy: best_of > 1 needs the reward model that picks")
+        responses, mask, _ = best_of_n(params, config, prompts, n=best_of, reward=reward, **draw)
+    else:
+        responses, mask = sample_responses(params, config, prompts, **draw)
     eos = np.any((responses == eos_id) & (mask > 0), axis=1).reshape(n, k)
     scores = None
     if reward is not None:
@@ -400,8 +457,11 @@ def evaluate_policy(
     vs_sft, kl = None, None
     if reference is not None:
         ref_params, ref_cfg, ref_scores = reference
-        ratio = log_ratio((params, config), (ref_params, ref_cfg), prompts, responses, mask, **kw)
-        kl = float(np.mean(ratio))
+        if best_of > 1:
+            kl = best_of_n_kl(best_of)
+        else:
+            pair = ((params, config), (ref_params, ref_cfg))
+            kl = float(np.mean(log_ratio(*pair, prompts, responses, mask, **kw)))
         if scores is not None:
             vs_sft = paired(scores, scores if ref_scores is None else ref_scores)
     return PolicyEval(

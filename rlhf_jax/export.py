@@ -33,7 +33,7 @@ from rlhf_jax.stages.lineage import (
 from rlhf_jax.train_state import shift_scalar_head
 
 log = logging.getLogger("rlhf_jax")
-POLICY_STAGES = ("pretrain", "sft", "ppo", "ppo_ptx", "dpo", "grpo")
+POLICY_STAGES = ("pretrain", "sft", "ppo", "ppo_ptx", "dpo", "grpo", "rloo")
 
 
 def _on_host(tree):

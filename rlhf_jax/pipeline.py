@@ -22,19 +22,26 @@ import numpy as np
 
 from rlhf_jax import evaluate as ev
 from rlhf_jax import sharding
-from rlhf_jax.config import Config
+from rlhf_jax.config import Config, methods
 from rlhf_jax.data import sources
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.export import export_stage
 from rlhf_jax.report import StageClock, write_report
+from rlhf_jax.stages.dpo import run_dpo
 from rlhf_jax.stages.driver import loader
-from rlhf_jax.stages.lineage import load_policy, load_reward_model, policy_model, stage_exists
+from rlhf_jax.stages.grpo import run_grpo
+from rlhf_jax.stages.lineage import (
+    BEST_OF_N,
+    evaluated_models,
+    load_policy,
+    load_reward_model,
+    policy_model,
+)
 from rlhf_jax.stages.lm import run_lm_stage
 from rlhf_jax.stages.ppo import run_ppo
 from rlhf_jax.stages.rm import run_rm, validation_metrics
 
 log = logging.getLogger("rlhf_jax")
-MODELS = {"base": "pretrain", "sft": "sft", "ppo": "ppo", "ppo_ptx": "ppo_ptx"}
 
 
 def _read(config: Config, workdir, use: str, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -63,9 +70,12 @@ class Evaluator:
         self.sft = load_policy(config, workdir, "sft", mesh)
         self.sft_eval = self.evaluate("sft", self.sft, (self.sft, policy_model(config), None))
 
-    def evaluate(self, name: str, params, reference: tuple | None = None) -> ev.PolicyEval:
+    def evaluate(
+        self, name: str, params, reference: tuple | None = None, best_of: int = 1
+    ) -> ev.PolicyEval:
         """Any policy with the run's architecture (a stage's, or one you trained yourself)
-        against the SFT model (``reference``: another baseline, as for ``evaluate_policy``)."""
+        against the SFT model (``reference``: another baseline, as for ``evaluate_policy``);
+        ``best_of = n`` evaluates best-of-n of ``params`` by the run's RM."""
         c = self.config
         reference = reference or (self.sft, policy_model(c), self.sft_eval.rm_scores)
         return ev.evaluate_policy(
@@ -84,11 +94,15 @@ class Evaluator:
             heldout_docs=None if self.heldout is None else self.heldout[0],
             heldout_mask=None if self.heldout is None else self.heldout[1],
             samples_per_prompt=c.eval.samples_per_prompt,
+            best_of=best_of,
         )
 
     def stage(self, name: str, stage: str) -> ev.PolicyEval:
+        """A stage's policy, or ``best_of_n``: the SFT model's best of ``eval.best_of_n``."""
         if stage == "sft":
             return self.sft_eval
+        if stage == BEST_OF_N:
+            return self.evaluate(name, self.sft, best_of=self.config.eval.best_of_n)
         return self.evaluate(name, load_policy(self.config, self.workdir, stage, self.mesh))
 
     def samples(self, result: ev.PolicyEval, k: int) -> list[dict]:
@@ -113,7 +127,7 @@ def evaluate_all(config: Config, workdir) -> tuple[dict, list[dict]]:
     """Every model the run has, and the RM on the held-out comparisons: (summary, samples)."""
     mesh = sharding.make_mesh(config.mesh)
     evaluator = Evaluator(config, workdir, mesh)
-    evals = {n: evaluator.stage(n, s) for n, s in MODELS.items() if stage_exists(workdir, s)}
+    evals = {n: evaluator.stage(n, s) for n, s in evaluated_models(config, workdir).items()}
     rm = {}
     if sources.available(config, workdir, "rm_val"):
         params, model, bias = evaluator.reward
@@ -134,6 +148,19 @@ def evaluate_stage(config: Config, workdir, stage: str) -> dict:
     config.validate()
     evaluator = Evaluator(config, workdir, sharding.make_mesh(config.mesh))
     return evaluator.stage(stage, stage).summary()
+
+
+def run_methods(config: Config, workdir, timed: StageClock, on_log=None) -> None:
+    """The training stages ``config.methods`` names, after PPO and from the same SFT model and
+    RM: ``dpo``, ``grpo`` (group baseline) and ``rloo`` (``grpo.baseline`` set by the name).
+    ``best_of_n`` trains nothing: the evaluation makes it. ``on_log`` goes to GRPO and RLOO."""
+    for method in methods(config):
+        if method == "dpo":
+            timed("dpo", run_dpo, config, workdir)
+        elif method in ("grpo", "rloo"):
+            baseline = "rloo" if method == "rloo" else "group"
+            grpo = dataclasses.replace(config.grpo, baseline=baseline)
+            timed(method, run_grpo, dataclasses.replace(config, grpo=grpo), workdir, on_log=on_log)
 
 
 def run_pipeline(config: Config, workdir: str | os.PathLike) -> dict:
@@ -162,6 +189,7 @@ def run_pipeline(config: Config, workdir: str | os.PathLike) -> dict:
     if text and config.ppo.ptx_coef > 0:
         timed("ppo_ptx", run_ppo, config, workdir, "ppo_ptx")
         final = "ppo_ptx"
+    run_methods(config, workdir, timed)
     summary, samples = timed("eval", evaluate_all, config, workdir)
     exported = {}
     for stage, name in ((final, "policy"), ("rm", "rm")):

@@ -19,7 +19,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-MODEL_ORDER = ("base", "sft", "ppo", "ppo_ptx")
+MODEL_ORDER = ("base", "sft", "ppo", "ppo_ptx", "dpo", "grpo", "rloo", "best_of_n")
 SAMPLES_PER_MODEL = 3
 # The PPO curves of every report: name -> (metrics.jsonl key, axis label).
 CURVES = {
@@ -58,13 +58,20 @@ def ordered(names) -> list[str]:
     return [m for m in MODEL_ORDER if m in names] + [m for m in names if m not in MODEL_ORDER]
 
 
+def read_metrics(run_dir, stage: str) -> list[dict]:
+    """The rows a stage logged to ``<run_dir>/<stage>/metrics.jsonl`` (none if it never ran)."""
+    path = Path(run_dir) / stage / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
 def read_curves(run_dir: Path, keys: dict[str, tuple[str, str]]) -> dict[str, dict[str, list]]:
-    """{stage: {name: values per logged iteration}} of the PPO stages a run has."""
+    """{stage: {name: values per logged iteration}} of the RL stages a run has (GRPO and RLOO
+    log the objective's curves under PPO's names)."""
     out = {}
-    for stage in ("ppo", "ppo_ptx"):
-        path = Path(run_dir) / stage / "metrics.jsonl"
-        if path.exists():
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+    for stage in ("ppo", "ppo_ptx", "grpo", "rloo"):
+        if rows := read_metrics(run_dir, stage):
             out[stage] = {name: [r[k] for r in rows if k in r] for name, (k, _) in keys.items()}
     return out
 
@@ -172,8 +179,10 @@ HOW_TO_READ = (
     "interval over prompts; the paired gain and win rate judge each model against the SFT model "
     "by that RM on the same prompts, so they show what PPO optimised, not what a human would "
     "prefer. KL to SFT is in nats per response; the held-out NLL (when pretraining text is "
-    "given) measures the alignment tax. The reward model section gives its accuracy on the "
-    "held-out comparisons."
+    "given) measures the alignment tax. DPO, GRPO and RLOO rows come from the same SFT model "
+    "(`methods`); a best-of-n row is the SFT model's n answers with the RM's favourite kept, "
+    "so the RM that judges it also picked it: its RM score flatters it. The reward model "
+    "section gives its accuracy on the held-out comparisons."
 )
 
 
@@ -213,7 +222,7 @@ def render_markdown(summary: dict, samples: list[dict], curves: list[str]) -> st
         lines += ["## Exported", ""]
         lines += [f"- `{stage}`: `{path}`" for stage, path in summary["exported"].items()] + [""]
     if curves:
-        lines += ["## PPO training curves", ""] + [f"![{f[6:-4]}]({f})" for f in curves] + [""]
+        lines += ["## RL training curves", ""] + [f"![{f[6:-4]}]({f})" for f in curves] + [""]
     lines += samples_section(samples, "rm_score", "RM score")
     return "\n".join(lines).rstrip() + "\n"
 

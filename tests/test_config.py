@@ -85,6 +85,7 @@ def test_an_unknown_field_suggests_the_closest_ones():
         ({"world.rm_k_max": "3"}, "world.rm_k_max=3: below rm_k_min=4"),
         ({"model.dtype": "fp8"}, "model.dtype='fp8': expected one of 'float32'"),
         ({"ppo.policy_optimizer.schedule": "linear"}, "schedule='linear': expected one of"),
+        ({"methods": "dpo,bon"}, "methods='dpo,bon': unknown bon; expected any of"),
     ],
 )
 def test_validation_names_the_field(override, message):

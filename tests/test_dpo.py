@@ -16,6 +16,7 @@ from rlhf_jax import checkpoint
 from rlhf_jax.config import MeshConfig
 from rlhf_jax.configs import tiny
 from rlhf_jax.data import sources
+from rlhf_jax.report import read_metrics
 from rlhf_jax.stages.dpo import completion_logprobs, dpo_batch_loss, run_dpo
 from rlhf_jax.stages.driver import loader
 from rlhf_jax.stages.lineage import load_policy, policy_model
@@ -43,15 +44,8 @@ def sft_run(tmp_path_factory):
     return workdir
 
 
-def _copy(sft_run, tmp_path, name="run"):
-    dest = tmp_path / name
-    shutil.copytree(sft_run, dest)
-    return dest
-
-
 def _rows(workdir):
-    lines = (workdir / "dpo" / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r for r in map(json.loads, lines)}
+    return {r["step"]: r for r in read_metrics(workdir, "dpo")}
 
 
 def _export(config, workdir, stage):
@@ -63,7 +57,7 @@ def test_dpo_loss_over_a_k_wise_batch_equals_its_pairs_one_by_one(sft_run, tmp_p
     # ranks (ties and padding slots skipped), DPO's formula in float64 on each, averaged. Policy
     # and reference are two different models (SFT and the pretrained base), so margins are not 0.
     config = _config()
-    workdir = _copy(sft_run, tmp_path)
+    workdir = shutil.copytree(sft_run, tmp_path / "run")
     model, P = policy_model(config), config.data.prompt_len
     policy, ref = load_policy(config, workdir, "sft"), load_policy(config, workdir, "pretrain")
     batch = next(iter(loader(config, workdir, "rm", 8, 0)))
@@ -106,7 +100,7 @@ def test_dpo_loss_over_a_k_wise_batch_equals_its_pairs_one_by_one(sft_run, tmp_p
 
 def test_dpo_starts_at_the_reference_and_learns_the_comparisons(sft_run, tmp_path):
     config = _config()
-    workdir = _copy(sft_run, tmp_path)
+    workdir = shutil.copytree(sft_run, tmp_path / "run")
     config = dataclasses.replace(
         config, dpo=dataclasses.replace(config.dpo, epochs=2, optimizer=config.sft.optimizer)
     )
@@ -125,7 +119,10 @@ def test_dpo_starts_at_the_reference_and_learns_the_comparisons(sft_run, tmp_pat
 
 def test_interrupted_dpo_resumes_to_the_uninterrupted_result(sft_run, tmp_path, preempt):
     config = _config()
-    whole, parts = _copy(sft_run, tmp_path, "whole"), _copy(sft_run, tmp_path, "parts")
+    whole, parts = (
+        shutil.copytree(sft_run, tmp_path / "whole"),
+        shutil.copytree(sft_run, tmp_path / "parts"),
+    )
     run_dpo(config, whole)
     preempt(5)
     with pytest.raises(KeyboardInterrupt):
@@ -144,7 +141,7 @@ def test_dpo_on_a_2x2x2_mesh_follows_the_data8_run(sft_run, tmp_path):
         _config(mesh=MeshConfig(data=8)),
         _config(mesh=MeshConfig(data=2, fsdp=2, tensor=2)),
     )
-    a, b = _copy(sft_run, tmp_path, "flat"), _copy(sft_run, tmp_path, "cube")
+    a, b = shutil.copytree(sft_run, tmp_path / "flat"), shutil.copytree(sft_run, tmp_path / "cube")
     run_dpo(flat, a)
     run_dpo(cube, b)
     ra, rb = _rows(a), _rows(b)
@@ -154,7 +151,7 @@ def test_dpo_on_a_2x2x2_mesh_follows_the_data8_run(sft_run, tmp_path):
 
 
 def test_cli_dpo_then_eval_and_export(sft_run, tmp_path, rlhf_jax_cli):
-    workdir = _copy(sft_run, tmp_path)
+    workdir = shutil.copytree(sft_run, tmp_path / "run")
     preset = os.path.abspath("configs/tiny.py")
     args = (f"--config={preset}", f"--workdir={workdir}", "--config.sft.epochs=1")
     out = rlhf_jax_cli("dpo", *args, "--config.dpo.loss_type=ipo", cwd=tmp_path)

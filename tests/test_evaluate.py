@@ -264,6 +264,63 @@ def test_evaluate_policy_against_itself_and_another_policy():
     assert "rm_score_mean" not in bare.summary() and bare.summary()["heldout_nll"] is None
 
 
+def test_best_of_n_keeps_the_rms_favourite_of_n_draws():
+    cfg, params = _model()
+    rm_cfg, rm = _model(seed=2, head="scalar")
+    prompts = _prompts(5, seed=3)
+    kw = dict(rng=jax.random.key(4), batch_size=4, max_new_tokens=R, eos_id=EOS, pad_id=PAD)
+    tokens, mask, best = evaluate.best_of_n(
+        params, cfg, prompts, n=3, reward=(rm, rm_cfg, 0.25), **kw
+    )
+    # Independently: the 15 candidates, their scores, and the argmax of each prompt's 3 by hand.
+    rows = np.repeat(prompts, 3, axis=0)
+    cand, cand_mask = evaluate.sample_responses(params, cfg, rows, **kw)
+    scores = evaluate.response_scores(
+        rm, rm_cfg, 0.25, rows, cand, cand_mask, batch_size=4, pad_id=PAD
+    )
+    for i in range(5):
+        j = max(range(3), key=lambda c: (scores[3 * i + c], -c))  # the first of equal scores
+        np.testing.assert_array_equal(tokens[i], cand[3 * i + j])
+        np.testing.assert_array_equal(mask[i], cand_mask[3 * i + j])
+        assert best[i] == scores[3 * i + j] == max(scores[3 * i : 3 * i + 3])
+    assert len(set(map(tuple, cand[:3]))) > 1  # the draws differ, so the pick means something
+
+    # evaluate_policy(best_of=3): these answers, the analytic KL, and params' own held-out NLL.
+    docs = _docs(4, seed=5)
+    out = evaluate.evaluate_policy(
+        "best_of_n",
+        params,
+        cfg,
+        prompts,
+        reward=(rm, rm_cfg, 0.25),
+        reference=(params, cfg, None),
+        heldout_docs=docs,
+        best_of=3,
+        **kw,
+    )
+    np.testing.assert_allclose(out.rm_scores[:, 0], best, rtol=1e-6)
+    np.testing.assert_array_equal(out.responses, tokens)
+    assert out.kl_to_sft == pytest.approx(math.log(3) - 2 / 3)
+    assert out.heldout_nll == evaluate.heldout_nll(params, cfg, docs, batch_size=4, pad_id=PAD)
+    with pytest.raises(ValueError, match="best_of > 1 needs the reward model"):
+        evaluate.evaluate_policy("x", params, cfg, prompts, best_of=3, **kw)
+
+
+def test_best_of_n_kl_is_the_limit_of_the_exact_discrete_kl():
+    # Independent float64 computation: n draws from M equally likely answers with distinct
+    # rewards; the best is answer i (in reward order) with P = (i/M)^n - ((i-1)/M)^n. Its exact
+    # KL to uniform tends to log n - (n - 1)/n as M grows, and stays below it.
+    assert evaluate.best_of_n_kl(1) == 0.0
+    assert evaluate.best_of_n_kl(2) == pytest.approx(math.log(2) - 0.5)  # 0.1931 by hand
+    for n in (2, 4, 16, 64):
+        M = 200_000
+        cdf = np.arange(M + 1, dtype=np.float64) / M
+        p = np.diff(cdf**n)
+        exact = float(np.sum(p * np.log(p * M, where=p > 0, out=np.zeros(M))))
+        assert exact <= evaluate.best_of_n_kl(n) + 1e-12
+        assert exact == pytest.approx(evaluate.best_of_n_kl(n), abs=2e-3)
+
+
 def test_generate_text_decodes_the_sampled_tokens():
     cfg, params = _model()
 

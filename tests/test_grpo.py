@@ -16,7 +16,8 @@ from rlhf_jax import checkpoint
 from rlhf_jax.config import MeshConfig
 from rlhf_jax.configs import tiny
 from rlhf_jax.instructlang import lang
-from rlhf_jax.stages.grpo import run_grpo
+from rlhf_jax.report import read_metrics
+from rlhf_jax.stages.grpo import run_grpo, stage_name
 from rlhf_jax.stages.lineage import load_policy
 from rlhf_jax.stages.lm import run_lm_stage
 from rlhf_jax.stages.rm import run_rm
@@ -45,27 +46,22 @@ def rm_run(tmp_path_factory):
     return workdir
 
 
-def _copy(src, tmp_path, name="run"):
-    dest = tmp_path / name
-    shutil.copytree(src, dest)
-    return dest
-
-
-def _rows(workdir):
-    lines = (workdir / "grpo" / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r for r in map(json.loads, lines)}
+def _rows(config, workdir):
+    """The stage's metric rows by step (``grpo``, or ``rloo`` under its baseline)."""
+    return {r["step"]: r for r in read_metrics(workdir, stage_name(config))}
 
 
 def _export(config, workdir):
-    return jax.tree.map(np.asarray, jax.device_get(load_policy(config, workdir, "grpo")))
+    params = load_policy(config, workdir, stage_name(config))
+    return jax.tree.map(np.asarray, jax.device_get(params))
 
 
 @pytest.mark.parametrize("baseline", ["group", "rloo"])
 def test_grpo_starts_at_the_reference_and_moves_the_policy(rm_run, tmp_path, baseline):
     config = _config(baseline=baseline)
-    workdir = _copy(rm_run, tmp_path)
+    workdir = shutil.copytree(rm_run, tmp_path / "run")
     run_grpo(config, workdir)
-    first = _rows(workdir)[1]
+    first = _rows(config, workdir)[1]
     # Iteration 1 samples from the SFT model itself: the sequence KL is 0 and the first
     # minibatch's ratio is 1 (docs/method.md check 1, 2), up to float32 rounding of two forward
     # passes that XLA fuses differently (2e-14 nats measured).
@@ -74,13 +70,13 @@ def test_grpo_starts_at_the_reference_and_moves_the_policy(rm_run, tmp_path, bas
     assert first["objective/score_std_in_group"] > 0  # the groups carry a learning signal
     sft = jax.device_get(load_policy(config, workdir, "sft"))
     assert not np.array_equal(_export(config, workdir)["embed"], np.asarray(sft["embed"]))
-    assert _rows(workdir)[4]["objective/kl"] > 0
+    assert _rows(config, workdir)[4]["objective/kl"] > 0
 
 
 def test_a_reward_function_replaces_the_reward_model(rm_run, tmp_path):
     # Reward = the response's length in tokens (EOS included): RLOO should lengthen responses.
     # No rm stage is needed for it (the run directory has none).
-    workdir = _copy(rm_run, tmp_path)
+    workdir = shutil.copytree(rm_run, tmp_path / "run")
     shutil.rmtree(workdir / "rm")
     config = _config(baseline="rloo", kl_coef=0.0)
     config = dataclasses.replace(
@@ -102,7 +98,7 @@ def test_a_reward_function_replaces_the_reward_model(rm_run, tmp_path):
         return {}
 
     run_grpo(config, workdir, reward_fn=length, on_log=on_log)
-    rows = _rows(workdir)
+    rows = _rows(config, workdir)
     for step, row in rows.items():  # the score is the reward function's value
         assert row["objective/score"] == pytest.approx(row["objective/response_length"])
         assert row["objective/score"] == pytest.approx(seen[step - 1])
@@ -111,7 +107,8 @@ def test_a_reward_function_replaces_the_reward_model(rm_run, tmp_path):
 
 def test_interrupted_grpo_resumes_to_the_uninterrupted_result(rm_run, tmp_path, preempt):
     config = _config()
-    whole, parts = _copy(rm_run, tmp_path, "whole"), _copy(rm_run, tmp_path, "parts")
+    whole = shutil.copytree(rm_run, tmp_path / "whole")
+    parts = shutil.copytree(rm_run, tmp_path / "parts")
     run_grpo(config, whole)
     preempt(3)
     with pytest.raises(KeyboardInterrupt):
@@ -120,28 +117,31 @@ def test_interrupted_grpo_resumes_to_the_uninterrupted_result(rm_run, tmp_path, 
     assert checkpoint.StageCheckpointer(parts, "grpo").latest_step() == 2
     run_grpo(config, parts)
     jax.tree.map(np.testing.assert_array_equal, _export(config, parts), _export(config, whole))
-    assert _rows(parts) == _rows(whole)
+    assert _rows(config, parts) == _rows(config, whole)
 
 
 def test_grpo_on_a_2x2x2_mesh_follows_the_data8_run(rm_run, tmp_path):
     flat, cube = _config(), _config()
     flat = dataclasses.replace(flat, mesh=MeshConfig(data=8))
     cube = dataclasses.replace(cube, mesh=MeshConfig(data=2, fsdp=2, tensor=2))
-    a, b = _copy(rm_run, tmp_path, "flat"), _copy(rm_run, tmp_path, "cube")
+    a = shutil.copytree(rm_run, tmp_path / "flat")
+    b = shutil.copytree(rm_run, tmp_path / "cube")
     run_grpo(flat, a)
     run_grpo(cube, b)
     # The first iteration samples from the same SFT params with the same key: equal scores.
-    assert _rows(b)[1]["objective/score"] == pytest.approx(_rows(a)[1]["objective/score"], rel=1e-5)
+    assert _rows(cube, b)[1]["objective/score"] == pytest.approx(
+        _rows(flat, a)[1]["objective/score"], rel=1e-5
+    )
 
 
 def test_cli_grpo_rloo_then_generate(rm_run, tmp_path, rlhf_jax_cli):
-    workdir = _copy(rm_run, tmp_path)
+    workdir = shutil.copytree(rm_run, tmp_path / "run")
     preset = os.path.abspath("configs/tiny.py")
     args = (f"--config={preset}", f"--workdir={workdir}", "--config.sft.epochs=1")
     out = rlhf_jax_cli("grpo", *args, "--config.grpo.baseline=rloo", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "[grpo]" in out.stdout
-    gen = rlhf_jax_cli("generate", *args, "--stage=grpo", "--prompt=<bos> REV c3 c9 c1 <sep>",
+    assert "[rloo]" in out.stdout and not (workdir / "grpo").exists()  # RLOO has its own stage
+    gen = rlhf_jax_cli("generate", *args, "--stage=rloo", "--prompt=<bos> REV c3 c9 c1 <sep>",
                        cwd=tmp_path)  # fmt: skip
     assert gen.returncode == 0, gen.stderr[-3000:]
     lang.encode_text(json.loads(gen.stdout.strip().splitlines()[-1])["response"])

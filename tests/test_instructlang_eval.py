@@ -100,6 +100,39 @@ def test_sft_against_itself_has_half_win_rate_and_zero_kl(world):
     np.testing.assert_allclose(four.gold_gain_vs_sft, (d.mean(), d.mean() - half, d.mean() + half))
 
 
+def test_best_of_n_row_is_gold_of_the_rms_picks(world):
+    cfg, params = _model()
+    rm_cfg, rm = _model(seed=2, head="scalar")
+    prompts = corpus.sample_prompts(np.random.default_rng(1), 6)
+    docs = corpus.make_pretraining_corpus(world, 4, split="heldout")
+    kw = dict(rng=jax.random.key(7), batch_size=8, max_new_tokens=R, samples_per_prompt=2)
+    sft = evaluate.evaluate_model("sft", params, cfg, world, prompts, docs, **kw)
+    bon = evaluate.evaluate_model(
+        "best_of_n",
+        params,
+        cfg,
+        world,
+        prompts,
+        docs,
+        reference=(params, sft.golds),
+        reward=(rm, rm_cfg, 0.0),
+        best_of=4,
+        **kw,
+    )
+    rep = np.repeat(prompts, 2, axis=0)
+    picks, _, _ = ev.best_of_n(
+        params, cfg, rep, n=4, reward=(rm, rm_cfg, 0.0), rng=jax.random.key(7), batch_size=8,
+        max_new_tokens=R, **evaluate.IDS,
+    )  # fmt: skip
+    np.testing.assert_array_equal(bon.golds.ravel(), lang.gold_rewards(rep, picks, world=world))
+    s = bon.summary()
+    assert s["kl_to_sft"] == pytest.approx(math.log(4) - 3 / 4)
+    assert s["gold_gain_per_nat"] == pytest.approx(s["gold_gain_vs_sft"] / s["kl_to_sft"])
+    # The weights are SFT's: the same tax columns.
+    assert (s["pretrain_nll"], s["fact_accuracy"]) == (sft.pretrain_nll, sft.fact_accuracy)
+    assert sft.summary()["gold_gain_per_nat"] is None  # KL 0: no ratio
+
+
 # --------------------------------------------------------------------------------------------------
 # Fact probes
 

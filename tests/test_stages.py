@@ -16,7 +16,9 @@ from rlhf_jax.config import MeshConfig, rm_config
 from rlhf_jax.configs import tiny
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.instructlang import lang, pipeline
+from rlhf_jax.instructlang import report as report_module
 from rlhf_jax.instructlang.pipeline import run_seeds
+from rlhf_jax.report import read_curves, read_metrics
 from rlhf_jax.stages import lineage
 from rlhf_jax.stages.driver import committed_steps, loader
 from rlhf_jax.stages.lineage import load_policy, load_reward_model
@@ -35,11 +37,15 @@ MODEL_KEYS = (
 )
 
 
+METHODS = ("dpo", "grpo", "rloo", "best_of_n")
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    # Through ``rlhf-jax seeds`` with one seed: the pipeline runs into <root>/seed0.
+    # Through ``rlhf-jax seeds`` with one seed and every other method: the pipeline runs into
+    # <root>/seed0.
     root = tmp_path_factory.mktemp("tiny")
-    config = tiny.get_config()
+    config = dataclasses.replace(tiny.get_config(), methods=",".join(METHODS))
     run_seeds(config, root, [0])
     workdir = root / "seed0"
     return config, workdir, json.loads((workdir / "summary.json").read_text())
@@ -48,43 +54,76 @@ def tiny_run(tmp_path_factory):
 def test_seeds_table_and_finished_runs_are_only_reread(tiny_run, monkeypatch):
     config, workdir, summary = tiny_run
     table = (workdir.parent / "seeds.md").read_text()
-    assert "over 1 seed (0)" in table and "| ppo_ptx |" in table
+    assert "over 1 seed (0)" in table
+    assert all(f"| {m} |" in table for m in ("ppo_ptx", *METHODS))
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished seed ran again")
 
     monkeypatch.setattr(pipeline, "run_pipeline", must_not_run)
     assert pipeline.run_seeds(config, workdir.parent, [0]) == table
+    assert pipeline.run_seeds(dataclasses.replace(config, methods=""), workdir.parent, [0])
+
+
+def test_seeds_rerun_a_finished_seed_that_lacks_an_asked_method(tmp_path, monkeypatch):
+    summary = {"config": "tiny", "seed": 0, "models": {"sft": {}, "ppo": {}}, "rm": {}}
+    (tmp_path / "seed0").mkdir()
+    (tmp_path / "seed0" / "summary.json").write_text(json.dumps(summary))
+    ran = []
+
+    def run_pipeline(config, workdir):
+        ran.append((config.seed, config.methods, workdir))
+        return {**summary, "models": {**summary["models"], "rloo": {}}}
+
+    monkeypatch.setattr(pipeline, "run_pipeline", run_pipeline)
+    config = dataclasses.replace(tiny.get_config(), methods="rloo")
+    assert "| rloo |" in pipeline.run_seeds(config, tmp_path, [0])
+    assert ran == [(0, "rloo", tmp_path / "seed0")]
 
 
 def test_pipeline_writes_summary_samples_and_report(tiny_run):
     config, workdir, summary = tiny_run
     saved = json.loads((workdir / "summary.json").read_text())
-    for name in ("base", "sft", "ppo", "ppo_ptx"):
-        assert set(MODEL_KEYS) <= set(saved["models"][name]), name
+    models = saved["models"]
+    assert list(models) == ["base", "sft", "ppo", "ppo_ptx", *METHODS]
+    for name in models:
+        assert set(MODEL_KEYS) <= set(models[name]), name
     assert {"val_accuracy_noisy", "val_accuracy_gold"} <= set(saved["rm"])
-    assert {"pretrain", "sft", "rm", "ppo", "ppo_ptx", "eval"} <= set(saved["seconds"])
+    assert {"pretrain", "sft", "rm", "ppo", "ppo_ptx", "dpo", "grpo", "rloo", "eval"} <= set(
+        saved["seconds"]
+    )
+    # Best-of-n is the SFT model's weights: its KL is analytic and its tax columns are SFT's.
+    n = config.eval.best_of_n
+    assert models["best_of_n"]["kl_to_sft"] == pytest.approx(np.log(n) - (n - 1) / n)
+    for key in ("pretrain_nll", "fact_accuracy"):
+        assert models["best_of_n"][key] == models["sft"][key]
+    assert json.loads((workdir / "rloo" / "config.json").read_text())["grpo"]["baseline"] == "rloo"
+    assert json.loads((workdir / "grpo" / "config.json").read_text())["grpo"]["baseline"] == "group"
     # The SFT model against itself: win rate 0.5 and KL 0 by construction.
     assert saved["models"]["sft"]["win_rate_vs_sft"] == 0.5
     assert saved["models"]["sft"]["kl_to_sft"] == 0.0
     assert saved["models"]["sft"]["gold_gain_vs_sft"] == 0.0
     assert saved["models"]["ppo"]["samples_per_prompt"] == config.eval.samples_per_prompt == 2
     rows = [json.loads(line) for line in (workdir / "samples.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 * config.eval.samples_per_model
+    assert len(rows) == len(models) * config.eval.samples_per_model
     w = lang.make_world(config.world.seed)
     for row in rows[:16]:  # the text form round-trips into the same gold reward
         prompt, response = lang.encode_text(row["prompt"]), lang.encode_text(row["response"])
         assert row["gold"] == pytest.approx(lang.gold_reward(prompt, response, world=w))
     report = (workdir / "report.md").read_text()
-    assert "| ppo_ptx |" in report and (workdir / "gold.png").exists()
+    assert all(f"| {m} |" in report for m in models) and (workdir / "gold.png").exists()
+    curves = read_curves(workdir, report_module.CURVES)  # the RL stages' curves, gold included
+    assert set(curves) == {"ppo", "ppo_ptx", "grpo", "rloo"}
+    assert len(curves["rloo"]["gold"]) == config.grpo.iterations
 
 
 def test_ppo_logs_ratio_one_and_zero_initial_kl(tiny_run):
     _, workdir, _ = tiny_run
-    for stage in ("ppo", "ppo_ptx"):
-        rows = [json.loads(x) for x in (workdir / stage / "metrics.jsonl").read_text().splitlines()]
+    for stage in ("ppo", "ppo_ptx", "grpo", "rloo"):
+        rows = read_metrics(workdir, stage)
         assert rows[0]["objective/kl"] == 0.0  # check 2
-        assert all(r["ppo/policy/first_approxkl"] < 1e-8 for r in rows)  # check 1
+        name = "grpo" if stage in ("grpo", "rloo") else "ppo"
+        assert all(r[f"{name}/policy/first_approxkl"] < 1e-8 for r in rows)  # check 1
         assert ("ppo/loss/ptx" in rows[0]) == (stage == "ppo_ptx")
 
 

@@ -161,6 +161,8 @@ def run(world, rlhf_jax_cli):
         f"--config=hf:{policy}",
         "--workdir=run",
         f"--config.rm.init_from={reward}",
+        "--config.methods=best_of_n",
+        "--config.eval.best_of_n=3",
         *args,
         *SMALL,
         cwd=root,
@@ -179,7 +181,10 @@ def test_pipeline_runs_every_stage_and_reports(run):
     root, workdir, config, stdout = run
     assert config.model.family == "llama" and config.model.d_model == 32  # from the checkpoint
     summary = json.loads((workdir / "summary.json").read_text())
-    assert set(summary["models"]) == {"sft", "ppo"}  # no pretraining text: no ptx, no base
+    # No pretraining text: no ptx, no base. Best-of-3 of SFT by the RM, with its analytic KL.
+    assert list(summary["models"]) == ["sft", "ppo", "best_of_n"]
+    assert summary["models"]["best_of_n"]["kl_to_sft"] == pytest.approx(np.log(3) - 2 / 3)
+    assert summary["models"]["best_of_n"]["samples_per_prompt"] == 2
     sft = summary["models"]["sft"]
     assert sft["rm_win_rate_vs_sft"] == 0.5 and sft["rm_gain_vs_sft"] == 0.0
     assert sft["kl_to_sft"] == 0.0 and sft["samples_per_prompt"] == 2
@@ -187,7 +192,7 @@ def test_pipeline_runs_every_stage_and_reports(run):
     assert {"val_accuracy", "val_loss", "val_pairs"} <= set(summary["rm"])
     assert summary["rm"]["val_pairs"] == 8  # the TL;DR-style held-out file: 8 pairs
     report = (workdir / "report.md").read_text()
-    assert "| ppo |" in report and "curve_score.png" in report
+    assert "| ppo |" in report and "| best_of_n |" in report and "curve_score.png" in report
     # SFT logged a validation loss on held-out demonstrations (5% of the file), every epoch.
     rows = [json.loads(x) for x in (workdir / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert sum("val/loss" in r for r in rows) == 2

@@ -27,9 +27,14 @@ from rlhf_jax.config import ModelConfig
 from rlhf_jax.instructlang import corpus, datasets, lang
 from rlhf_jax.instructlang.config import InstructLangConfig, require_world
 from rlhf_jax.stages.driver import loader, read_all
-from rlhf_jax.stages.lineage import load_policy, load_reward_model, policy_model, stage_exists
+from rlhf_jax.stages.lineage import (
+    BEST_OF_N,
+    evaluated_models,
+    load_policy,
+    load_reward_model,
+    policy_model,
+)
 
-MODELS = {"base": "pretrain", "sft": "sft", "ppo": "ppo", "ppo_ptx": "ppo_ptx"}  # name: stage
 # The world's special ids, as every model call here needs them.
 IDS = dict(eos_id=lang.EOS_ID, pad_id=lang.PAD_ID)
 
@@ -62,6 +67,17 @@ def fact_accuracy(params, config: ModelConfig, world: lang.World, *, batch_size:
 
 # --------------------------------------------------------------------------------------------------
 # One model's evaluation
+
+# Below this KL (nats per response) gold per nat is not reported: the k1 estimate's noise is of
+# this order, and gain / KL of two near-zero numbers means nothing.
+MIN_KL_FOR_RATIO = 0.01
+
+
+def gain_per_nat(gain: float | None, kl: float | None) -> float | None:
+    """Paired gold gain over SFT per nat of KL to SFT: what a method buys for its drift."""
+    if gain is None or kl is None or not kl >= MIN_KL_FOR_RATIO:
+        return None
+    return gain / kl
 
 
 class Reference(NamedTuple):
@@ -104,6 +120,7 @@ class ModelEval:
             "gold_gain_vs_sft": None if gain is None else gain[0],
             "gold_gain_ci95": None if gain is None else [gain[1], gain[2]],
             "kl_to_sft": self.kl_to_sft,
+            "gold_gain_per_nat": gain_per_nat(gain and gain[0], self.kl_to_sft),
             "pretrain_nll": self.pretrain_nll,
             "fact_accuracy": self.fact_accuracy,
             "eos_rate": self.metadata["eos"],
@@ -141,6 +158,8 @@ def evaluate_model(
     max_new_tokens: int,
     reference: tuple | None = None,
     samples_per_prompt: int = 1,
+    reward: tuple | None = None,
+    best_of: int = 1,
 ) -> ModelEval:
     """Everything the report needs about one model (see the module docstring).
 
@@ -150,15 +169,22 @@ def evaluate_model(
     ``reference = (sft_params, sft_golds[, sft_config])`` adds the paired win rate, the paired
     gold gain and the KL to the SFT model; pass ``(sft_params, None)`` to evaluate the
     SFT model against itself (win rate 0.5, gain and KL 0 exactly, computed all the same as a
-    check).
+    check). ``best_of = n > 1`` with ``reward = (rm_params, rm_config, bias)`` evaluates
+    best-of-n of ``params`` instead (``rlhf_jax.evaluate.best_of_n``): each answer is the RM's
+    pick of n, the KL is ``best_of_n_kl(n)`` (its KL to ``params``: pass the SFT model), and the
+    pretraining NLL and fact accuracy are those of ``params``, whose weights it does not change.
     """
     test_prompts = np.asarray(test_prompts, np.int32)
     n, k = len(test_prompts), samples_per_prompt
     prompts = np.repeat(test_prompts, k, axis=0)  # prompt i's samples are rows i*k .. i*k+k-1
     kw = dict(batch_size=batch_size, pad_id=lang.PAD_ID)
-    responses, mask = ev.sample_responses(
-        params, config, prompts, rng=rng, max_new_tokens=max_new_tokens, eos_id=lang.EOS_ID, **kw
-    )
+    draw = dict(rng=rng, max_new_tokens=max_new_tokens, eos_id=lang.EOS_ID, **kw)
+    if best_of > 1:
+        if reward is None:
+            raise ValueError("evaluate_model: best_of > 1 needs the reward model that picks")
+        responses, mask, _ = ev.best_of_n(params, config, prompts, n=best_of, reward=reward, **draw)
+    else:
+        responses, mask = ev.sample_responses(params, config, prompts, **draw)
     golds = lang.gold_rewards(prompts, responses, world=world).reshape(n, k)
     meta = lang.metadata_means(lang.response_metadata(prompts, responses, world=world))
     nll = float("nan")
@@ -169,11 +195,11 @@ def evaluate_model(
     if reference is not None:
         ref = Reference(*reference)
         win, gain = stats.paired(golds, golds if ref.golds is None else ref.golds)
-        ref_cfg = ref.config or config
-        ratio = ev.log_ratio(
-            (params, config), (ref.params, ref_cfg), prompts, responses, mask, **kw
-        )
-        kl = float(np.mean(ratio))
+        if best_of > 1:
+            kl = ev.best_of_n_kl(best_of)
+        else:
+            pair = ((params, config), (ref.params, ref.config or config))
+            kl = float(np.mean(ev.log_ratio(*pair, prompts, responses, mask, **kw)))
 
     prompt_texts, response_texts = _texts(test_prompts, responses[::k], mask[::k])
     return ModelEval(
@@ -228,10 +254,17 @@ class Evaluator:
         self.sft = load_policy(config, workdir, "sft", mesh)
         self.sft_eval = self.evaluate("sft", self.sft, reference=(self.sft, None))
 
-    def evaluate(self, name: str, params, reference: tuple | None = None) -> ModelEval:
+    def evaluate(
+        self, name: str, params, reference: tuple | None = None, best_of: int = 1
+    ) -> ModelEval:
         """Any policy with the run's architecture (a stage's, or one you trained yourself)
-        against the SFT model (``reference``: another baseline, as for ``evaluate_model``)."""
+        against the SFT model (``reference``: another baseline, as for ``evaluate_model``);
+        ``best_of = n`` evaluates best-of-n of ``params`` by the run's RM."""
         reference = reference or (self.sft, self.sft_eval.golds)
+        reward = None
+        if best_of > 1:
+            rm_params, bias, rm_model = load_reward_model(self.config, self.workdir, self.mesh)
+            reward = (rm_params, rm_model, bias)
         return evaluate_model(
             name,
             params,
@@ -244,11 +277,16 @@ class Evaluator:
             max_new_tokens=self.config.data.response_len,
             reference=reference,
             samples_per_prompt=self.config.eval.samples_per_prompt,
+            reward=reward,
+            best_of=best_of,
         )
 
     def stage(self, name: str, stage: str) -> ModelEval:
+        """A stage's policy, or ``best_of_n``: the SFT model's best of ``eval.best_of_n``."""
         if stage == "sft":
             return self.sft_eval
+        if stage == BEST_OF_N:
+            return self.evaluate(name, self.sft, best_of=self.config.eval.best_of_n)
         return self.evaluate(name, load_policy(self.config, self.workdir, stage, self.mesh))
 
 
@@ -258,7 +296,7 @@ def evaluate_all(
     """Evaluate every model the run has, and the RM; returns (summary, samples)."""
     mesh = sharding.make_mesh(config.mesh)
     evaluator = Evaluator(config, workdir, heldout, mesh)
-    evals = {n: evaluator.stage(n, s) for n, s in MODELS.items() if stage_exists(workdir, s)}
+    evals = {n: evaluator.stage(n, s) for n, s in evaluated_models(config, workdir).items()}
     summary = {
         "config": config.name,
         "seed": config.seed,

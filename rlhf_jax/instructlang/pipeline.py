@@ -1,7 +1,8 @@
 """``rlhf-jax pipeline``: the whole InstructGPT recipe on the built-in world, then the report.
 
 pretrain the base -> SFT (the PPO init, 10% pretraining mix) -> sample and label comparisons ->
-RM -> PPO and PPO-ptx from the same SFT model -> evaluate base, SFT, PPO, PPO-ptx -> report.
+RM -> PPO and PPO-ptx from the same SFT model -> the ``methods`` asked for (DPO, GRPO, RLOO; none
+by default) -> evaluate base, SFT, PPO, PPO-ptx, those methods and best-of-n when asked -> report.
 Every stage resumes its own checkpoint, so an interrupted pipeline continues where it stopped and
 a finished one only re-evaluates. The plain PPO run uses ``ppo.ptx_coef = 0``; the PPO-ptx run
 uses the configured ``ppo.ptx_coef`` (skipped when it is 0). ``run_seeds`` runs it once per seed.
@@ -18,12 +19,14 @@ from pathlib import Path
 import numpy as np
 
 from rlhf_jax import evaluate as ev
+from rlhf_jax.config import methods
 from rlhf_jax.data import sources
 from rlhf_jax.data.records import Kind
 from rlhf_jax.instructlang import datasets, lang, report
 from rlhf_jax.instructlang.claims import check_claims
 from rlhf_jax.instructlang.config import InstructLangConfig, require_world
 from rlhf_jax.instructlang.evaluate import evaluate_all
+from rlhf_jax.pipeline import run_methods
 from rlhf_jax.report import StageClock, read_curves
 from rlhf_jax.stages.driver import read_all
 from rlhf_jax.stages.lineage import policy_model
@@ -43,8 +46,10 @@ def _curve_callback(config: InstructLangConfig, heldout: np.ndarray):
     def on_log(step, state, samples):
         prompts, tokens, _ = (np.asarray(x) for x in samples)
         gold = lang.gold_rewards(prompts, tokens, world=w)
+        # PPO's state holds the policy beside the value network; GRPO's is the policy's own.
+        params = state.policy.params if hasattr(state, "policy") else state.params
         nll = ev.heldout_nll(
-            state.policy.params,
+            params,
             model,
             docs,
             batch_size=config.eval.batch_size,
@@ -74,6 +79,7 @@ def run_pipeline(config: InstructLangConfig, workdir: str | os.PathLike) -> dict
     timed("ppo", run_ppo, plain, workdir, "ppo", on_log=on_log)
     if config.ppo.ptx_coef > 0:
         timed("ppo_ptx", run_ppo, config, workdir, "ppo_ptx", on_log=on_log)
+    run_methods(config, workdir, timed, on_log=on_log)
 
     summary, samples = timed("eval", evaluate_all, config, workdir, heldout)
     summary["seconds"] = timed.seconds
@@ -89,16 +95,17 @@ def run_seeds(config: InstructLangConfig, workdir: str | os.PathLike, seeds: lis
     """``rlhf-jax seeds``: the pipeline once per seed into ``<workdir>/seed<k>/``, then
     ``<workdir>/seeds.md``, the mean ± sd table over seeds (also returned). The world is the same
     for every seed (``world.seed``); the seed changes every initialisation and sample. Runs
-    that already finished are only re-read, so an interrupted sweep resumes."""
+    that already finished are only re-read, so an interrupted sweep resumes; a finished run
+    that lacks a model ``methods`` now asks for runs again (its finished stages resume)."""
     workdir = Path(workdir)
     summaries = []
     for seed in seeds:
         run_dir = workdir / f"seed{seed}"
         summary_file = run_dir / "summary.json"
-        if summary_file.exists():
-            summaries.append(json.loads(summary_file.read_text()))
-        else:
-            summaries.append(run_pipeline(dataclasses.replace(config, seed=seed), run_dir))
+        summary = json.loads(summary_file.read_text()) if summary_file.exists() else None
+        if summary is None or not set(methods(config)) <= set(summary["models"]):
+            summary = run_pipeline(dataclasses.replace(config, seed=seed), run_dir)
+        summaries.append(summary)
     text = report.seeds_markdown(summaries)
     (workdir / "seeds.md").write_text(text)
     return text

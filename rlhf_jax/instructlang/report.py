@@ -62,6 +62,11 @@ HOW_TO_READ = (
     "a 95% interval over prompts. The paired gain, win rate and KL compare each model with "
     "the SFT model on the same prompts (SFT itself must show 0, 0.5 and 0); the gain's interval "
     "comes from the per-prompt differences, so it is what decides whether a model beats SFT. "
+    "Gain per nat of KL is what a method buys for its drift from SFT (left out below 0.01 nats). "
+    "Beside PPO and PPO-ptx, a run may hold DPO, GRPO and RLOO (trained from the same SFT "
+    "model, comparisons and RM) and best-of-n: the SFT model's n answers, of which the RM keeps "
+    "its favourite; its KL is the analytic log n - (n - 1)/n, and its weights (hence its "
+    "pretraining NLL and fact accuracy) are SFT's. "
     "Pretraining NLL and fact accuracy measure what alignment costs in language modelling (the "
     "alignment tax). The reward model section says how often the learned reward orders a "
     "validation pair like the noisy labelers and like the gold reward; the claims below are "
@@ -74,6 +79,7 @@ COLUMNS = (  # header, summary key, its interval's key, digits
     ("gold - SFT, paired [95% CI]", "gold_gain_vs_sft", "gold_gain_ci95", 3),
     ("win rate vs SFT [95% CI]", "win_rate_vs_sft", "win_rate_ci95", 3),
     ("KL to SFT (nats)", "kl_to_sft", None, 2),
+    ("gain per nat of KL", "gold_gain_per_nat", None, 3),
     ("pretrain NLL", "pretrain_nll", None, 3),
     ("fact acc.", "fact_accuracy", None, 3),
     ("EOS rate", "eos_rate", None, 3),
@@ -112,7 +118,7 @@ def render_markdown(
     lines += ["", "## Claims (docs/instructlang.md section 1)", ""]
     lines += [f"- **{c.name} {c.status}**: {c.statement}. {c.evidence}" for c in claims] + [""]
     if plots.get("curves"):
-        lines += ["## PPO training curves", ""]
+        lines += ["## RL training curves (PPO, PPO-ptx, GRPO, RLOO)", ""]
         lines += [f"![{f[6:-4]}]({f})" for f in plots["curves"]] + [""]
     lines += common.samples_section(samples, "gold", "gold")
     return "\n".join(lines).rstrip() + "\n"
@@ -149,6 +155,7 @@ SEED_COLUMNS = (
     ("gold_gain_vs_sft", "gold - SFT (paired)", 3),
     ("win_rate_vs_sft", "win rate vs SFT", 3),
     ("kl_to_sft", "KL to SFT (nats)", 2),
+    ("gold_gain_per_nat", "gain per nat of KL", 3),
     ("pretrain_nll", "pretraining NLL", 3),
     ("fact_accuracy", "fact accuracy", 3),
     ("eos_rate", "EOS rate", 3),

@@ -50,7 +50,7 @@ log = logging.getLogger("rlhf_jax")
 # The config sections each stage reads besides the shared fields below; a stage's checkpoints
 # refuse to continue under other values of these (mesh, logging and checkpointing may change).
 STAGE_SECTIONS = {"pretrain": "pretrain", "sft": "sft", "rm": "rm", "ppo": "ppo", "ppo_ptx": "ppo",
-                  "dpo": "dpo", "grpo": "grpo"}  # fmt: skip
+                  "dpo": "dpo", "grpo": "grpo", "rloo": "grpo"}  # fmt: skip
 SHARED_SETTINGS = ("seed", "init_from", "model.", "data.prompt_len", "data.response_len",
                    "data.text_len")  # fmt: skip
 FREE_SETTINGS = ("model.remat",)  # recomputation changes no number

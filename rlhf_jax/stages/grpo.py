@@ -43,6 +43,12 @@ from rlhf_jax.train_state import TrainState, apply_gradients, params_shardings, 
 RewardFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
+def stage_name(config: Config) -> str:
+    """The stage ``run_grpo`` writes: ``grpo``, or ``rloo`` under ``grpo.baseline=rloo``, so one
+    work directory can hold both and the report compares them."""
+    return "rloo" if config.grpo.baseline == "rloo" else "grpo"
+
+
 def steps_per_iteration(config: Config) -> int:
     cfg = config.grpo
     return cfg.epochs * cfg.batch_size * cfg.group_size // cfg.minibatch_size
@@ -180,18 +186,19 @@ def run_grpo(
     on_log: Callable[[int, Any, tuple], dict] | None = None,
 ) -> dict:
     """GRPO (``grpo.baseline=group``) or RLOO (``rloo``) from this run's SFT model against the
-    reward model PPO uses (this run's rm stage, or ``ppo.reward_from``), into
-    ``<workdir>/grpo``; resumable. ``reward_fn`` replaces the reward model (no rm stage needed);
-    ``on_log`` as for ``run_ppo``. Exports the policy params, as SFT does."""
+    reward model PPO uses (this run's rm stage, or ``ppo.reward_from``), into ``<workdir>/grpo``
+    or ``<workdir>/rloo`` (``stage_name``); resumable. ``reward_fn`` replaces the reward model
+    (no rm stage needed); ``on_log`` as for ``run_ppo``. Exports the policy params, as SFT
+    does."""
     config.validate()
-    cfg = config.grpo
-    policy_origin = start_point(config, workdir, "grpo", "policy")
+    cfg, stage = config.grpo, stage_name(config)
+    policy_origin = start_point(config, workdir, stage, "policy")
     if reward_fn is None:
-        start_point(config, workdir, "grpo", "reward")  # the RM must have run
+        start_point(config, workdir, stage, "reward")  # the RM must have run
     fingerprints = preflight(
         config,
         workdir,
-        "grpo",
+        stage,
         {"ppo": (cfg.batch_size, "grpo.batch_size")},
         ((cfg.batch_size, "grpo.batch_size"),),
     )
@@ -232,7 +239,7 @@ def run_grpo(
         return s, {**metrics, "_samples": samples}
 
     run = StageRun(
-        stage="grpo",
+        stage=stage,
         model=model,
         fingerprints=fingerprints,
         total=cfg.iterations,

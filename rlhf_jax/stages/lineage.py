@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax import checkpoint, sharding
-from rlhf_jax.config import MODEL_SIZES, Config, ModelConfig, rm_config
+from rlhf_jax.config import MODEL_SIZES, Config, ModelConfig, methods, rm_config
 from rlhf_jax.errors import ConfigError, StageError
 from rlhf_jax.model import abstract_params
 from rlhf_jax.train_state import (
@@ -49,6 +49,7 @@ LINEAGE: dict[str, dict[str, tuple[str, ...]]] = {
     "ppo_ptx": {"policy": ("sft",), "reward": ("rm",)},
     "dpo": {"policy": ("sft",)},
     "grpo": {"policy": ("sft",), "reward": ("rm",)},
+    "rloo": {"policy": ("sft",), "reward": ("rm",)},
 }
 MODEL_FILE = "model.json"
 
@@ -58,10 +59,27 @@ def stage_exists(workdir, stage: str) -> bool:
     return (Path(workdir) / stage).is_dir()
 
 
+# The policies a run's evaluation compares, as report row: stage. best-of-n has no stage: it is
+# the SFT model's best of eval.best_of_n by the RM, evaluated when `methods` names it.
+EVALUATED = {"base": "pretrain", "sft": "sft", "ppo": "ppo", "ppo_ptx": "ppo_ptx", "dpo": "dpo",
+             "grpo": "grpo", "rloo": "rloo"}  # fmt: skip
+BEST_OF_N = "best_of_n"
+
+
+def evaluated_models(config: Config, workdir) -> dict[str, str]:
+    """{report row: stage} of every policy this run has, plus ``best_of_n`` when asked for."""
+    out = {name: s for name, s in EVALUATED.items() if stage_exists(workdir, s)}
+    if BEST_OF_N in methods(config):
+        out[BEST_OF_N] = BEST_OF_N
+    return out
+
+
 def command_for(stage: str) -> str:
     """The command that runs ``stage``."""
     if stage == "ppo_ptx":
         return "rlhf-jax ppo --config.ppo.ptx_coef=<gamma > 0>"
+    if stage == "rloo":
+        return "rlhf-jax grpo --config.grpo.baseline=rloo"
     return f"rlhf-jax {stage}"
 
 
