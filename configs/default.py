@@ -66,7 +66,8 @@ def get_config(arg: str | None = None) -> InstructLangConfig:
         # [0.018, 0.031] gold over SFT at KL 0.27. GRPO and RLOO take PPO's beta = 0.5, not
         # DeepSeekMath's 0.04, for the same reason as PPO: paired gold gain over SFT (seed 0) at
         # beta 0.04: -0.072 [-0.081, -0.063] at KL 2.51 nats; 0.2: -0.019 [-0.026, -0.012] at
-        # KL 0.59; 0.5: +0.002 [-0.003, 0.007] at KL 0.15. Neither runs unless `methods` asks.
+        # KL 0.59; 0.5: +0.002 [-0.003, 0.007] at KL 0.15. PPO's lr 1e-4 at beta 0.5 does not
+        # help: -0.007 [-0.015, 0.000] at KL 0.64. Neither runs unless `methods` asks.
         grpo=C.GRPOConfig(kl_coef=0.5),
         # 4 samples per test prompt (one in the paper preset) narrow every interval over prompts.
         # Best-of-4 (KL log 4 - 3/4 = 0.64 nats to SFT), not 16 (1.84): within the KL range the

@@ -39,27 +39,32 @@ class Command:
     sections: tuple[str, ...]  # config sections the command reads beyond the shared ones
     flags: tuple[str, ...] = ()
     details: str = ""
+    fields: tuple[str, ...] = ()  # top-level config fields it reads beyond the shared ones
 
 
 RUN_FLAGS = ("distributed",)
 COMMANDS: dict[str, Command] = {
     "pipeline": Command(
         "the whole recipe, evaluated, then report.md (the main job on the built-in world)",
-        ("pretrain", "sft", "rm", "ppo", "eval"),
+        ("pretrain", "sft", "rm", "ppo", "dpo", "grpo", "eval"),
         RUN_FLAGS,
         details="On the built-in world: pretrain, sft, comparison sampling, rm, ppo and "
         "ppo_ptx (when ppo.ptx_coef > 0), every model evaluated with the gold reward. On your "
         "data (data.source=files, e.g. --config=hf:<checkpoint>): sft, rm, ppo (and ppo_ptx "
         "with pretraining text), evaluated by the RM on held-out prompts, then the policy and RM "
-        "exported under <workdir>/export/. Both write report.md, summary.json and "
-        "samples.jsonl; finished stages are reused.",
+        "exported under <workdir>/export/. --config.methods=dpo,grpo,rloo,best_of_n adds those "
+        "methods after ppo_ptx, each a row of the report. Both write report.md, summary.json "
+        "and samples.jsonl; finished stages are reused.",
+        fields=("methods",),
     ),
     "seeds": Command(
         "the pipeline once per seed, then seeds.md (mean ± sd over seeds)",
-        ("pretrain", "sft", "rm", "ppo", "eval"),
+        ("pretrain", "sft", "rm", "ppo", "dpo", "grpo", "eval"),
         ("seeds", *RUN_FLAGS),
         details="Each seed runs into <workdir>/seed<k>/ (default workdir: runs/<name>-seeds); "
-        "finished seeds are only re-read.",
+        "finished seeds are only re-read (a seed without a model that methods asks for runs "
+        "again, reusing its finished stages).",
+        fields=("methods",),
     ),
     "pretrain": Command(
         "train the base model on the pretraining text",
@@ -118,7 +123,8 @@ COMMANDS: dict[str, Command] = {
         details="On the built-in world: gold reward, paired gain and win rate vs SFT, KL, "
         "pretraining NLL, fact accuracy, metadata. On your data: the RM's score of its "
         "answers to the held-out prompts, the paired gain and win rate by the RM against SFT, "
-        "KL, held-out NLL, EOS rate and length.",
+        "KL, held-out NLL, EOS rate and length. --stage=best_of_n evaluates the SFT model's "
+        "best of eval.best_of_n answers by the RM (no training; KL log n - (n-1)/n).",
     ),
     "export": Command(
         "write one stage as a Hugging Face directory that transformers loads",
@@ -297,8 +303,8 @@ def command_help(command: str, config: Any, preset: str) -> str:
         "--config.<field>=<value>):"
     )
     own = tuple(s for s in c.sections if hasattr(config, s))
-    if own:
-        lines += _field_lines(config, own) + [""]
+    if own or c.fields:
+        lines += _field_lines(config, own, c.fields) + [""]
         lines.append("shared by every command:")
     shared = tuple(s for s in SHARED_SECTIONS if hasattr(config, s))
     lines += _field_lines(config, shared, SHARED_FIELDS)

@@ -145,5 +145,10 @@ def test_cli_grpo_rloo_then_generate(rm_run, tmp_path, rlhf_jax_cli):
                        cwd=tmp_path)  # fmt: skip
     assert gen.returncode == 0, gen.stderr[-3000:]
     lang.encode_text(json.loads(gen.stdout.strip().splitlines()[-1])["response"])
+    # Best-of-3 of the SFT model by the same RM, from the eval command alone.
+    bon = rlhf_jax_cli("eval", *args, "--stage=best_of_n", "--config.eval.best_of_n=3",
+                       cwd=tmp_path)  # fmt: skip
+    assert bon.returncode == 0, bon.stderr[-3000:]
+    assert json.loads(bon.stdout)["kl_to_sft"] == pytest.approx(np.log(3) - 2 / 3)
     bad = rlhf_jax_cli("grpo", *args, "--config.grpo.minibatch_size=7", cwd=tmp_path)
     assert bad.returncode != 0 and "minibatch_size" in bad.stderr
