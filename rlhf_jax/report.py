@@ -72,23 +72,30 @@ def read_curves(run_dir: Path, keys: dict[str, tuple[str, str]]) -> dict[str, di
     out = {}
     for stage in ("ppo", "ppo_ptx", "grpo", "rloo"):
         if rows := read_metrics(run_dir, stage):
-            out[stage] = {name: [r[k] for r in rows if k in r] for name, (k, _) in keys.items()}
+            curves = {name: [r.get(k) for r in rows] for name, (k, _) in keys.items()}
+            out[stage] = {STEP: [r["step"] for r in rows], **curves}
     return out
 
 
+STEP = "step"  # a run's x values in ``read_curves``' output: the iteration of each logged row
+
+
 def plot_curves(run_dir: Path, curves: dict[str, dict[str, Any]], labels: dict[str, str]) -> list:
-    """One PNG per metric with a line per RL run; returns the file names."""
+    """One PNG per metric with a line per RL run, against the iteration (``curves[run]["step"]``;
+    1, 2, ... when absent); a ``None`` value is a row that lacks the metric. Returns the file
+    names."""
     metrics: list[str] = []
     for run in curves.values():
-        metrics += [k for k in run if k not in metrics and len(run[k])]
+        metrics += [k for k in run if k != STEP and k not in metrics and _points(run, k)[0]]
     files = []
     for metric in metrics:
         fig = Figure(figsize=(5, 3.2))
         ax = fig.add_subplot()
         for run_name, run in curves.items():
-            if metric in run and len(run[metric]):
-                ax.plot(range(1, len(run[metric]) + 1), run[metric], label=run_name)
-        ax.set_xlabel("PPO iteration")
+            xs, ys = _points(run, metric)
+            if xs:
+                ax.plot(xs, ys, label=run_name)
+        ax.set_xlabel("iteration")
         ax.set_ylabel(labels.get(metric, metric))
         ax.legend()
         ax.grid(alpha=0.3)
@@ -97,6 +104,13 @@ def plot_curves(run_dir: Path, curves: dict[str, dict[str, Any]], labels: dict[s
         fig.savefig(Path(run_dir) / name, dpi=100)
         files.append(name)
     return files
+
+
+def _points(run: dict[str, Any], metric: str) -> tuple[list, list]:
+    values = list(run.get(metric, []))
+    steps = list(run.get(STEP, range(1, len(values) + 1)))
+    pairs = [(x, y) for x, y in zip(steps, values) if num(y) is not None]
+    return [x for x, _ in pairs], [y for _, y in pairs]
 
 
 def samples_section(samples: list[dict], score: str, label: str) -> list[str]:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax import evaluate as ev
+from rlhf_jax import report as common_report
 from rlhf_jax.config import model_config
 from rlhf_jax.instructlang import claims as C
 from rlhf_jax.instructlang import corpus, evaluate, lang, report
@@ -267,6 +268,15 @@ def test_check_claims_without_ppo_ptx():
     assert claims["C1"].passed and claims["C2"].passed and claims["C10"].passed
     assert claims["C5"].passed is None and "recovery needs ppo_ptx" in claims["C5"].evidence
     assert claims["C5"].status == "N/A"
+
+
+def test_curves_are_drawn_against_the_logged_iteration(tmp_path):
+    # Rows logged every 10 iterations sit at x = 10, 20, 30; a row without the metric is skipped.
+    run = {"step": [10, 20, 30], "kl": [0.0, None, 2.0]}
+    assert common_report._points(run, "kl") == ([10, 30], [0.0, 2.0])
+    assert common_report._points({"kl": [0.5, 0.7]}, "kl") == ([1, 2], [0.5, 0.7])
+    files = common_report.plot_curves(tmp_path, {"ppo": run, "grpo": {"step": [5]}}, {})
+    assert files == ["curve_kl.png"]  # "step" is the x axis, not a metric
 
 
 @pytest.mark.parametrize("with_ptx", [True, False])

@@ -114,7 +114,8 @@ def test_pipeline_writes_summary_samples_and_report(tiny_run):
     assert all(f"| {m} |" in report for m in models) and (workdir / "gold.png").exists()
     curves = read_curves(workdir, report_module.CURVES)  # the RL stages' curves, gold included
     assert set(curves) == {"ppo", "ppo_ptx", "grpo", "rloo"}
-    assert len(curves["rloo"]["gold"]) == config.grpo.iterations
+    assert curves["rloo"]["step"] == list(range(1, config.grpo.iterations + 1))
+    assert None not in curves["rloo"]["gold"] and None not in curves["ppo"]["kl"]
 
 
 def test_ppo_logs_ratio_one_and_zero_initial_kl(tiny_run):

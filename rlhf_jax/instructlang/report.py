@@ -132,7 +132,8 @@ def write_report(
 ) -> None:
     """Write summary.json, samples.jsonl, the PNG plots and report.md into ``run_dir``.
 
-    ``curves`` = {run: {metric: per-iteration values}} (lists or arrays; ``read_curves``);
+    ``curves`` = {run: {metric: per-logged-row values, "step": their iterations}} (lists or
+    arrays, "step" optional; ``read_curves``);
     ``summary.json`` holds exactly ``summary``; ``samples`` go one JSON object per line.
     """
     run_dir = Path(run_dir)
