@@ -5,7 +5,7 @@
 S-size models (128 wide, 4 layers) with reduced corpora and iteration counts, so that pretraining,
 SFT, comparison sampling, RM, PPO, PPO-ptx, evaluation and the report take at most 15 minutes on
 2 CPU cores (about 14 measured). `--config.methods=dpo,grpo,rloo,best_of_n` adds the other
-methods to the run and its report (about 9 minutes more). Measured results are in the README;
+methods to the run and its report (about 6 minutes more). Measured results are in the README;
 `paper.py` is the full-size replication. The SFT model is trained 8 epochs (the paper's PPO init
 uses 2): these small models need them to learn the tasks.
 """

@@ -42,7 +42,7 @@ def get_config(arg: str | None = None) -> InstructLangConfig:
             ptx_per_episode=2,
             ptx_coef=1.0,
         ),
-        # Not in the pipeline: `rlhf-jax dpo` / `rlhf-jax grpo --config=tiny` after it.
+        # For `rlhf-jax grpo --config=tiny` after the pipeline, or `--config.methods=grpo,rloo`.
         grpo=dataclasses.replace(
             C.GRPOConfig(), iterations=3, batch_size=8, group_size=4, minibatch_size=16
         ),
