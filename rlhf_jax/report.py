@@ -58,6 +58,9 @@ def ordered(names) -> list[str]:
     return [m for m in MODEL_ORDER if m in names] + [m for m in names if m not in MODEL_ORDER]
 
 
+STEP = "step"  # a run's x values in ``read_curves``' output: the iteration of each logged row
+
+
 def read_metrics(run_dir, stage: str) -> list[dict]:
     """The rows a stage logged to ``<run_dir>/<stage>/metrics.jsonl`` (none if it never ran)."""
     path = Path(run_dir) / stage / "metrics.jsonl"
@@ -75,9 +78,6 @@ def read_curves(run_dir: Path, keys: dict[str, tuple[str, str]]) -> dict[str, di
             curves = {name: [r.get(k) for r in rows] for name, (k, _) in keys.items()}
             out[stage] = {STEP: [r["step"] for r in rows], **curves}
     return out
-
-
-STEP = "step"  # a run's x values in ``read_curves``' output: the iteration of each logged row
 
 
 def plot_curves(run_dir: Path, curves: dict[str, dict[str, Any]], labels: dict[str, str]) -> list:

@@ -62,7 +62,7 @@ def test_seeds_table_and_finished_runs_are_only_reread(tiny_run, monkeypatch):
 
     monkeypatch.setattr(pipeline, "run_pipeline", must_not_run)
     assert pipeline.run_seeds(config, workdir.parent, [0]) == table
-    assert pipeline.run_seeds(dataclasses.replace(config, methods=""), workdir.parent, [0])
+    assert pipeline.run_seeds(dataclasses.replace(config, methods=""), workdir.parent, [0]) == table
 
 
 def test_seeds_rerun_a_finished_seed_that_lacks_an_asked_method(tmp_path, monkeypatch):

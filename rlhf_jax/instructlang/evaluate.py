@@ -120,7 +120,7 @@ class ModelEval:
             "gold_gain_vs_sft": None if gain is None else gain[0],
             "gold_gain_ci95": None if gain is None else [gain[1], gain[2]],
             "kl_to_sft": self.kl_to_sft,
-            "gold_gain_per_nat": gain_per_nat(gain and gain[0], self.kl_to_sft),
+            "gold_gain_per_nat": gain_per_nat(None if gain is None else gain[0], self.kl_to_sft),
             "pretrain_nll": self.pretrain_nll,
             "fact_accuracy": self.fact_accuracy,
             "eos_rate": self.metadata["eos"],
