@@ -8,7 +8,12 @@ Cost: well under a minute on 2 CPU cores (mostly compilation). Numbers are meani
 import dataclasses
 
 from rlhf_jax import config as C
-from rlhf_jax.instructlang.config import InstructLangConfig, SplitSizes, WorldConfig
+from rlhf_jax.instructlang.config import (
+    InstructLangConfig,
+    SplitSizes,
+    StudyConfig,
+    WorldConfig,
+)
 
 
 def get_config(arg: str | None = None) -> InstructLangConfig:
@@ -48,6 +53,16 @@ def get_config(arg: str | None = None) -> InstructLangConfig:
         ),
         eval=C.EvalConfig(
             test_prompts=64, samples_per_prompt=2, batch_size=32, samples_per_model=8
+        ),
+        # `rlhf-jax study --config=tiny`: every experiment at a size that only tests the plumbing.
+        study=StudyConfig(
+            c3_policy_size="tiny",
+            c3_base_size="XS",
+            c6_kl_coefs="2.0",
+            c8_prompts=16,
+            c9_comparisons="32,96",
+            c9_best_of=4,
+            c9_prompts=16,
         ),
         log_every=1,
     )

@@ -66,6 +66,17 @@ COMMANDS: dict[str, Command] = {
         "again, reusing its finished stages).",
         fields=("methods",),
     ),
+    "study": Command(
+        "the experiments beyond the main job (C3, C4, C6-C9, oracle PPO), then study.md",
+        ("pretrain", "sft", "rm", "ppo", "dpo", "grpo", "eval", "study"),
+        ("seeds", *RUN_FLAGS),
+        details="Runs the main job per seed into <workdir>/seed<k>/ as `rlhf-jax seeds` does "
+        "(default workdir: runs/<name>-seeds, so a finished sweep is reused), then each "
+        "experiment of study.experiments under <workdir>/study/, each a PASS/FAIL line decided "
+        "by 95% intervals over the seeds, written to <workdir>/study.md with its PNGs. Every "
+        "stage and every experiment's per-seed result resumes or is re-read.",
+        fields=("methods",),
+    ),
     "pretrain": Command(
         "train the base model on the pretraining text",
         ("pretrain",),
@@ -434,6 +445,11 @@ def run(command: str, args: argparse.Namespace, config: Any) -> None:
 
         seeds_dir = Path(args.workdir or Path("runs") / f"{config.name}-seeds")
         print(run_seeds(config, seeds_dir, _seeds(args.seeds)))
+    elif command == "study":
+        from rlhf_jax.instructlang.study import run_study
+
+        study_dir = Path(args.workdir or Path("runs") / f"{config.name}-seeds")
+        print(run_study(config, study_dir, _seeds(args.seeds)))
     elif command == "eval" and world:
         from rlhf_jax.instructlang.evaluate import evaluate_stage
 

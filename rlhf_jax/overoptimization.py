@@ -60,3 +60,29 @@ def peak(alpha: float, beta: float, form: str) -> float:
     if beta <= 0:
         return math.inf
     return alpha / (2 * beta) if form == "bon" else math.exp(alpha / beta - 1)
+
+
+def best_of_n_curve(proxy, gold, ns) -> dict[int, tuple[float, float]]:
+    """``{n: (gold, proxy)}``: the mean gold and proxy score of best-of-n for each ``n`` in
+    ``ns``, from ``M`` candidates per prompt drawn once (``proxy``, ``gold``: [N, M]). Each
+    prompt's M candidates are cut into ``M // n`` disjoint groups of n in their drawn order, the
+    proxy's favourite of each group (the first of equal scores) is kept, and the picks are
+    averaged: an unbiased estimate of best-of-n's expected gold from one draw of M, as Gao et al.
+    do, instead of M more samples per n. Every ``n`` must divide ``M``."""
+    proxy, gold = np.asarray(proxy, np.float64), np.asarray(gold, np.float64)
+    if proxy.shape != gold.shape or proxy.ndim != 2:
+        raise ValueError(
+            f"best_of_n_curve: proxy {proxy.shape} and gold {gold.shape} must be [N, M]"
+        )
+    N, M = proxy.shape
+    out = {}
+    for n in ns:
+        if n < 1 or M % n:
+            raise ValueError(f"best_of_n_curve: n={n} does not divide the {M} candidates")
+        p, g = proxy.reshape(N, M // n, n), gold.reshape(N, M // n, n)
+        pick = np.argmax(p, axis=2)[..., None]
+        out[n] = (
+            float(np.take_along_axis(g, pick, 2).mean()),
+            float(np.take_along_axis(p, pick, 2).mean()),
+        )
+    return out

@@ -314,6 +314,7 @@ def score(
     reward_bias: float | Float[Array, ""] = 0.0,
     no_eos_score: float | None = None,
     whiten_rewards: bool = False,
+    scores: Float[Array, " B"] | None = None,
 ) -> Rollout:
     """Turn sampled responses into a PPO batch (docs/method.md sections 3.1-3.4).
 
@@ -322,7 +323,9 @@ def score(
     from the critic-shaped networks; the score is read at EOS (the last response token when there
     is none) and, if ``no_eos_score`` is set, replaced by it for rows without EOS (LHP/N+). Rewards,
     GAE and whitening all go through ``rlhf_jax.losses``. ``whiten_rewards`` (LHP, off by default)
-    whitens the per-token rewards without shifting their mean before GAE.
+    whitens the per-token rewards without shifting their mean before GAE. ``scores`` [B], when
+    given, replace the reward model's (``params.reward`` is then unused): a programmatic reward,
+    such as the built-in world's gold for its oracle-PPO run.
     """
     P = prompt_tokens.shape[1]
     response_mask = response_mask.astype(jnp.int32)
@@ -334,9 +337,10 @@ def score(
         params.ref, policy_config, tokens, mask, P, temperature=temperature
     )
     values = response_values(params.value, critic_config, tokens, mask, P)
-    scores = reward_scores(
-        params.reward, critic_config, tokens, mask, P, response_mask, bias=reward_bias
-    )
+    if scores is None:
+        scores = reward_scores(
+            params.reward, critic_config, tokens, mask, P, response_mask, bias=reward_bias
+        )
     if no_eos_score is not None:
         has_eos = jnp.any((response_tokens == eos_id) & (response_mask > 0), axis=1)
         scores = jnp.where(has_eos, scores, no_eos_score)

@@ -55,6 +55,55 @@ class WorldConfig:
         return []
 
 
+EXPERIMENTS = ("c3", "c4", "c6", "c7", "c8", "c9", "oracle")
+
+
+@dataclasses.dataclass(unsafe_hash=True)
+class StudyConfig:
+    """``rlhf-jax study``: the experiments beyond the main job (docs/instructlang.md section 5).
+
+    Lists are comma-separated strings, as on the command line."""
+
+    experiments: str = field(",".join(EXPERIMENTS), "which to run: " + ", ".join(EXPERIMENTS))
+    c3_policy_size: str = field("XS", "C3: the small model trained with PPO-ptx")
+    c3_base_size: str = field(
+        "", "C3: the larger base model's size ('': the main run's own base, model.*)"
+    )
+    c6_kl_coefs: str = field("2.0,8.0", "C6: larger PPO betas (plain PPO) than ppo.kl_coef")
+    c8_epochs: int = field(0, "C8: SFT epochs to follow (0: sft.epochs, the main run's SFT)", ge=0)
+    c8_prompts: int = field(500, "C8: test prompts answered after every SFT epoch", ge=1)
+    c9_comparisons: str = field(
+        "250,1000,4000", "C9: proxy RMs' rankings: N of rm_train's, each set inside the next"
+    )
+    c9_best_of: int = field(64, "C9: the largest best-of-n (n = 1, 2, 4, ... up to it)", ge=1)
+    c9_prompts: int = field(250, "C9: test prompts of the best-of-n curves", ge=1)
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        unknown = [e for e in names(self.experiments) if e not in EXPERIMENTS]
+        if unknown:
+            out.append(("experiments", f"unknown {unknown}; known: {', '.join(EXPERIMENTS)}"))
+        for f in ("c3_policy_size", "c3_base_size"):
+            size = getattr(self, f)
+            if size and size not in C.MODEL_SIZES:
+                out.append((f, f"unknown size {size!r}; known: {', '.join(C.MODEL_SIZES)}"))
+        for f, kind in (("c6_kl_coefs", float), ("c9_comparisons", int)):
+            try:
+                values = [kind(x) for x in names(getattr(self, f))]
+            except ValueError:
+                values = []
+            if not values or min(values) <= 0:
+                out.append(
+                    (f, f"expected comma-separated positive numbers, got {getattr(self, f)!r}")
+                )
+        return out
+
+
+def names(text: str) -> list[str]:
+    """The items of a comma-separated config string."""
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
 @dataclasses.dataclass(unsafe_hash=True)
 class InstructLangConfig(C.Config):
     """A run on the built-in world: the library's ``Config`` plus ``world``."""
@@ -69,6 +118,7 @@ class InstructLangConfig(C.Config):
         "data",
     )
     world: WorldConfig = field(WorldConfig(), "the built-in world")
+    study: StudyConfig = field(StudyConfig(), "rlhf-jax study")
 
 
 def require_world(config: C.Config) -> InstructLangConfig:

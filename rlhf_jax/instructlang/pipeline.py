@@ -38,7 +38,7 @@ log = logging.getLogger("rlhf_jax")
 CURVE_DOCS = 512  # held-out documents for the per-iteration pretraining-NLL curve
 
 
-def _curve_callback(config: InstructLangConfig, heldout: np.ndarray):
+def curve_callback(config: InstructLangConfig, heldout: np.ndarray):
     """Per-log-step extras for PPO curves: gold of the iteration's samples, held-out NLL."""
     w, model = datasets.world(config), policy_model(config)
     docs = heldout[:CURVE_DOCS]
@@ -74,7 +74,7 @@ def run_pipeline(config: InstructLangConfig, workdir: str | os.PathLike) -> dict
     timed("comparisons", sources.dataset, config, workdir, "rm")
     timed("rm", run_rm, config, workdir)
     heldout = read_all(config, workdir, "heldout", "tokens")
-    on_log = _curve_callback(config, heldout)
+    on_log = curve_callback(config, heldout)
     plain = dataclasses.replace(config, ppo=dataclasses.replace(config.ppo, ptx_coef=0.0))
     timed("ppo", run_ppo, plain, workdir, "ppo", on_log=on_log)
     if config.ppo.ptx_coef > 0:

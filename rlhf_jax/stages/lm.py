@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -102,8 +103,18 @@ def validation_loss(params, model: ModelConfig, config: Config, workdir) -> floa
     return float(total[0] / total[1])
 
 
-def run_lm_stage(config: Config, workdir: str | os.PathLike, stage: str, *, mesh=None) -> dict:
-    """Run ``stage`` in {"pretrain", "sft"}; it resumes its own checkpoint if there is one."""
+def run_lm_stage(
+    config: Config,
+    workdir: str | os.PathLike,
+    stage: str,
+    *,
+    mesh=None,
+    on_validate: Callable[[Any], dict] | None = None,
+) -> dict:
+    """Run ``stage`` in {"pretrain", "sft"}; it resumes its own checkpoint if there is one.
+
+    SFT logs its validation loss after every epoch; ``on_validate(params)`` may return more
+    metrics to log there (the built-in world's study adds the gold and RM score per epoch)."""
     if stage not in ("pretrain", "sft"):
         raise ValueError(f"stage={stage!r}: expected 'pretrain' or 'sft'")
     config.validate()
@@ -151,7 +162,11 @@ def run_lm_stage(config: Config, workdir: str | os.PathLike, stage: str, *, mesh
     validate = None
     if is_sft and sources.expected_size(config, workdir, "sft_val"):
         eval_model = dataclasses.replace(model, dropout=0.0)
-        validate = lambda s: {"val/loss": validation_loss(s.params, eval_model, config, workdir)}  # noqa: E731
+
+        def validate(s):
+            extra = on_validate(s.params) if on_validate else {}
+            return {"val/loss": validation_loss(s.params, eval_model, config, workdir), **extra}
+
     run = StageRun(
         stage=stage,
         model=dataclasses.replace(model, dropout=0.0),

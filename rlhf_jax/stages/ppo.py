@@ -58,11 +58,15 @@ def make_ppo_iteration(
     eos_id: int,
     pad_id: int,
     critic: ModelConfig | None = None,
+    reward_fn: Callable | None = None,
 ) -> Callable:
     """The whole PPO iteration as one traceable function (jit it with ``jit_ppo_iteration``).
 
     ``critic`` is the architecture of the reward and value networks (default: the policy's with
-    a scalar head, ``config.rm_config``); it may differ from the policy's."""
+    a scalar head, ``config.rm_config``); it may differ from the policy's. ``reward_fn(prompt
+    tokens [B P], response tokens [B R], response mask [B R]) -> scores [B]``, traceable (e.g.
+    a ``jax.pure_callback``), replaces the reward model's score; the value network still starts
+    from the RM."""
     cfg = config.ppo
     policy_cfg = policy_model(config)
     critic_cfg = critic or rm_config(config)
@@ -87,6 +91,7 @@ def make_ppo_iteration(
             eos_id=eos_id,
             pad_id=pad_id,
         )
+        scores = None if reward_fn is None else reward_fn(pt, sample.tokens, sample.mask)
         ro = rollout.score(
             rollout.RolloutParams(
                 state.policy.params, state.ref_params, state.value.params, state.reward_params
@@ -105,6 +110,7 @@ def make_ppo_iteration(
             reward_bias=state.reward_bias,
             no_eos_score=cfg.no_eos_score if cfg.no_eos_penalty else None,
             whiten_rewards=cfg.whiten_rewards,
+            scores=scores,
         )
 
         # 2. Epochs x minibatches of updates.
@@ -334,11 +340,14 @@ def run_ppo(
     *,
     mesh=None,
     on_log: Callable[[int, Any, tuple], dict] | None = None,
+    reward_fn: Callable | None = None,
 ) -> dict:
     """PPO (``ppo.ptx_coef == 0``) or PPO-ptx into ``<workdir>/<stage>``; resumable.
 
     ``on_log(iteration, state, samples)`` may return extra metrics to log (the built-in world's
     pipeline adds the gold reward of the samples and the held-out pretraining NLL).
+    ``reward_fn`` replaces the RM's score (``make_ppo_iteration``), as the world's oracle-PPO
+    run does with its gold reward.
     """
     config.validate()
     cfg = config.ppo
@@ -375,7 +384,13 @@ def run_ppo(
 
     eos_id, pad_id = sources.special_ids(config, workdir)
     iteration = make_ppo_iteration(
-        config, policy_tx, value_tx, eos_id=eos_id, pad_id=pad_id, critic=critic
+        config,
+        policy_tx,
+        value_tx,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        critic=critic,
+        reward_fn=reward_fn,
     )
     step = jit_ppo_iteration(iteration, shardings, mesh, with_ptx)
 
