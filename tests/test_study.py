@@ -102,9 +102,18 @@ def test_variants_link_the_main_runs_stages_and_copy_their_data(study):
         assert (beta0 / stage).resolve() == (root / "seed0" / stage).resolve()
     assert not (beta0 / "data").is_symlink()
     assert json.loads((beta0 / "ppo" / "config.json").read_text())["ppo"]["kl_coef"] == 0.0
-    # C3's small model samples its own comparisons: none were copied from the main run.
+    # C3's small model samples its own comparisons: the data is copied (same times) but for them.
     c3 = root / "study" / "c3" / "seed0" / "policy_tiny"
     assert (c3 / "rm").is_dir() and not (c3 / "rm").is_symlink()
+
+    def stamp(run, kind):
+        files = sorted(p for p in (run / "data" / kind).rglob("*") if p.is_file())
+        assert files
+        return [(p.relative_to(run).as_posix(), p.stat().st_mtime) for p in files]
+
+    for kind in ("rlhf_pretraining", "rlhf_prompts", "rlhf_demonstrations"):
+        assert stamp(c3, kind) == stamp(root / "seed0", kind)
+    assert stamp(c3, "rlhf_comparisons") != stamp(root / "seed0", "rlhf_comparisons")
 
 
 def test_oracle_ppo_is_rewarded_with_the_gold(study):

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from rlhf_jax import sharding, stats
@@ -109,13 +110,17 @@ class Study:
         data (without its comparisons if not ``comparisons``: a variant with its own SFT model
         samples its own) and links to its finished ``link`` stages (never trained here)."""
         path = self.dir / experiment / f"seed{seed}" / name
-        if path.exists():
-            return path
+        if not path.exists() and jax.process_index() == 0:
+            self._make_variant(path, seed, link, comparisons)
+        sources.barrier(f"rlhf_jax study variant {path}")
+        return path
+
+    def _make_variant(self, path: Path, seed: int, link: tuple[str, ...], comparisons: bool):
         tmp = path.with_name(path.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         main = self.main(seed)
-        skip = builders.dataset_path(Kind.COMPARISONS, self.config.data.source, "").name
+        skip = builders.dataset_path(Kind.COMPARISONS, self.config.data.source, "").parts[0]
         ignore = None if comparisons else shutil.ignore_patterns(skip)
         shutil.copytree(sources.data_dir(main), sources.data_dir(tmp), ignore=ignore)
         for stage in link:
@@ -124,7 +129,6 @@ class Study:
                 target = os.path.relpath(main / stage, path)
                 os.symlink(target, tmp / stage, target_is_directory=True)
         os.replace(tmp, path)
-        return path
 
     def evaluator(self, seed: int) -> Evaluator:
         """The seed's gold evaluator: its test prompts, held-out text and SFT model."""
@@ -155,10 +159,11 @@ class Study:
         out = {"seed": seed, **experiment.run(self, seed)}
         out["seconds"] = time.perf_counter() - t0
         out["settings"] = settings
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(stats.jsonable(out), indent=2))
-        os.replace(tmp, path)
+        if jax.process_index() == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(stats.jsonable(out), indent=2))
+            os.replace(tmp, path)
         return out
 
 
