@@ -39,7 +39,8 @@ def get_config(arg: str | None = None) -> InstructLangConfig:
         eval=C.EvalConfig(test_prompts=1_000, batch_size=250, samples_per_model=200),
         # `rlhf-jax study --config=paper`: docs/instructlang.md section 5 at full size: the XS
         # policy against the M base (C3), the beta sweep {0.02, 0.2, 2.0} (C6), 16 SFT epochs
-        # (C8), proxy RMs up to every RM prompt and best-of-256 (C9).
+        # (C8), proxy RMs up to every RM prompt and best-of-256 (C9), oracle and RM PPO at
+        # beta 0.1 and 0.005 beside the paper's 0.02.
         study=StudyConfig(
             c3_policy_size="XS",
             c3_base_size="M",
@@ -47,6 +48,7 @@ def get_config(arg: str | None = None) -> InstructLangConfig:
             c8_epochs=16,
             c9_comparisons="250,1000,6000",
             c9_best_of=256,
+            oracle_kl_coefs="0.1,0.005",
         ),
         checkpoint_every=50,
     )

@@ -63,6 +63,7 @@ def get_config(arg: str | None = None) -> InstructLangConfig:
             c9_comparisons="32,96",
             c9_best_of=4,
             c9_prompts=16,
+            oracle_kl_coefs="0.1",
         ),
         log_every=1,
     )

@@ -120,13 +120,22 @@ def test_oracle_ppo_is_rewarded_with_the_gold(study):
     root, _, _ = study
     # The logged score is the mean reward of the iteration's samples and eval/gold the mean
     # gold of the same samples (the pipeline's callback): with the gold as reward they agree.
-    rows = read_metrics(root / "study" / "oracle" / "seed0" / "ppo_gold", "ppo")
-    assert rows
-    for row in rows:
-        assert row["objective/score"] == pytest.approx(row["eval/gold"], abs=1e-5)
+    # So are the runs at the other beta (tiny: 0.1), whose RM-rewarded twin is not.
+    for run in ("ppo_gold", "ppo_gold_b0.1"):
+        rows = read_metrics(root / "study" / "oracle" / "seed0" / run, "ppo")
+        assert rows
+        for row in rows:
+            assert row["objective/score"] == pytest.approx(row["eval/gold"], abs=1e-5)
     # The main run's PPO is rewarded by its RM, which is not the gold.
-    main = read_metrics(root / "seed0", "ppo")
-    assert any(abs(r["objective/score"] - r["eval/gold"]) > 1e-3 for r in main)
+    for rm_rewarded in (root / "seed0", root / "study" / "oracle" / "seed0" / "ppo_rm_b0.1"):
+        rows = read_metrics(rm_rewarded, "ppo")
+        assert any(abs(r["objective/score"] - r["eval/gold"]) > 1e-3 for r in rows)
+    # Each beta's PPO ran at its own beta: its logged config says so.
+    preset = tiny.get_config().ppo.kl_coef
+    assert preset != 0.1
+    for run, beta in (("ppo_gold", preset), ("ppo_gold_b0.1", 0.1), ("ppo_rm_b0.1", 0.1)):
+        logged = root / "study" / "oracle" / "seed0" / run / "ppo" / "config.json"
+        assert json.loads(logged.read_text())["ppo"]["kl_coef"] == beta
 
 
 def test_c7_trains_shuffled_pairs_with_the_grouped_rms_number_of_updates(study):
@@ -231,6 +240,7 @@ def test_a_result_made_with_other_settings_is_an_error_not_reused(study, rlhf_ja
         ("--config.study.experiments=c4,c5", "study.experiments"),
         ("--config.study.c9_comparisons=many", "study.c9_comparisons"),
         ("--config.study.c3_base_size=XXL", "study.c3_base_size"),
+        ("--config.study.oracle_kl_coefs=0.1,-1", "study.oracle_kl_coefs"),
     ],
 )
 def test_a_bad_study_setting_is_one_line_before_anything_is_written(

@@ -21,6 +21,11 @@ BASE_WIN_MAX = 0.25
 KL_MAX = 50.0
 
 
+def verdict(passed: bool | None) -> str:
+    """PASS, FAIL, or N/A when there was nothing to decide on (a claim's or a study finding's)."""
+    return {True: "PASS", False: "FAIL", None: "N/A"}[passed]
+
+
 @dataclasses.dataclass(frozen=True)
 class Claim:
     """One checked claim: ``passed`` is None when the run lacks the models it needs."""
@@ -32,7 +37,7 @@ class Claim:
 
     @property
     def status(self) -> str:
-        return {True: "PASS", False: "FAIL", None: "N/A"}[self.passed]
+        return verdict(self.passed)
 
     def line(self) -> str:
         return f"{self.name} {self.status}: {self.statement} -- {self.evidence}"

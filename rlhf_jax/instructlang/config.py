@@ -77,6 +77,9 @@ class StudyConfig:
     )
     c9_best_of: int = field(64, "C9: the largest best-of-n (n = 1, 2, 4, ... up to it)", ge=1)
     c9_prompts: int = field(250, "C9: test prompts of the best-of-n curves", ge=1)
+    oracle_kl_coefs: str = field(
+        "0.1,0.02", "oracle: other PPO betas, each run on the gold and on the RM ('': none)"
+    )
 
     def problems(self) -> list[tuple[str, str]]:
         out = []
@@ -87,15 +90,18 @@ class StudyConfig:
             size = getattr(self, f)
             if size and size not in C.MODEL_SIZES:
                 out.append((f, f"unknown size {size!r}; known: {', '.join(C.MODEL_SIZES)}"))
-        for f, kind in (("c6_kl_coefs", float), ("c9_comparisons", int)):
+        for f, kind, least in (
+            ("c6_kl_coefs", float, 1),
+            ("c9_comparisons", int, 1),
+            ("oracle_kl_coefs", float, 0),
+        ):
             try:
                 values = [kind(x) for x in names(getattr(self, f))]
             except ValueError:
-                values = []
-            if not values or min(values) <= 0:
-                out.append(
-                    (f, f"expected comma-separated positive numbers, got {getattr(self, f)!r}")
-                )
+                values = None
+            if values is None or len(values) < least or min(values, default=1) <= 0:
+                what = "positive numbers" if least else "positive numbers, or ''"
+                out.append((f, f"expected comma-separated {what}, got {getattr(self, f)!r}"))
         return out
 
 

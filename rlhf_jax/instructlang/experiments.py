@@ -117,13 +117,17 @@ def figure(panels: int = 1) -> tuple[Figure, list]:
 # Oracle PPO (E8)
 
 
+def oracle_kl_coefs(study: Study) -> list[float]:
+    return [float(x) for x in names(study.config.study.oracle_kl_coefs)]
+
+
 def run_oracle(study: Study, seed: int) -> dict:
     config = plain_ppo(study, seed)
     v = study.variant("oracle", seed, "ppo_gold")
     rows = train_ppo(study, config, v, reward_fn=gold_reward_fn(config))
     row = evaluate_policy(study, seed, "ppo_oracle", config, v)
     rm_ppo = study.summary(seed)["models"]["ppo"]
-    return {
+    out = {
         "oracle_gain": row["gold_gain_vs_sft"],
         "oracle_kl": row["kl_to_sft"],
         "oracle_win": row["win_rate_vs_sft"],
@@ -133,34 +137,66 @@ def run_oracle(study: Study, seed: int) -> dict:
         "curve_gold": column(rows, "eval/gold").tolist(),
         "rm_curve_gold": column(read_metrics(study.main(seed), "ppo"), "eval/gold").tolist(),
     }
+    # The same PPO budget at other betas, on the gold and on the RM: how much of what the
+    # perfect reward reaches at a looser KL the RM keeps.
+    for beta in oracle_kl_coefs(study):
+        config = plain_ppo(study, seed, kl_coef=beta)
+        for reward, reward_fn in (("gold", gold_reward_fn(config)), ("rm", None)):
+            key = f"{reward}_b{beta:g}"
+            v = study.variant("oracle", seed, f"ppo_{key}")
+            rows = train_ppo(study, config, v, reward_fn=reward_fn)
+            row = evaluate_policy(study, seed, f"ppo_{key}", config, v)
+            out[f"{key}_gain"] = row["gold_gain_vs_sft"]
+            out[f"{key}_win"] = row["win_rate_vs_sft"]
+            out[f"{key}_kl"] = row["kl_to_sft"]
+            out[f"{key}_curve_gold"] = column(rows, "eval/gold").tolist()
+    return out
 
 
 def decide_oracle(study: Study, results: list[dict]) -> Finding:
     diff = over_seeds([r["oracle_gain"] - r["rm_gain"] for r in results])
     gain = over_seeds([r["oracle_gain"] for r in results])
+    beta = study.config.ppo.kl_coef
     fig, (ax,) = figure()
-    for r in results:
-        steps = r["curve_step"]
-        ax.plot(steps, r["curve_gold"], color="tab:green", alpha=0.8)
-        ax.plot(steps[: len(r["rm_curve_gold"])], r["rm_curve_gold"], color="tab:blue", alpha=0.8)
-    ax.plot([], [], color="tab:green", label="reward = gold (oracle)")
-    ax.plot([], [], color="tab:blue", label="reward = RM (main job)")
-    ax.set(xlabel="PPO iteration", ylabel="gold of the iteration's samples")
-    ax.legend()
-    evidence = (
-        f"gold gain over SFT: oracle PPO {shown(gain)}, oracle - RM PPO {shown(diff)} "
-        f"(need the difference's interval above 0)"
-    )
-    table = per_seed_table(
-        results,
-        (
-            ("oracle gain", "oracle_gain", 3),
-            ("oracle KL", "oracle_kl", 2),
-            ("oracle win rate", "oracle_win", 3),
-            ("RM-PPO gain", "rm_gain", 3),
-            ("RM-PPO KL", "rm_kl", 2),
-        ),
-    )
+    fig.set_size_inches(7.5, 3.4)
+    curves = [("curve_gold", f"gold, beta = {beta:g}"), ("rm_curve_gold", f"RM, beta = {beta:g}")]
+    for b in oracle_kl_coefs(study):
+        curves += [(f"gold_b{b:g}_curve_gold", f"gold, beta = {b:g}")]
+        curves += [(f"rm_b{b:g}_curve_gold", f"RM, beta = {b:g}")]
+    colors = ("tab:green", "tab:blue", "tab:olive", "tab:purple", "tab:orange", "tab:red")
+    steps = results[0]["curve_step"]
+    for (key, label), color in zip(curves, colors * len(curves)):
+        # The mean over seeds: one iteration's ppo.batch_size samples are too few to read one seed.
+        n = min(len(r[key]) for r in results)
+        mean = np.nanmean([r[key][:n] for r in results], axis=0)
+        style = "-" if label.startswith("gold") else "--"
+        ax.plot(steps[:n], mean, style, color=color, label=f"reward = {label}")
+    ax.set(xlabel="PPO iteration", ylabel="gold, mean over seeds")
+    ax.set_title("gold of each iteration's samples", fontsize=9)
+    # Beside the axes: the curves fill the whole plot.
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    parts = [f"gold gain over SFT: oracle PPO {shown(gain)}, oracle - RM PPO {shown(diff)}"]
+    for b in oracle_kl_coefs(study):
+        g, m = (over_seeds([r[f"{w}_b{b:g}_gain"] for r in results]) for w in ("gold", "rm"))
+        win = over_seeds([r[f"gold_b{b:g}_win"] for r in results])
+        parts.append(f"at beta = {b:g}: oracle {shown(g)} (win rate {shown(win)}), RM {shown(m)}")
+    evidence = "; ".join(parts) + " (need the difference's interval above 0)"
+    columns = [
+        ("oracle gain", "oracle_gain", 3),
+        ("oracle KL", "oracle_kl", 2),
+        ("oracle win rate", "oracle_win", 3),
+        ("RM-PPO gain", "rm_gain", 3),
+        ("RM-PPO KL", "rm_kl", 2),
+    ]
+    for b in oracle_kl_coefs(study):
+        columns += [
+            (f"beta {b:g}: oracle gain", f"gold_b{b:g}_gain", 3),
+            ("oracle win", f"gold_b{b:g}_win", 3),
+            ("oracle KL", f"gold_b{b:g}_kl", 2),
+            ("RM-PPO gain", f"rm_b{b:g}_gain", 3),
+            ("RM-PPO KL", f"rm_b{b:g}_kl", 2),
+        ]
+    table = per_seed_table(results, tuple(columns))
     return Finding(
         "oracle", ORACLE.title, ORACLE.statement, above(diff), evidence, table,
         save_figure(study, fig, "oracle.png"),

@@ -34,6 +34,7 @@ from rlhf_jax import sharding, stats
 from rlhf_jax.data import builders, sources
 from rlhf_jax.data.records import Kind
 from rlhf_jax.errors import StageError
+from rlhf_jax.instructlang.claims import verdict
 from rlhf_jax.instructlang.config import InstructLangConfig, names, require_world
 from rlhf_jax.instructlang.evaluate import Evaluator
 from rlhf_jax.instructlang.pipeline import run_seeds
@@ -63,7 +64,7 @@ class Finding:
 
     @property
     def status(self) -> str:
-        return {True: "PASS", False: "FAIL", None: "N/A"}[self.passed]
+        return verdict(self.passed)
 
 
 @dataclasses.dataclass(frozen=True)
