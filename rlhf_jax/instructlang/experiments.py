@@ -117,10 +117,6 @@ def figure(panels: int = 1) -> tuple[Figure, list]:
 # Oracle PPO (E8)
 
 
-def oracle_kl_coefs(study: Study) -> list[float]:
-    return [float(x) for x in names(study.config.study.oracle_kl_coefs)]
-
-
 def run_oracle(study: Study, seed: int) -> dict:
     config = plain_ppo(study, seed)
     v = study.variant("oracle", seed, "ppo_gold")
@@ -139,7 +135,7 @@ def run_oracle(study: Study, seed: int) -> dict:
     }
     # The same PPO budget at other betas, on the gold and on the RM: how much of what the
     # perfect reward reaches at a looser KL the RM keeps.
-    for beta in oracle_kl_coefs(study):
+    for beta in kl_coefs(study, "oracle_kl_coefs"):
         config = plain_ppo(study, seed, kl_coef=beta)
         for reward, reward_fn in (("gold", gold_reward_fn(config)), ("rm", None)):
             key = f"{reward}_b{beta:g}"
@@ -159,28 +155,31 @@ def decide_oracle(study: Study, results: list[dict]) -> Finding:
     beta = study.config.ppo.kl_coef
     fig, (ax,) = figure()
     fig.set_size_inches(7.5, 3.4)
-    curves = [("curve_gold", f"gold, beta = {beta:g}"), ("rm_curve_gold", f"RM, beta = {beta:g}")]
-    for b in oracle_kl_coefs(study):
-        curves += [(f"gold_b{b:g}_curve_gold", f"gold, beta = {b:g}")]
-        curves += [(f"rm_b{b:g}_curve_gold", f"RM, beta = {b:g}")]
+    betas = kl_coefs(study, "oracle_kl_coefs")
+    curves = [("curve_gold", "gold", beta), ("rm_curve_gold", "RM", beta)]
+    for b in betas:
+        curves += [(f"gold_b{b:g}_curve_gold", "gold", b), (f"rm_b{b:g}_curve_gold", "RM", b)]
     colors = ("tab:green", "tab:blue", "tab:olive", "tab:purple", "tab:orange", "tab:red")
     steps = results[0]["curve_step"]
-    for (key, label), color in zip(curves, colors * len(curves)):
+    for (key, reward, b), color in zip(curves, colors * len(curves)):
         # The mean over seeds: one iteration's ppo.batch_size samples are too few to read one seed.
         n = min(len(r[key]) for r in results)
         mean = np.nanmean([r[key][:n] for r in results], axis=0)
-        style = "-" if label.startswith("gold") else "--"
-        ax.plot(steps[:n], mean, style, color=color, label=f"reward = {label}")
+        style = "-" if reward == "gold" else "--"
+        ax.plot(steps[:n], mean, style, color=color, label=f"reward = {reward}, beta = {b:g}")
     ax.set(xlabel="PPO iteration", ylabel="gold, mean over seeds")
     ax.set_title("gold of each iteration's samples", fontsize=9)
     # Beside the axes: the curves fill the whole plot.
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    parts = [f"gold gain over SFT: oracle PPO {shown(gain)}, oracle - RM PPO {shown(diff)}"]
-    for b in oracle_kl_coefs(study):
+    parts = [
+        f"gold gain over SFT: oracle PPO {shown(gain)}, oracle - RM PPO {shown(diff)} (need the "
+        "difference's interval above 0)"
+    ]
+    for b in betas:
         g, m = (over_seeds([r[f"{w}_b{b:g}_gain"] for r in results]) for w in ("gold", "rm"))
         win = over_seeds([r[f"gold_b{b:g}_win"] for r in results])
         parts.append(f"at beta = {b:g}: oracle {shown(g)} (win rate {shown(win)}), RM {shown(m)}")
-    evidence = "; ".join(parts) + " (need the difference's interval above 0)"
+    evidence = "; ".join(parts)
     columns = [
         ("oracle gain", "oracle_gain", 3),
         ("oracle KL", "oracle_kl", 2),
@@ -188,7 +187,7 @@ def decide_oracle(study: Study, results: list[dict]) -> Finding:
         ("RM-PPO gain", "rm_gain", 3),
         ("RM-PPO KL", "rm_kl", 2),
     ]
-    for b in oracle_kl_coefs(study):
+    for b in betas:
         columns += [
             (f"beta {b:g}: oracle gain", f"gold_b{b:g}_gain", 3),
             ("oracle win", f"gold_b{b:g}_win", 3),
@@ -261,8 +260,9 @@ def decide_c4(study: Study, results: list[dict]) -> Finding:
 # C6: a larger beta against ptx, on the alignment tax
 
 
-def kl_coefs(study: Study) -> list[float]:
-    return [float(x) for x in names(study.config.study.c6_kl_coefs)]
+def kl_coefs(study: Study, field: str = "c6_kl_coefs") -> list[float]:
+    """The betas of a ``study.<field>`` list (C6's, or ``oracle_kl_coefs``)."""
+    return [float(x) for x in names(getattr(study.config.study, field))]
 
 
 def run_c6(study: Study, seed: int) -> dict:
