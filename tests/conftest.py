@@ -51,12 +51,26 @@ def two_processes():
 
 
 @pytest.fixture(scope="session")
-def rlhf_jax_cli():
+def subprocess_env(tmp_path_factory):
+    """The environment of the commands and notebook kernels the tests start: one CPU device, as
+    a user's CPU run has (the suite's eight fake ones make every tiny step several times slower
+    on 2 cores; meshes are tested in-process), and one compilation cache for the whole session,
+    so that a program the tiny preset compiled once is loaded by every later process instead of
+    compiled again (a hit runs the same program, so no number changes)."""
+    return {
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+        "RLHF_JAX_COMPILATION_CACHE": str(tmp_path_factory.mktemp("xla_cache")),
+    }
+
+
+@pytest.fixture(scope="session")
+def rlhf_jax_cli(subprocess_env):
     """``rlhf_jax_cli(*args, cwd=...)``: ``rlhf-jax *args`` in a fresh process (this checkout
-    first on the path), its ``CompletedProcess`` with the output captured."""
+    first on the path, ``subprocess_env`` unless ``env`` says otherwise), its
+    ``CompletedProcess`` with the output captured."""
 
     def run(*args: str, cwd, env=None, timeout: int = 900):
-        env = {**os.environ, "PYTHONPATH": os.getcwd(), **(env or {})}
+        env = {**os.environ, "PYTHONPATH": os.getcwd(), **subprocess_env, **(env or {})}
         return subprocess.run(
             [sys.executable, "-m", "rlhf_jax.cli", *args],
             cwd=cwd,

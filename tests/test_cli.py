@@ -118,12 +118,9 @@ def test_bad_data_is_one_line_naming_file_line_and_field(capsys, tmp_path):
 def test_a_rerun_starts_its_first_step_without_compiling(tmp_path, rlhf_jax_cli):
     # The same command twice (the second in another workdir, so that it trains again), sharing
     # a compilation cache: the second loads the step's program from disk instead of compiling it.
-    # One CPU device, as a user's CPU run has: the cache stays off on a fake multi-device CPU.
-    env = {
-        "RLHF_JAX_COMPILATION_CACHE": str(tmp_path / "xla"),
-        "JAX_LOG_COMPILES": "1",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-    }
+    # Its own cache, empty at the start; one CPU device (``subprocess_env``), as a user's CPU run
+    # has: the cache stays off on a fake multi-device CPU.
+    env = {"RLHF_JAX_COMPILATION_CACHE": str(tmp_path / "xla"), "JAX_LOG_COMPILES": "1"}
     args = ("pretrain", "--config=tiny", "--config.pretrain.steps=2")
     runs = [rlhf_jax_cli(*args, f"--workdir=run{i}", cwd=tmp_path, env=env) for i in range(2)]
     for out in runs:

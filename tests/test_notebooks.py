@@ -2,6 +2,7 @@
 bottom on CPU with their CPU sizes (a failing cell fails the test)."""
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -37,9 +38,12 @@ def _parameters_index(nb) -> int:
     return i
 
 
-def _execute(nb, cwd: Path, parameters: str, timeout: int = 900) -> nbformat.NotebookNode:
-    """Run ``nb`` in a fresh kernel in ``cwd`` with ``parameters`` as a cell after its parameters
-    cell (as papermill injects them); raises ``CellExecutionError`` at a failing cell."""
+def _execute(
+    nb, cwd: Path, parameters: str, env: dict | None = None, timeout: int = 900
+) -> nbformat.NotebookNode:
+    """Run ``nb`` in a fresh kernel in ``cwd`` (its environment updated with ``env``) with
+    ``parameters`` as a cell after its parameters cell (as papermill injects them); raises
+    ``CellExecutionError`` at a failing cell."""
     nb = nbformat.from_dict(json.loads(json.dumps(nb)))  # a copy
     injected = nbformat.v4.new_code_cell(parameters)
     injected.id = "injected-parameters"
@@ -47,7 +51,7 @@ def _execute(nb, cwd: Path, parameters: str, timeout: int = 900) -> nbformat.Not
     client = NotebookClient(
         nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}
     )
-    client.execute()
+    client.execute(env={**os.environ, **(env or {})})
     return nb
 
 
@@ -105,9 +109,9 @@ def world_workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("colab") / "runs" / "quickstart"
 
 
-def test_quickstart_runs_the_pipeline_and_shows_the_report(world_workdir):
+def test_quickstart_runs_the_pipeline_and_shows_the_report(world_workdir, subprocess_env):
     workdir = f"WORKDIR = {str(world_workdir)!r}"
-    nb = _execute(_read("quickstart"), world_workdir.parents[1], workdir)
+    nb = _execute(_read("quickstart"), world_workdir.parents[1], workdir, subprocess_env)
     text = _text(nb)
     assert "preset 'tiny', compute dtype float32" in text
     assert "| ppo_ptx |" in text and re.search(r"\b(PASS|FAIL)\b", text)
@@ -116,9 +120,12 @@ def test_quickstart_runs_the_pipeline_and_shows_the_report(world_workdir):
     assert "peak memory" in text and (world_workdir / "report.md").is_file()
 
 
-def test_your_data_trains_exports_and_generates_in_transformers(tmp_path, monkeypatch):
+def test_your_data_trains_exports_and_generates_in_transformers(
+    tmp_path, monkeypatch, subprocess_env
+):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the notebook's offline path: nothing downloaded
-    nb = _execute(_read("your_data"), tmp_path, f"WORKDIR = {str(tmp_path / 'run')!r}")
+    workdir = f"WORKDIR = {str(tmp_path / 'run')!r}"
+    nb = _execute(_read("your_data"), tmp_path, workdir, subprocess_env)
     text = _text(nb)
     assert "demonstrations.jsonl: " in text and "comparisons.jsonl: " in text
     assert "RM score" in text  # the report's table
@@ -126,10 +133,9 @@ def test_your_data_trains_exports_and_generates_in_transformers(tmp_path, monkey
     assert (tmp_path / "run" / "export" / "policy" / "config.json").is_file()
 
 
-def test_compose_losses_prints_its_gold_next_to_ppo(world_workdir):
-    nb = _execute(
-        _read("compose_losses"), world_workdir.parents[1], f"WORKDIR = {str(world_workdir)!r}"
-    )
+def test_compose_losses_prints_its_gold_next_to_ppo(world_workdir, subprocess_env):
+    workdir = f"WORKDIR = {str(world_workdir)!r}"
+    nb = _execute(_read("compose_losses"), world_workdir.parents[1], workdir, subprocess_env)
     text = _text(nb)
     rows = {m: re.search(rf"^{m}\s+([+-]\d\.\d{{3}})", text, re.M) for m in ("sft", "ppo", "grpo")}
     assert all(rows.values()), text[-2000:]

@@ -21,8 +21,6 @@ from rlhf_jax.report import read_metrics
 from rlhf_jax.stages.driver import committed_steps, read_all
 
 SEEDS = ("0", "1")
-# One device: eight fake ones (the suite's) make every tiny step several times slower on 2 cores.
-ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
 T_975_2 = 4.302652729911275  # Student's t, 97.5% quantile, 2 degrees of freedom (tables)
 
 
@@ -72,7 +70,7 @@ def study(tmp_path_factory, rlhf_jax_cli):
     root = tmp_path_factory.mktemp("study")
     # Two SFT epochs, so C8 has a curve; the main runs use them too.
     args = ("study", "--config=tiny", f"--seeds={','.join(SEEDS)}", f"--workdir={root}")
-    out = rlhf_jax_cli(*args, "--config.sft.epochs=2", cwd=root, env=ONE_DEVICE)
+    out = rlhf_jax_cli(*args, "--config.sft.epochs=2", cwd=root)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return root, args, out
 
@@ -212,7 +210,7 @@ def test_c8_retrains_the_main_sft_and_scores_every_epoch(study):
 def test_a_finished_study_is_only_reread(study, rlhf_jax_cli):
     root, args, first = study
     before = {p: p.stat().st_mtime for p in (root / "study").rglob("result.json")}
-    out = rlhf_jax_cli(*args, "--config.sft.epochs=2", cwd=root, env=ONE_DEVICE)
+    out = rlhf_jax_cli(*args, "--config.sft.epochs=2", cwd=root)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith((root / "study.md").read_text().strip())
     assert first.stdout.strip().endswith((root / "study.md").read_text().strip())
@@ -226,7 +224,7 @@ def test_a_result_made_with_other_settings_is_an_error_not_reused(study, rlhf_ja
     root, args, _ = study
     before = (root / "study.md").read_text()
     changed = ("--config.sft.epochs=2", "--config.study.c6_kl_coefs=3.0")
-    out = rlhf_jax_cli(*args, *changed, cwd=root, env=ONE_DEVICE)
+    out = rlhf_jax_cli(*args, *changed, cwd=root)
     assert out.returncode == 2, out.stderr[-3000:]
     line = out.stderr.strip().splitlines()[-1]
     assert "study.c6_kl_coefs: '2.0' -> '3.0'" in line and "delete" in line
