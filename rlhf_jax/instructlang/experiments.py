@@ -706,7 +706,8 @@ def decide_c3(study: Study, results: list[dict]) -> Finding:
     ax.bar(x + 0.25, [r["policy_gold"] for r in results], 0.25, label=f"{small} PPO-ptx")
     ax.set_xticks(x, [f"seed {r['seed']}" for r in results])
     ax.set(ylabel="gold")
-    ax.legend(fontsize=8)
+    # Above the axes, in one row: inside them it covers the last seed's bars.
+    ax.legend(fontsize=8, ncols=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     evidence = (
         f"gold win rate of the {small} PPO-ptx policy over the {large} base: {shown(win)} "
         "(need the interval above 0.5)"
