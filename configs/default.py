@@ -61,8 +61,8 @@ def get_config(arg: str | None = None) -> InstructLangConfig:
             # at KL 1.69 nats; beta 0.5: +0.023 [0.017, 0.029] at KL 0.06. PPO-ptx (gamma 1, one
             # sample per prompt): beta 0.1: -0.013, 0.2: +0.008, 0.5: +0.012, 1.0: +0.014. The
             # study's oracle runs (3 seeds, 80 iterations) say why: PPO on the gold itself gains
-            # +0.028 at beta 0.5, +0.051 at 0.1, +0.070 at 0.02; PPO on this RM +0.020, +0.014,
-            # -0.021.
+            # +0.028 at beta 0.5, +0.051 at 0.1, +0.070 at 0.02 (and +0.087, win rate 0.617, at
+            # 0.005 on seed 0); PPO on this RM +0.020, +0.014, -0.021 (-0.161 at 0.005, 6.7 nats).
             kl_coef=0.5,
             ptx_per_episode=2,
             policy_optimizer=C.OptimizerConfig(
