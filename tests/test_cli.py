@@ -2,10 +2,8 @@
 written) for every user mistake; ``--verbose`` brings the traceback back."""
 
 import json
-import os
 import re
 import subprocess
-import sys
 
 import pytest
 
@@ -80,7 +78,7 @@ def test_user_mistakes_are_one_line_before_any_work(capsys, tmp_path, argv, mess
     assert not workdir.exists()  # nothing was written
 
 
-def test_bad_data_is_one_line_naming_file_line_and_field(capsys, tmp_path):
+def test_bad_data_is_one_line_naming_file_line_and_field(capsys, tmp_path, rlhf_jax_cli):
     from rlhf_jax.instructlang.tokenizer import save_tokenizer
 
     tokenizer = save_tokenizer(tmp_path / "tokenizer")
@@ -104,14 +102,7 @@ def test_bad_data_is_one_line_naming_file_line_and_field(capsys, tmp_path):
     assert not workdir.exists()
 
     # --verbose (or RLHF_JAX_VERBOSE=1) shows the traceback instead.
-    env = {**os.environ, "RLHF_JAX_VERBOSE": "1", "PYTHONPATH": os.getcwd()}
-    out = subprocess.run(
-        [sys.executable, "-m", "rlhf_jax.cli", *argv],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    out = rlhf_jax_cli(*argv, cwd=tmp_path, env={"RLHF_JAX_VERBOSE": "1"}, timeout=300)
     assert out.returncode != 0 and "Traceback" in out.stderr and "DataError" in out.stderr
 
 
