@@ -54,7 +54,8 @@ COMMANDS: dict[str, Command] = {
         "with pretraining text), evaluated by the RM on held-out prompts, then the policy and RM "
         "exported under <workdir>/export/. --config.methods=dpo,grpo,rloo,best_of_n adds those "
         "methods after ppo_ptx, each a row of the report. Both write report.md, summary.json "
-        "and samples.jsonl; finished stages are reused.",
+        "and samples.jsonl; finished stages are reused (the report keeps the seconds they took "
+        "when they ran).",
         fields=("methods",),
     ),
     "seeds": Command(

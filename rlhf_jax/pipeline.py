@@ -163,6 +163,17 @@ def run_methods(config: Config, workdir, timed: StageClock, on_log=None) -> None
             timed(method, run_grpo, dataclasses.replace(config, grpo=grpo), workdir, on_log=on_log)
 
 
+def build_datasets(config: Config, workdir, uses) -> dict:
+    """Build (or check) the dataset of each of ``uses`` (``sources.SPLITS`` keys). Returns
+    ``{"reused": True}`` when every one was already built from what the config names, so that
+    ``StageClock`` keeps the seconds of the run that built them."""
+    kinds = {sources.SPLITS[u][0] for u in uses}
+    reused = all(sources.is_current(config, workdir, kind) for kind in kinds)
+    for use in uses:
+        sources.dataset(config, workdir, use)
+    return {"reused": reused}
+
+
 def run_pipeline(config: Config, workdir: str | os.PathLike) -> dict:
     """Every stage in order, then evaluation, export and ``report.md`` in ``workdir``."""
     config.validate()
@@ -173,11 +184,11 @@ def run_pipeline(config: Config, workdir: str | os.PathLike) -> dict:
                 "the pipeline evaluates on held-out prompts: give data.prompts (with "
                 "data.prompts_val, or data.heldout_fraction > 0)"
             )
-    timed = StageClock()
+    timed = StageClock.resuming(workdir)
 
     # Every file is imported (and checked) before the first stage trains.
     uses = [u for u in sources.SPLITS if sources.available(config, workdir, u)]
-    timed("data", lambda: [sources.dataset(config, workdir, u) for u in uses])
+    timed("data", build_datasets, config, workdir, uses)
     text = sources.available(config, workdir, "pretrain")
     if not config.init_from and text:
         timed("pretrain", run_lm_stage, config, workdir, "pretrain")

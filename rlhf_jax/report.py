@@ -148,15 +148,34 @@ def model_table(models: dict, columns: tuple[tuple[str, str, str | None, int], .
 
 class StageClock:
     """``clock(name, fn, *args)`` runs ``fn`` and records its seconds in ``clock.seconds`` (a
-    report's ``summary["seconds"]``)."""
+    report's ``summary["seconds"]``).
 
-    def __init__(self):
+    A stage that had already finished (``fn`` returns a dict with ``"reused": True``: a finished
+    stage's metadata, or ``build_datasets`` of datasets already built) keeps the seconds it took
+    when it ran: the run's earlier ``summary.json`` (``StageClock.resuming``), else its
+    checkpoint's own ``seconds``. So running a finished pipeline again, to add a method or to
+    write its report anew, leaves the times of the stages it reuses as they were."""
+
+    def __init__(self, previous: dict | None = None):
         self.seconds: dict[str, float] = {}
+        self.previous = {k: v for k, v in (previous or {}).items() if num(v) is not None}
+
+    @classmethod
+    def resuming(cls, run_dir: Path) -> StageClock:
+        """A clock that knows the seconds of the run's earlier ``summary.json``, if any."""
+        try:
+            previous = json.loads((Path(run_dir) / "summary.json").read_text()).get("seconds")
+        except (OSError, ValueError, AttributeError):
+            previous = None  # no earlier summary (or an unreadable one): measure everything
+        return cls(previous if isinstance(previous, dict) else None)
 
     def __call__(self, name: str, fn, *args, **kw):
         t0 = time.perf_counter()
         out = fn(*args, **kw)
-        self.seconds[name] = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        if isinstance(out, dict) and out.get("reused"):
+            seconds = self.previous.get(name, out.get("seconds", seconds))
+        self.seconds[name] = seconds
         return out
 
 

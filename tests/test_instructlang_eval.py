@@ -134,6 +134,69 @@ def test_best_of_n_row_is_gold_of_the_rms_picks(world):
     assert sft.summary()["gold_gain_per_nat"] is None  # KL 0: no ratio
 
 
+def test_rm_score_of_each_answer_and_its_order_within_a_prompt(world):
+    cfg, params = _model()
+    rm_cfg, rm = _model(seed=2, head="scalar")
+    prompts = corpus.sample_prompts(np.random.default_rng(1), 6)
+    kw = dict(rng=jax.random.key(7), batch_size=8, max_new_tokens=R, samples_per_prompt=3)
+    plain = evaluate.evaluate_model("sft", params, cfg, world, prompts, None, **kw)
+    assert plain.rm_scores is None and plain.summary()["rm_score"] is None
+
+    scored = evaluate.evaluate_model(
+        "sft", params, cfg, world, prompts, None, reward=(rm, rm_cfg, 0.0), **kw
+    )
+    np.testing.assert_array_equal(scored.golds, plain.golds)  # scoring changes no sample
+    rep = np.repeat(prompts, 3, axis=0)
+    responses, mask = ev.sample_responses(
+        params, cfg, rep, rng=jax.random.key(7), batch_size=8, max_new_tokens=R, **evaluate.IDS
+    )
+    one_by_one = [  # each answer alone, in a batch of one: the same score
+        ev.response_scores(rm, rm_cfg, 0.0, rep[i : i + 1], responses[i : i + 1],
+                           mask[i : i + 1], batch_size=1, pad_id=lang.PAD_ID)[0]
+        for i in range(len(rep))
+    ]  # fmt: skip
+    np.testing.assert_allclose(scored.rm_scores.ravel(), one_by_one, rtol=1e-5, atol=1e-5)
+    # The bias is subtracted from every score (demonstrations score 0).
+    shifted = evaluate.evaluate_model(
+        "sft", params, cfg, world, prompts, None, reward=(rm, rm_cfg, 0.5), **kw
+    )
+    np.testing.assert_allclose(shifted.rm_scores, scored.rm_scores - 0.5, rtol=1e-6, atol=1e-6)
+    assert scored.summary()["rm_score"] == pytest.approx(float(scored.rm_scores.mean()))
+
+    # best-of-n: the score of each pick is the largest of its n candidates' scores.
+    bon = evaluate.evaluate_model(
+        "best_of_n", params, cfg, world, prompts, None, reward=(rm, rm_cfg, 0.0), best_of=4, **kw
+    )
+    cand = np.repeat(rep, 4, axis=0)
+    c_resp, c_mask = ev.sample_responses(
+        params, cfg, cand, rng=jax.random.key(7), batch_size=8, max_new_tokens=R, **evaluate.IDS
+    )
+    c_scores = ev.response_scores(rm, rm_cfg, 0.0, cand, c_resp, c_mask, batch_size=8,
+                                  pad_id=lang.PAD_ID)  # fmt: skip
+    np.testing.assert_allclose(bon.rm_scores.ravel(), c_scores.reshape(-1, 4).max(axis=1))
+
+
+def test_within_prompt_accuracy_counts_pairs_of_distinct_gold():
+    # By hand. Prompt 0's golds (0.1, 0.5, 0.2, 0.2) make 5 ordered pairs (1>0, 1>2, 1>3, 2>0,
+    # 3>0; 2 and 3 tie); scores (1, 2, 3, 3) order 1>0, 2>0 and 3>0 right, 1>2 and 1>3 wrong:
+    # 3 of 5. Prompt 1's equal golds make no pair; prompt 2's (0, 1, 0, 0) make 3, all right.
+    result = evaluate.ModelEval(
+        name="sft",
+        golds=np.array([[0.1, 0.5, 0.2, 0.2], [0.3] * 4, [0.0, 1.0, 0.0, 0.0]]),
+        metadata={},
+        pretrain_nll=float("nan"),
+        fact_accuracy=float("nan"),
+        win_rate_vs_sft=None,
+        gold_gain_vs_sft=None,
+        kl_to_sft=None,
+        prompt_texts=[],
+        response_texts=[],
+        rm_scores=np.array([[1.0, 2.0, 3.0, 3.0], [0.0, 1.0, 2.0, 3.0], [0.0, 0.5, 0.1, 0.2]]),
+    )
+    out = evaluate.within_prompt_accuracy(result)
+    assert out == {"sft_pairs_accuracy_gold": pytest.approx(6 / 8), "sft_pairs": 8}
+
+
 # --------------------------------------------------------------------------------------------------
 # Fact probes
 

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import shutil
 
 import jax
 import numpy as np
@@ -18,7 +19,7 @@ from rlhf_jax.errors import ConfigError
 from rlhf_jax.instructlang import lang, pipeline
 from rlhf_jax.instructlang import report as report_module
 from rlhf_jax.instructlang.pipeline import run_seeds
-from rlhf_jax.report import read_curves, read_metrics
+from rlhf_jax.report import StageClock, read_curves, read_metrics
 from rlhf_jax.stages import lineage
 from rlhf_jax.stages.driver import committed_steps, loader
 from rlhf_jax.stages.lineage import load_policy, load_reward_model
@@ -31,6 +32,7 @@ MODEL_KEYS = (
     "gold_ci95",
     "win_rate_vs_sft",
     "kl_to_sft",
+    "rm_score",
     "pretrain_nll",
     "fact_accuracy",
     "eos_rate",
@@ -88,7 +90,10 @@ def test_pipeline_writes_summary_samples_and_report(tiny_run):
     assert list(models) == ["base", "sft", "ppo", "ppo_ptx", *METHODS]
     for name in models:
         assert set(MODEL_KEYS) <= set(models[name]), name
-    assert {"val_accuracy_noisy", "val_accuracy_gold"} <= set(saved["rm"])
+        assert isinstance(models[name]["rm_score"], float), name  # the run has its RM
+    assert {"val_accuracy_noisy", "val_accuracy_gold", "sft_pairs_accuracy_gold"} <= set(
+        saved["rm"]
+    )
     assert {"pretrain", "sft", "rm", "ppo", "ppo_ptx", "dpo", "grpo", "rloo", "eval"} <= set(
         saved["seconds"]
     )
@@ -116,6 +121,33 @@ def test_pipeline_writes_summary_samples_and_report(tiny_run):
     assert set(curves) == {"ppo", "ppo_ptx", "grpo", "rloo"}
     assert curves["rloo"]["step"] == list(range(1, config.grpo.iterations + 1))
     assert None not in curves["rloo"]["gold"] and None not in curves["ppo"]["kl"]
+
+
+def test_a_rerun_keeps_the_seconds_of_the_stages_it_reuses(tiny_run, tmp_path):
+    # Running a finished pipeline again (as `rlhf-jax seeds` does to add a method) reuses every
+    # stage; its summary must keep the times the stages took, not the near-zero of the reuse.
+    config, workdir, summary = tiny_run
+    again = tmp_path / "run"
+    shutil.copytree(workdir, again, symlinks=True)
+    rerun = pipeline.run_pipeline(config, again)
+    reused = set(summary["seconds"]) - {"eval"}
+    assert {"data", "pretrain", "comparisons", "ppo", "dpo", "rloo"} <= reused
+    assert {k: rerun["seconds"][k] for k in reused} == {k: summary["seconds"][k] for k in reused}
+    assert rerun["models"]["ppo"] == summary["models"]["ppo"]  # the same evaluation
+
+
+def test_stage_clock_falls_back_to_the_checkpoints_own_seconds(tmp_path):
+    (tmp_path / "summary.json").write_text("{not json")  # unreadable: measure, never crash
+    clock = StageClock.resuming(tmp_path)
+    clock("ran", lambda: {"seconds": 99.0})  # not reused: measured here
+    clock("finished", lambda: {"seconds": 12.5, "reused": True})  # no earlier summary: its own
+    clock("built", lambda: {"reused": True})  # neither: measured
+    assert clock.seconds["ran"] < 1 and clock.seconds["built"] < 1
+    assert clock.seconds["finished"] == 12.5
+    (tmp_path / "summary.json").write_text(json.dumps({"seconds": {"finished": 40.0}}))
+    clock = StageClock.resuming(tmp_path)
+    clock("finished", lambda: {"seconds": 12.5, "reused": True})
+    assert clock.seconds == {"finished": 40.0}  # the whole stage, as the first run timed it
 
 
 def test_ppo_logs_ratio_one_and_zero_initial_kl(tiny_run):

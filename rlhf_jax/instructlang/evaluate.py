@@ -6,8 +6,11 @@ paired gold gain over the SFT model (with its interval: the per-prompt differenc
 prompt, so it is far tighter than the two gold intervals side by side), paired win rate and KL
 against the SFT model, held-out pretraining NLL (the alignment tax), fact-probe accuracy, EOS
 rate and the Table-3-style metadata; plus the reward model's validation accuracy against the noisy
-labels and against gold order. Sampling, likelihoods, intervals and paired statistics are the
-library's (``rlhf_jax.evaluate`` and ``rlhf_jax.stats``); this module adds the gold.
+labels and against gold order, and how often it orders the SFT model's own answers to one test
+prompt like the gold does. Each row also holds the RM's mean score of the model's answers, so the
+proxy and the gold can be read side by side. Sampling, likelihoods, intervals and paired
+statistics are the library's (``rlhf_jax.evaluate`` and ``rlhf_jax.stats``); this module adds the
+gold.
 ``evaluate_all`` evaluates a run's models against its SFT model (the report's table) and
 ``evaluate_stage`` one of them (``rlhf-jax eval``).
 """
@@ -33,6 +36,7 @@ from rlhf_jax.stages.lineage import (
     load_policy,
     load_reward_model,
     policy_model,
+    stage_exists,
 )
 
 # The world's special ids, as every model call here needs them.
@@ -103,6 +107,7 @@ class ModelEval:
     kl_to_sft: float | None
     prompt_texts: list[str]
     response_texts: list[str]
+    rm_scores: np.ndarray | None = None  # [N, k] the RM's score of each sample (None: no RM)
 
     @property
     def gold_ci95(self) -> tuple[float, float, float]:
@@ -120,6 +125,7 @@ class ModelEval:
             "gold_gain_vs_sft": None if gain is None else gain[0],
             "gold_gain_ci95": None if gain is None else [gain[1], gain[2]],
             "kl_to_sft": self.kl_to_sft,
+            "rm_score": None if self.rm_scores is None else float(np.mean(self.rm_scores)),
             "gold_gain_per_nat": gain_per_nat(None if gain is None else gain[0], self.kl_to_sft),
             "pretrain_nll": self.pretrain_nll,
             "fact_accuracy": self.fact_accuracy,
@@ -169,10 +175,12 @@ def evaluate_model(
     ``reference = (sft_params, sft_golds[, sft_config])`` adds the paired win rate, the paired
     gold gain and the KL to the SFT model; pass ``(sft_params, None)`` to evaluate the
     SFT model against itself (win rate 0.5, gain and KL 0 exactly, computed all the same as a
-    check). ``best_of = n > 1`` with ``reward = (rm_params, rm_config, bias)`` evaluates
-    best-of-n of ``params`` instead (``rlhf_jax.evaluate.best_of_n``): each answer is the RM's
-    pick of n, the KL is ``best_of_n_kl(n)`` (its KL to ``params``: pass the SFT model), and the
-    pretraining NLL and fact accuracy are those of ``params``, whose weights it does not change.
+    check). ``reward = (rm_params, rm_config, bias)`` adds the RM's score of every answer
+    (``rm_scores``, normalised so that the demonstrations score 0), and with ``best_of = n > 1``
+    evaluates best-of-n of ``params`` instead (``rlhf_jax.evaluate.best_of_n``): each answer is the
+    RM's pick of n, the KL is ``best_of_n_kl(n)`` (its KL to ``params``: pass the SFT model), and
+    the pretraining NLL and fact accuracy are those of ``params``, whose weights it does not
+    change.
     """
     test_prompts = np.asarray(test_prompts, np.int32)
     n, k = len(test_prompts), samples_per_prompt
@@ -182,9 +190,14 @@ def evaluate_model(
     if best_of > 1:
         if reward is None:
             raise ValueError("evaluate_model: best_of > 1 needs the reward model that picks")
-        responses, mask, _ = ev.best_of_n(params, config, prompts, n=best_of, reward=reward, **draw)
+        responses, mask, scores = ev.best_of_n(
+            params, config, prompts, n=best_of, reward=reward, **draw
+        )
     else:
         responses, mask = ev.sample_responses(params, config, prompts, **draw)
+        scores = (
+            None if reward is None else ev.response_scores(*reward, prompts, responses, mask, **kw)
+        )
     golds = lang.gold_rewards(prompts, responses, world=world).reshape(n, k)
     meta = lang.metadata_means(lang.response_metadata(prompts, responses, world=world))
     nll = float("nan")
@@ -213,7 +226,20 @@ def evaluate_model(
         kl_to_sft=kl,
         prompt_texts=prompt_texts,
         response_texts=response_texts,
+        rm_scores=None if scores is None else np.asarray(scores, np.float64).reshape(n, k),
     )
+
+
+def within_prompt_accuracy(result: ModelEval) -> dict[str, float | int]:
+    """How often the RM orders two answers of one model to the same test prompt like the gold
+    (pairs of distinct gold among its k samples). RL rewards the policy's own answers, so this,
+    not the validation accuracy (where base-model answers make many pairs easy), says how well
+    the RM tells a better answer of the policy from a worse one."""
+    pairs = ev.preferred_pairs(result.golds, np.ones_like(result.golds), lower_is_better=False)
+    return {
+        "sft_pairs_accuracy_gold": ev.pairwise_accuracy(result.rm_scores, pairs),
+        "sft_pairs": int(pairs.sum()),
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -252,6 +278,10 @@ class Evaluator:
         self.world, self.model = datasets.world(config), policy_model(config)
         self.test = read_all(config, workdir, "test", "prompt_tokens")[: config.eval.test_prompts]
         self.sft = load_policy(config, workdir, "sft", mesh)
+        self.reward = None  # (params, architecture, bias) once the RM has run
+        if config.ppo.reward_from or stage_exists(workdir, "rm"):
+            rm_params, bias, rm_model = load_reward_model(config, workdir, mesh)
+            self.reward = (rm_params, rm_model, bias)
         self.sft_eval = self.evaluate("sft", self.sft, reference=(self.sft, None))
 
     def evaluate(
@@ -261,10 +291,6 @@ class Evaluator:
         against the SFT model (``reference``: another baseline, as for ``evaluate_model``);
         ``best_of = n`` evaluates best-of-n of ``params`` by the run's RM."""
         reference = reference or (self.sft, self.sft_eval.golds)
-        reward = None
-        if best_of > 1:
-            rm_params, bias, rm_model = load_reward_model(self.config, self.workdir, self.mesh)
-            reward = (rm_params, rm_model, bias)
         return evaluate_model(
             name,
             params,
@@ -277,7 +303,7 @@ class Evaluator:
             max_new_tokens=self.config.data.response_len,
             reference=reference,
             samples_per_prompt=self.config.eval.samples_per_prompt,
-            reward=reward,
+            reward=self.reward,
             best_of=best_of,
         )
 
@@ -301,7 +327,7 @@ def evaluate_all(
         "config": config.name,
         "seed": config.seed,
         "models": {name: e.summary() for name, e in evals.items()},
-        "rm": rm_summary(config, workdir, mesh),
+        "rm": {**rm_summary(config, workdir, mesh), **within_prompt_accuracy(evaluator.sft_eval)},
     }
     samples = [s for e in evals.values() for s in e.samples(config.eval.samples_per_model)]
     return summary, samples

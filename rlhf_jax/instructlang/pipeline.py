@@ -26,7 +26,7 @@ from rlhf_jax.instructlang import datasets, lang, report
 from rlhf_jax.instructlang.claims import check_claims
 from rlhf_jax.instructlang.config import InstructLangConfig, require_world
 from rlhf_jax.instructlang.evaluate import evaluate_all
-from rlhf_jax.pipeline import run_methods
+from rlhf_jax.pipeline import build_datasets, run_methods
 from rlhf_jax.report import StageClock, read_curves
 from rlhf_jax.stages.driver import read_all
 from rlhf_jax.stages.lineage import policy_model
@@ -64,14 +64,14 @@ def run_pipeline(config: InstructLangConfig, workdir: str | os.PathLike) -> dict
     """Every stage in order, then evaluation and ``report.md`` in ``workdir``."""
     require_world(config).validate()
     workdir = Path(workdir)
-    timed = StageClock()
+    timed = StageClock.resuming(workdir)
 
     uses = [u for u, (kind, _) in sources.SPLITS.items() if kind != Kind.COMPARISONS]
-    timed("data", lambda: [sources.dataset(config, workdir, u) for u in uses])
+    timed("data", build_datasets, config, workdir, uses)
     if not config.init_from:
         timed("pretrain", run_lm_stage, config, workdir, "pretrain")
     timed("sft", run_lm_stage, config, workdir, "sft")
-    timed("comparisons", sources.dataset, config, workdir, "rm")
+    timed("comparisons", build_datasets, config, workdir, ["rm"])
     timed("rm", run_rm, config, workdir)
     heldout = read_all(config, workdir, "heldout", "tokens")
     on_log = curve_callback(config, heldout)

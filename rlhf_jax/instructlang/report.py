@@ -63,13 +63,17 @@ HOW_TO_READ = (
     "the SFT model on the same prompts (SFT itself must show 0, 0.5 and 0); the gain's interval "
     "comes from the per-prompt differences, so it is what decides whether a model beats SFT. "
     "Gain per nat of KL is what a method buys for its drift from SFT (left out below 0.01 nats). "
+    "RM score is the reward model's mean score of the same answers (0 = the demonstrations): "
+    "a method that raises it and not the gold has found what the RM gets wrong. "
     "Beside PPO and PPO-ptx, a run may hold DPO, GRPO and RLOO (trained from the same SFT "
     "model, comparisons and RM) and best-of-n: the SFT model's n answers, of which the RM keeps "
     "its favourite; its KL is the analytic log n - (n - 1)/n, and its weights (hence its "
     "pretraining NLL and fact accuracy) are SFT's. "
     "Pretraining NLL and fact accuracy measure what alignment costs in language modelling (the "
     "alignment tax). The reward model section says how often the learned reward orders a "
-    "validation pair like the noisy labelers and like the gold reward; the claims below are "
+    "validation pair like the noisy labelers and like the gold reward, and two of the SFT "
+    "model's answers to one test prompt like the gold (sft_pairs_accuracy_gold: the pairs PPO "
+    "learns from are of this kind); the claims below are "
     "decided automatically from these numbers."
 )
 
@@ -80,6 +84,7 @@ COLUMNS = (  # header, summary key, its interval's key, digits
     ("win rate vs SFT [95% CI]", "win_rate_vs_sft", "win_rate_ci95", 3),
     ("KL to SFT (nats)", "kl_to_sft", None, 2),
     ("gain per nat of KL", "gold_gain_per_nat", None, 3),
+    ("RM score", "rm_score", None, 3),
     ("pretrain NLL", "pretrain_nll", None, 3),
     ("fact acc.", "fact_accuracy", None, 3),
     ("EOS rate", "eos_rate", None, 3),
@@ -112,7 +117,7 @@ def render_markdown(
     lines = _header(summary)
     lines += ["## Models", ""] + common.model_table(models, COLUMNS) + [""]
     lines += [f"![gold reward per model]({f})" for f in plots.get("gold", [])] + [""]
-    lines += ["## Reward model (validation)", ""]
+    lines += ["## Reward model (validation comparisons; SFT answers to the test prompts)", ""]
     rm = summary.get("rm") or {}
     lines += common.metrics_table(rm) if rm else ["No reward-model metrics in this run."]
     lines += ["", "## Claims (docs/instructlang.md section 1)", ""]
@@ -157,6 +162,7 @@ SEED_COLUMNS = (
     ("win_rate_vs_sft", "win rate vs SFT", 3),
     ("kl_to_sft", "KL to SFT (nats)", 2),
     ("gold_gain_per_nat", "gain per nat of KL", 3),
+    ("rm_score", "RM score", 3),
     ("pretrain_nll", "pretraining NLL", 3),
     ("fact_accuracy", "fact accuracy", 3),
     ("eos_rate", "EOS rate", 3),
@@ -210,6 +216,8 @@ def seeds_markdown(summaries: list[dict]) -> str:
         + _mean_sd([r.get("val_accuracy_noisy") for r in rm], 3)
         + " against the noisy labels, "
         + _mean_sd([r.get("val_accuracy_gold") for r in rm], 3)
+        + " against gold order; on pairs of the SFT model's answers to one test prompt, "
+        + _mean_sd([r.get("sft_pairs_accuracy_gold") for r in rm], 3)
         + " against gold order.",
         "",
         "| claim | seeds passing |",

@@ -326,7 +326,7 @@ def drive(config: Config, workdir, run: StageRun, mesh) -> dict:
         start = int(jax.device_get(run.position(state)))
         if start >= run.total:  # already finished: a re-run (e.g. of the pipeline) is a no-op
             log.info("[%s] already complete (%d steps) in %s", run.stage, run.total, ckpt.directory)
-            return ckpt.read_metadata()
+            return {**ckpt.read_metadata(), "reused": True}
         metrics_log = MetricsLog(workdir, run.stage, resumed_at=start)
         return _loop(config, run, ckpt, metrics_log, state, start, mesh)
     finally:
