@@ -134,7 +134,7 @@ def test_best_of_n_row_is_gold_of_the_rms_picks(world):
     assert sft.summary()["gold_gain_per_nat"] is None  # KL 0: no ratio
 
 
-def test_rm_score_of_each_answer_and_its_order_within_a_prompt(world):
+def test_rm_score_of_each_answer_and_of_best_of_n_picks(world):
     cfg, params = _model()
     rm_cfg, rm = _model(seed=2, head="scalar")
     prompts = corpus.sample_prompts(np.random.default_rng(1), 6)
