@@ -21,6 +21,7 @@ from rlhf_jax.report import read_metrics
 from rlhf_jax.stages.driver import committed_steps, read_all
 
 SEEDS = ("0", "1")
+C9_LR = 3e-4  # not the tiny preset's PPO lr (checked below)
 T_975_2 = 4.302652729911275  # Student's t, 97.5% quantile, 2 degrees of freedom (tables)
 
 
@@ -68,8 +69,9 @@ def test_windows_are_the_second_and_last_quarters():
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, rlhf_jax_cli):
     root = tmp_path_factory.mktemp("study")
-    # Two SFT epochs, so C8 has a curve; the main runs use them too.
-    args = ("study", "--config=tiny", f"--seeds={','.join(SEEDS)}", f"--workdir={root}")
+    # Two SFT epochs, so C8 has a curve; the main runs use them too. C9's PPO at its own lr.
+    args = ("study", "--config=tiny", f"--seeds={','.join(SEEDS)}", f"--workdir={root}",
+            f"--config.study.c9_lr={C9_LR}")  # fmt: skip
     out = rlhf_jax_cli(*args, "--config.sft.epochs=2", cwd=root)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return root, args, out
@@ -195,6 +197,16 @@ def test_c9_proxies_learn_from_the_first_n_deterministic_rankings(study):
     result = json.loads((root / "study" / "c9" / "seed0" / "result.json").read_text())
     assert result["bon_n"] == [1, 2, 4]
     assert result["n32_bon_gold"][0] == pytest.approx(0.0, abs=1e-12)  # best-of-1 is SFT
+    # Each proxy's PPO ran at beta = 0 and at study.c9_lr; the main run's at the preset's lr.
+    preset = config.ppo.policy_optimizer.lr
+    assert preset != C9_LR
+    for n in (32, 96):
+        ppo = json.loads(
+            (root / "study" / "c9" / "seed0" / f"rm{n}" / "ppo" / "config.json").read_text()
+        )["ppo"]
+        assert (ppo["kl_coef"], ppo["ptx_coef"], ppo["policy_optimizer"]["lr"]) == (0.0, 0.0, C9_LR)
+    main = json.loads((root / "seed0" / "ppo" / "config.json").read_text())["ppo"]
+    assert main["policy_optimizer"]["lr"] == preset
 
 
 def test_c8_retrains_the_main_sft_and_scores_every_epoch(study):

@@ -77,6 +77,9 @@ class StudyConfig:
     )
     c9_best_of: int = field(64, "C9: the largest best-of-n (n = 1, 2, 4, ... up to it)", ge=1)
     c9_prompts: int = field(250, "C9: test prompts of the best-of-n curves", ge=1)
+    c9_lr: float = field(
+        0.0, "C9: PPO's policy learning rate at beta = 0 (0: ppo.policy_optimizer.lr)", ge=0
+    )
     oracle_kl_coefs: str = field(
         "0.1,0.02", "oracle: other PPO betas, each run on the gold and on the RM ('': none)"
     )

@@ -528,6 +528,15 @@ def best_of_ns(study: Study) -> list[int]:
     return [2**i for i in range(int(math.log2(top)) + 1)]
 
 
+def c9_ppo(study: Study, seed: int):
+    """Plain PPO at beta = 0 against a proxy, at ``study.c9_lr`` (0: the preset's policy lr).
+    Without the KL term the preset's lr leaves the proxy's useful range within a few
+    iterations; a smaller one spreads gold's rise and fall over the run (docs/instructlang.md)."""
+    opt = study.config.ppo.policy_optimizer
+    lr = study.config.study.c9_lr or opt.lr
+    return plain_ppo(study, seed, kl_coef=0.0, policy_optimizer=dataclasses.replace(opt, lr=lr))
+
+
 def run_c9(study: Study, seed: int) -> dict:
     config = study.seed_config(seed)
     # One set of rankings by gold alone (Gao et al.) per seed, sampled like the main run's; each
@@ -561,7 +570,7 @@ def run_c9(study: Study, seed: int) -> dict:
         curve = oo.best_of_n_curve(proxy, cand["gold"], ns)
         out[f"{key}_bon_gold"] = [curve[n][0] - sft_gold for n in ns]
         out[f"{key}_bon_proxy"] = [curve[n][1] for n in ns]
-        rows = train_ppo(study, plain_ppo(study, seed, kl_coef=0.0), v)
+        rows = train_ppo(study, c9_ppo(study, seed), v)
         kl = column(rows, "objective/kl")
         gold, proxy_curve = column(rows, "eval/gold"), column(rows, "objective/score")
         out[f"{key}_rl_kl"] = kl.tolist()
