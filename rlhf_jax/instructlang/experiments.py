@@ -531,7 +531,7 @@ def best_of_ns(study: Study) -> list[int]:
 def c9_ppo(study: Study, seed: int):
     """Plain PPO at beta = 0 against a proxy, at ``study.c9_lr`` (0: the preset's policy lr).
     Without the KL term the preset's lr leaves the proxy's useful range within a few
-    iterations; a smaller one spreads gold's rise and fall over the run (docs/instructlang.md)."""
+    iterations; a smaller one spreads those first nats over the run (docs/instructlang.md)."""
     opt = study.config.ppo.policy_optimizer
     lr = study.config.study.c9_lr or opt.lr
     return plain_ppo(study, seed, kl_coef=0.0, policy_optimizer=dataclasses.replace(opt, lr=lr))
