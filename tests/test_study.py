@@ -16,7 +16,8 @@ from rlhf_jax import stats
 from rlhf_jax.configs import tiny
 from rlhf_jax.instructlang import datasets, lang
 from rlhf_jax.instructlang.config import EXPERIMENTS
-from rlhf_jax.instructlang.experiments import as_pairs, comparison_records, windows
+from rlhf_jax.instructlang.experiments import as_pairs, c9_ppo, comparison_records, windows
+from rlhf_jax.instructlang.study import Study
 from rlhf_jax.report import read_metrics
 from rlhf_jax.stages.driver import committed_steps, read_all
 
@@ -59,6 +60,16 @@ def test_as_pairs_makes_one_record_per_untied_pair_better_first():
     # Answers 0 and 2 tie (rank 1): no pair. Answer 1 (rank 0) beats both.
     assert [p["responses"] for p in pairs] == [[[8, 2], [7]], [[8, 2], [9]]]
     assert all(p["ranks"] == [0, 1] and p["prompt"] == [5, 6] for p in pairs)
+
+
+def test_c9_ppo_keeps_the_presets_lr_unless_study_c9_lr_is_set(tmp_path):
+    config = tiny.get_config()
+    preset = config.ppo.policy_optimizer
+    for c9_lr, lr in ((0.0, preset.lr), (C9_LR, C9_LR)):
+        study = dataclasses.replace(config.study, c9_lr=c9_lr)
+        ppo = c9_ppo(Study(dataclasses.replace(config, study=study), tmp_path, [0]), 0).ppo
+        assert (ppo.kl_coef, ppo.ptx_coef) == (0.0, 0.0)
+        assert ppo.policy_optimizer == dataclasses.replace(preset, lr=lr)  # only the lr moves
 
 
 def test_windows_are_the_second_and_last_quarters():
