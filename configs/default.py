@@ -4,8 +4,8 @@
 
 S-size models (128 wide, 4 layers) with reduced corpora and iteration counts, so that pretraining,
 SFT, comparison sampling, RM, PPO, PPO-ptx, evaluation and the report take at most 15 minutes on
-2 CPU cores (about 14 measured). `--config.methods=dpo,grpo,rloo,best_of_n` adds the other
-methods to the run and its report (about 6 minutes more). Measured results are in the README;
+2 CPU cores (11-13 measured). `--config.methods=dpo,grpo,rloo,best_of_n` adds the other
+methods to the run and its report (about 5 minutes more). Measured results are in the README;
 `paper.py` is the full-size replication. The SFT model is trained 8 epochs (the paper's PPO init
 uses 2): these small models need them to learn the tasks.
 """
@@ -58,14 +58,15 @@ def get_config(arg: str | None = None) -> InstructLangConfig:
             # docs/method.md section 4.2 says to sweep it, and this preset uses 1.0.
             ptx_coef=1.0,
             # beta = 0.5, not the paper's 0.02: with 20k episodes (the paper used 256k) and an RM
-            # that orders two SFT samples of one prompt right only 58% of the time, the policy
+            # that orders two SFT samples of one prompt right only 56% of the time, the policy
             # drifts more than it improves unless the KL term holds it near SFT. Paired gold gain
-            # of PPO over SFT (seed 0, 4 samples per prompt): beta 0.02: -0.032 [-0.042, -0.023]
-            # at KL 1.69 nats; beta 0.5: +0.023 [0.017, 0.029] at KL 0.06. PPO-ptx (gamma 1, one
-            # sample per prompt): beta 0.1: -0.013, 0.2: +0.008, 0.5: +0.012, 1.0: +0.014. The
-            # study's oracle runs (3 seeds, 80 iterations) say why: PPO on the gold itself gains
-            # +0.028 at beta 0.5, +0.051 at 0.1, +0.070 at 0.02 (and +0.087, win rate 0.617, at
-            # 0.005 on seed 0); PPO on this RM +0.020, +0.014, -0.021 (-0.161 at 0.005, 6.7 nats).
+            # of PPO over SFT (seed 0, 4 samples per prompt): beta 0.02: -0.024 at KL 1.43 nats
+            # (the study's oracle run); beta 0.5: +0.025 [0.019, 0.031] at KL 0.05. PPO-ptx
+            # (gamma 1, one sample per prompt): beta 0.1: -0.013, 0.2: +0.008, 0.5: +0.012, 1.0:
+            # +0.014. The study's oracle runs (3 seeds, 80 iterations) say why: PPO on the gold
+            # itself gains +0.027 at beta 0.5, +0.051 at 0.1, +0.071 at 0.02 (and +0.087, win
+            # rate 0.617, at 0.005 on seed 0); PPO on this RM +0.020, +0.015, -0.027 (-0.161 at
+            # 0.005, 6.7 nats).
             kl_coef=0.5,
             ptx_per_episode=2,
             policy_optimizer=C.OptimizerConfig(
