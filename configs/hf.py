@@ -35,7 +35,7 @@ def get_config(arg: str | None = None) -> C.Config:
         sft=C.SFTConfig(
             epochs=2,
             batch_size=32,
-            ptx_fraction=0.0,  # 0.1 (the paper's) once data.pretraining is given
+            ptx_fraction=0.0,  # needs data.pretraining: set 0.1 (the paper's) with it
             dropout=0.0,
             optimizer=C.OptimizerConfig(lr=9.65e-6),
         ),

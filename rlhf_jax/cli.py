@@ -6,8 +6,9 @@
     rlhf-jax sft --config=tiny --workdir=runs/tiny --config.sft.epochs=2
 
 ``--config=<preset>[:arg]`` picks a preset: a name of the package's presets (``default``, ``tiny``,
-``paper``) or a ``.py`` file with ``get_config(arg)``; ``--config.<field>=<value>`` overrides any
-field (``config.apply_overrides``), and the result is validated before any work starts. A user
+``paper``; ``hf:<checkpoint dir>`` for a Hugging Face model) or a ``.py`` file with
+``get_config(arg)``; ``--config.<field>=<value>`` overrides any field (``fields.apply_overrides``),
+and the result is validated before any work starts. A user
 mistake (a bad field or value, bad data, a stage run before the one it starts from) prints one
 line and exits with status 2; ``--verbose`` (or ``RLHF_JAX_VERBOSE=1``) shows the traceback too.
 The built-in world's commands dispatch to ``rlhf_jax.instructlang``; the rest is the library.
@@ -29,7 +30,10 @@ from typing import Any
 from rlhf_jax import fields
 from rlhf_jax.errors import ConfigError, UserError
 
-SHARED_FIELDS = ("name", "seed", "init_from", "keep_checkpoints", "checkpoint_every", "log_every")
+SHARED_FIELDS = (
+    "name", "seed", "init_from", "keep_checkpoints", "checkpoint_every", "checkpoint_minutes",
+    "log_every",
+)  # fmt: skip
 SHARED_SECTIONS = ("model", "mesh", "data", "world")
 
 
@@ -39,7 +43,7 @@ class Command:
     sections: tuple[str, ...]  # config sections the command reads beyond the shared ones
     flags: tuple[str, ...] = ()
     details: str = ""
-    fields: tuple[str, ...] = ()  # top-level config fields it reads beyond the shared ones
+    fields: tuple[str, ...] = ()  # other fields it reads (dotted paths), beyond the shared ones
 
 
 RUN_FLAGS = ("distributed",)
@@ -107,6 +111,7 @@ COMMANDS: dict[str, Command] = {
         details="Starts from the sft (policy, KL reference) and rm (reward, value init) stages "
         "of --workdir, or the RM of ppo.reward_from (another run's rm stage or an exported "
         "RM); writes <workdir>/ppo, or <workdir>/ppo_ptx when ppo.ptx_coef > 0.",
+        fields=("rm.init_from",),  # the value network's shape, when the RM is not the policy's
     ),
     "dpo": Command(
         "DPO (or IPO, hinge) from the SFT model on the ranked comparisons; no reward model",
@@ -127,6 +132,7 @@ COMMANDS: dict[str, Command] = {
         "std unless grpo.scale_rewards=False) or the mean of the others (grpo.baseline=rloo). "
         "Writes <workdir>/grpo (<workdir>/rloo for RLOO, so a run can hold both), a policy "
         "stage: rlhf-jax eval/export/generate --stage=grpo (or rloo).",
+        fields=("ppo.reward_from", "rm.init_from"),
     ),
     "eval": Command(
         "evaluate one stage's policy against the SFT model and print JSON",
@@ -160,8 +166,8 @@ EXAMPLES = """\
   rlhf-jax ppo --workdir=runs/default --config.ppo.kl_coef=0.1 --config.ppo.ptx_coef=0"""
 
 FLAG_HELP = {
-    "config": "--config=<preset>[:arg]   a preset name (default, tiny, paper) or a .py file "
-    "with get_config(arg); default: default",
+    "config": "--config=<preset>[:arg]   a preset name (default, tiny, paper, "
+    "hf:<checkpoint dir>) or a .py file with get_config(arg); default: default",
     "workdir": "--workdir=<dir>           run directory (default: runs/<config name>)",
     "verbose": "--verbose                 show the traceback of an error",
     "seeds": "--seeds=0,1,2             the seeds to run",

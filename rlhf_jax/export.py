@@ -1,6 +1,7 @@
 """``rlhf-jax export``: a finished stage as a Hugging Face directory that transformers loads.
 
-A policy stage (``pretrain``, ``sft``, ``ppo``, ``ppo_ptx``; PPO stages export their EMA weights)
+A policy stage (``pretrain``, ``sft``, ``ppo``, ``ppo_ptx``, ``dpo``, ``grpo``, ``rloo``; PPO stages
+export their EMA weights)
 becomes an ``AutoModelForCausalLM`` directory; the ``rm`` stage an
 ``AutoModelForSequenceClassification`` one with ``num_labels=1`` whose logits are the normalised
 reward (the RM's bias, which makes the demonstrations score 0 on average, is folded into the

@@ -4,6 +4,7 @@ written) for every user mistake; ``--verbose`` brings the traceback back."""
 import json
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -51,6 +52,10 @@ def test_command_help_lists_its_fields_with_the_presets_values(capsys):
     for command in cli.COMMANDS:
         code, out, _ = _run(capsys, command, "--help")
         assert code == 0 and out.startswith(f"rlhf-jax {command}: "), command
+        assert "checkpoint_minutes=" in out, command  # every stage checkpoints on the clock
+    # Fields outside a command's own section that it reads: the RM it trains against.
+    code, out, _ = _run(capsys, "grpo", "--help")
+    assert "ppo.reward_from=" in out and "rm.init_from=" in out and "ppo.kl_coef" not in out
     code, out, _ = _run(capsys, "generate", "--help")
     assert "--prompt=<text>" in out and "--temperature=<t>" in out
 
@@ -76,6 +81,16 @@ def test_user_mistakes_are_one_line_before_any_work(capsys, tmp_path, argv, mess
     code, _, err = _run(capsys, *argv, f"--workdir={workdir}")
     assert message in _one_line_error(code, err)
     assert not workdir.exists()  # nothing was written
+
+
+def test_the_readmes_error_transcripts_are_what_the_command_prints(capsys, tmp_path):
+    # The README shows two mistakes and their one-line answers; they must stay word for word true.
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    shown = re.findall(r"^\$ rlhf-jax (.+)\n(rlhf-jax: error: .+)$", readme, flags=re.M)
+    assert len(shown) >= 2, "the README's error examples moved; update this test"
+    for command, message in shown:
+        code, _, err = _run(capsys, *command.split(), f"--workdir={tmp_path / 'run'}")
+        assert _one_line_error(code, err) == message, command
 
 
 def test_bad_data_is_one_line_naming_file_line_and_field(capsys, tmp_path, rlhf_jax_cli):

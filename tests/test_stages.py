@@ -181,6 +181,31 @@ def test_rm_reads_the_eos_token(tiny_run):
     np.testing.assert_array_equal(tokens[has_eos], lang.EOS_ID)  # check 5
 
 
+@pytest.mark.parametrize("share, sampled", [(0.0, "sft"), (1.0, "pretrain")])
+def test_comparisons_sample_only_the_model_the_share_takes(
+    tiny_run, tmp_path, monkeypatch, share, sampled
+):
+    # base_share 0 (or 1) used to sample both models and throw one away.
+    from rlhf_jax import evaluate
+    from rlhf_jax.instructlang import datasets
+
+    config, workdir, _ = tiny_run
+    config = dataclasses.replace(config, world=dataclasses.replace(config.world, base_share=share))
+    run = tmp_path / "run"
+    for stage in ("pretrain", "sft"):
+        shutil.copytree(workdir / stage, run / stage)
+    first_leaf = lambda params: float(np.asarray(jax.tree.leaves(params)[0]).sum())  # noqa: E731
+    which = {first_leaf(load_policy(config, run, s)): s for s in ("pretrain", "sft")}
+    calls, real = [], evaluate.sample_responses
+    monkeypatch.setattr(
+        evaluate,
+        "sample_responses",
+        lambda p, *a, **k: calls.append(which[first_leaf(p)]) or real(p, *a, **k),
+    )
+    datasets.build_comparisons(config, run)
+    assert calls == [sampled, sampled]  # one call per split: rm_train, rm_val
+
+
 def _small(**kw):
     config = tiny.get_config()
     return dataclasses.replace(

@@ -1,7 +1,7 @@
 """InstructLang data: prompts, splits, demonstrations, pretraining corpus, simulated labelers.
 
 Everything is deterministic given the world seed and the sizes: each product draws from its own
-named stream (`instructlang.stream_rng`), so e.g. the corpus size does not move the demonstrations.
+named stream (`lang.stream_rng`), so e.g. the corpus size does not move the demonstrations.
 Arrays are int32 token ids: prompts left-padded to P = 12, responses (with their EOS) right-padded
 to R = 12, pretraining documents right-padded to T = 24. `unpad` gives the token list of a row.
 

@@ -96,10 +96,15 @@ def build_comparisons(config: InstructLangConfig, workdir: str | os.PathLike) ->
             eos_id=lang.EOS_ID,
             pad_id=lang.PAD_ID,
         )
-        from_sft = sample_responses(sft, model, rep, **kw)[0]
-        from_base = sample_responses(base, model, rep, **kw)[0]
         use_base = mix.random(len(rep)) < config.world.base_share
-        return np.where(use_base[:, None], from_base, from_sft).reshape(len(prompts), k, R)
+        # Both models sample every row with the same key, so a row's completion does not depend on
+        # the share; a model that no row takes is not sampled at all (base_share 0 or 1).
+        out = None
+        for params, rows in ((sft, ~use_base), (base, use_base)):
+            if rows.any():
+                drawn = sample_responses(params, model, rep, **kw)[0]
+                out = drawn if out is None else np.where(rows[:, None], drawn, out)
+        return out.reshape(len(prompts), k, R)
 
     wcfg, w = config.world, world(config)
     prompts = prompt_splits(config)

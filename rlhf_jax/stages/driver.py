@@ -1,16 +1,17 @@
 """The one loop every stage runs, and what it checks before it writes anything.
 
-Each stage module (``lm``, ``rm``, ``ppo``) builds a ``StageRun`` (its state layout, fresh start,
-jitted step, data and export) and hands it to ``drive``, which owns the rest: the checkpointer,
-resuming, the loop, logging, saving and closing. Where each stage starts from is
+Each stage module (``lm``, ``rm``, ``ppo``, ``dpo``, ``grpo``) builds a ``StageRun`` (its state
+layout, fresh start, jitted step, data and export) and hands it to ``drive``, which owns the rest:
+the checkpointer, resuming, the loop, logging, saving and closing. Where each stage starts from is
 ``stages.lineage``.
 
 ``preflight`` runs before a stage writes anything and stops it with one line naming the problem
 and the fix: a tokenizer with more tokens than the model's vocabulary, fewer records than one
 batch, or a stage whose existing checkpoints were made with other settings or other data (the
 fields that differ are named, and its ``config.json`` is left as it was). While it runs, a
-non-finite loss stops the stage at the step where it is seen, before anything is saved, so the
-last good checkpoint stays. Checkpoints are saved every ``checkpoint_every`` steps and every
+non-finite loss stops the stage at the first step it is checked at (every ``log_every`` steps,
+and before every save; checking each step would wait for every step to finish), so the last good
+checkpoint stays. Checkpoints are saved every ``checkpoint_every`` steps and every
 ``checkpoint_minutes`` minutes; a resumed stage drops the metric rows logged after its checkpoint.
 """
 
@@ -341,8 +342,9 @@ def _check_finite(run: StageRun, metrics: dict, done: int, ckpt) -> None:
         latest = ckpt.latest_step()
         kept = f"the last good checkpoint, step {latest}, is kept" if latest else "nothing is saved"
         raise StageError(
-            f"stage '{run.stage}': {run.loss} = {value} at step {done}; {kept}. Lower the "
-            "learning rate (or clip gradients: optimizer.grad_clip) and run it again"
+            f"stage '{run.stage}': {run.loss} = {value} at step {done}; {kept} (the loss is "
+            "checked every log_every steps and before each save). Lower the learning rate (or "
+            "clip gradients: optimizer.grad_clip) and run it again"
         )
 
 

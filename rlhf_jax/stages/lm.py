@@ -7,8 +7,9 @@ C.3: the PPO init saw 10% pretraining data): demonstrations and text are concate
 batch whose token-mean loss covers both.
 
 SFT here trains the PPO init ``pi_init`` (2 epochs by default), which is also the KL reference and
-the baseline the evaluation compares against; the 16-epoch, RM-selected ``pi_sft16`` baseline of
-the paper is the same stage with ``sft.epochs=16``.
+the baseline the evaluation compares against. ``sft.epochs=16`` trains the paper's 16-epoch
+``pi_sft16`` baseline, but exports its last epoch: choosing the epoch by RM score, as the paper
+did, is not implemented (docs/method.md section 1.3).
 """
 
 from __future__ import annotations
