@@ -14,6 +14,12 @@ the tokens it actually generated (through each row's EOS), not R.
 ``--transformers`` adds the PyTorch baseline: ``GPT2LMHeadModel.generate`` (random weights of
 the same shape, float32, KV cache on, multinomial sampling, exactly R new tokens) on the same
 prompts, timed the same way. It runs only for GPT-2-family sizes.
+
+It also prints a floor for one decode step, from a matmul rate and a memory read bandwidth
+measured at the start of the same run: the step's weight matmuls (``2 N`` FLOPs per row for the N
+parameters that multiply, ``bench_train.matmul_params``) at that rate, plus one read of the KV
+cache (every layer's K and V for all P + R slots) at that bandwidth. Everything else a step does
+(drawing the token, norms, softmax, copies) comes on top of it.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_train import matmul_params, matmul_rate
 
 from rlhf_jax import rollout
 from rlhf_jax.config import model_config
@@ -58,6 +65,14 @@ def timed(fn, repeats):
         fn()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes/s of one jitted sum over a float32 array of ``gib`` GiB, the best of ``repeats``."""
+    x = jnp.ones((int(gib * 2**30) // 4,), jnp.float32)
+    f = jax.jit(jnp.sum)
+    seconds = timed(lambda: f(x).block_until_ready(), repeats)
+    return x.nbytes / seconds
 
 
 def transformers_tokens_per_second(cfg, prompts: np.ndarray, new_tokens: int, repeats: int):
@@ -103,6 +118,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--transformers", action="store_true", help="add the transformers baseline")
     args = ap.parse_args()
+    rate, bandwidth = matmul_rate(), read_bandwidth()
 
     overrides = {"max_len": max(1024, args.prompt_len + args.new_tokens)}
     if args.vocab:
@@ -153,13 +169,27 @@ def main():
         f"KV cache         : {cached_tps:10.1f} tokens/s ({generated} tokens in {t_cached:.2f} s)"
     )
     print(f"speed-up         : {cached_tps / base_tps:10.1f}x")
+    steps = int(np.asarray(out["s"].mask).sum(axis=1).max())  # decode steps the loop ran
+    step_ms = 1e3 * t_cached / steps
+    matmul_ms = 1e3 * 2 * matmul_params(cfg) * args.batch / rate
+    slots = args.prompt_len + args.new_tokens
+    cache_bytes = 2 * cfg.n_layers * args.batch * slots * cfg.n_kv_heads * cfg.resolved_head_dim * 4
+    cache_ms = 1e3 * cache_bytes / bandwidth
+    print(
+        f"decode step      : {step_ms:10.1f} ms; floor {matmul_ms + cache_ms:.1f} ms = weight "
+        f"matmuls {matmul_ms:.1f} ms at {rate / 1e9:.1f} GFLOP/s + reading the "
+        f"{cache_bytes / 1e6:.0f} MB KV cache {cache_ms:.1f} ms at {bandwidth / 1e9:.1f} GB/s"
+    )
     if args.transformers:
         if cfg.family != "gpt2":
             raise SystemExit("--transformers: the baseline is a GPT-2 model; pick a gpt2 size")
         hf_tps, version = transformers_tokens_per_second(
             cfg, np.asarray(prompts), args.new_tokens, args.repeats
         )
-        print(f"transformers     : {hf_tps:10.1f} tokens/s (generate, torch {version})")
+        print(
+            f"transformers     : {hf_tps:10.1f} tokens/s (generate, torch {version}; "
+            f"{1e3 * args.batch / hf_tps:.1f} ms per decode step)"
+        )
         print(f"rlhf_jax / transformers: {cached_tps / hf_tps:.2f}x")
 
 
