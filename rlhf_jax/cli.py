@@ -150,7 +150,9 @@ COMMANDS: dict[str, Command] = {
         ("stage", "out"),
         details="A policy stage loads with AutoModelForCausalLM (PPO stages export their EMA "
         "weights); the rm stage with AutoModelForSequenceClassification (num_labels=1, its "
-        "normalising bias folded in). The tokenizer and generation_config.json come along.",
+        "normalising bias folded in, scoring a text at its last token: end it with EOS; its "
+        "tokenizer pads on the right, never with EOS). The tokenizer and "
+        "generation_config.json come along.",
     ),
     "generate": Command(
         "sample responses to text prompts with one stage's policy",

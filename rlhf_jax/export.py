@@ -1,17 +1,25 @@
 """``rlhf-jax export``: a finished stage as a Hugging Face directory that transformers loads.
 
 A policy stage (``pretrain``, ``sft``, ``ppo``, ``ppo_ptx``, ``dpo``, ``grpo``, ``rloo``; PPO stages
-export their EMA weights)
-becomes an ``AutoModelForCausalLM`` directory; the ``rm`` stage an
+export their EMA weights) becomes an ``AutoModelForCausalLM`` directory; the ``rm`` stage an
 ``AutoModelForSequenceClassification`` one with ``num_labels=1`` whose logits are the normalised
 reward (the RM's bias, which makes the demonstrations score 0 on average, is folded into the
 weights: ``hf.save_checkpoint``). Beside the weights: the data's tokenizer and, for a policy,
 ``generation_config.json`` (its EOS, PAD and BOS ids, and ``data.response_len`` new tokens).
 The directory appears only once complete; on several processes, process 0 writes it.
+
+The RM reads its score at a response's last token, the EOS every trained response ends with.
+transformers' classifiers read it at the last token that is not ``pad_token_id``, so an exported
+RM must not pad with the EOS (GPT-2's tokenizers do): ``distinct_pad_token`` gives it a pad
+token of its own, and its tokenizer pads on the right, where absolute positions (GPT-2's) stay
+those of an unpadded text.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -19,11 +27,13 @@ import tempfile
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from rlhf_jax import hf
-from rlhf_jax.config import Config
+from rlhf_jax.config import Config, ModelConfig
 from rlhf_jax.data import sources
 from rlhf_jax.errors import ConfigError
+from rlhf_jax.stages.driver import committed_steps
 from rlhf_jax.stages.lineage import (
     load_policy,
     load_reward_model,
@@ -35,6 +45,25 @@ from rlhf_jax.train_state import shift_scalar_head
 
 log = logging.getLogger("rlhf_jax")
 POLICY_STAGES = ("pretrain", "sft", "ppo", "ppo_ptx", "dpo", "grpo", "rloo")
+RM_PAD_TOKEN = "<|rm_pad|>"
+
+
+def distinct_pad_token(tokenizer, model: ModelConfig, params: dict, ids: dict):
+    """An exported RM's tokenizer, architecture, params and HF token ids, with a pad token that is
+    not its EOS (nor absent). When the tokenizer pads with the EOS, ``RM_PAD_TOKEN`` is added; if
+    its id is past the vocabulary, the embedding grows by zero rows (a pad is never attended).
+    The tokenizer pads on the right. A tokenizer with a pad token of its own is kept as it is."""
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return tokenizer, model, params, ids
+    tokenizer.add_special_tokens({"pad_token": RM_PAD_TOKEN})
+    pad = int(tokenizer.pad_token_id)
+    if pad >= model.vocab_size:
+        embed = np.asarray(params["embed"])
+        rows = np.zeros((pad + 1 - model.vocab_size, embed.shape[1]), embed.dtype)
+        params = {**params, "embed": np.concatenate([embed, rows])}
+        model = dataclasses.replace(model, vocab_size=pad + 1)
+    return tokenizer, model, params, {**ids, "pad_token_id": pad}
 
 
 def _on_host(tree):
@@ -68,6 +97,8 @@ def export_stage(config: Config, workdir: str | os.PathLike, stage: str, out: st
         model = stage_model(Path(workdir) / stage) or policy_model(config)
         params = load_policy(config, workdir, stage)
     params = _on_host(params)
+    if stage == "rm":
+        tokenizer, model, params, ids = distinct_pad_token(tokenizer, model, params, ids)
     if jax.process_index() == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
@@ -86,4 +117,37 @@ def export_stage(config: Config, workdir: str | os.PathLike, stage: str, out: st
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         log.info("[export] %s -> %s", Path(workdir) / stage, out)
+    return out
+
+
+SOURCE_FILE = "rlhf_jax_source.json"
+
+
+def export_current(config: Config, workdir: str | os.PathLike, stage: str, out: str | os.PathLike):
+    """``export_stage`` into ``out`` unless ``out`` already holds this very stage: the pipeline's
+    ``export/policy`` follows its last RL stage when a rerun adds PPO-ptx, and a stage trained
+    again (other settings or data) is exported again. ``out`` is replaced whole, never half."""
+    out = Path(out)
+    stage_dir = Path(workdir) / stage
+    source = {
+        "stage": stage,
+        "step": committed_steps(workdir, stage)[-1],
+        "settings": hashlib.sha256((stage_dir / "config.json").read_bytes()).hexdigest(),
+    }
+    marker = out / SOURCE_FILE
+    if marker.is_file() and json.loads(marker.read_text()) == source:
+        return out
+    new = out.with_name(out.name + ".new")
+    if jax.process_index() == 0:
+        shutil.rmtree(new, ignore_errors=True)
+    export_stage(config, workdir, stage, new)
+    if jax.process_index() == 0:
+        (new / SOURCE_FILE).write_text(json.dumps(source, indent=2))
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if out.exists():
+            out.rename(old)
+        new.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    sources.barrier(f"rlhf_jax export {out}")
     return out

@@ -25,7 +25,7 @@ from rlhf_jax import sharding
 from rlhf_jax.config import Config, methods
 from rlhf_jax.data import sources
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.export import export_stage
+from rlhf_jax.export import export_current
 from rlhf_jax.report import StageClock, write_report
 from rlhf_jax.stages.dpo import run_dpo
 from rlhf_jax.stages.driver import loader
@@ -204,10 +204,7 @@ def run_pipeline(config: Config, workdir: str | os.PathLike) -> dict:
     summary, samples = timed("eval", evaluate_all, config, workdir)
     exported = {}
     for stage, name in ((final, "policy"), ("rm", "rm")):
-        out = workdir / "export" / name
-        if not out.exists():
-            export_stage(config, workdir, stage, out)
-        exported[stage] = str(out)
+        exported[stage] = str(export_current(config, workdir, stage, workdir / "export" / name))
     summary["exported"] = exported
     summary["seconds"] = timed.seconds
     write_report(workdir, summary, samples)

@@ -329,3 +329,43 @@ def test_load_tokenizer(gpt2_dir):
     tokenizer = hf.load_tokenizer(gpt2_dir)
     assert tokenizer("hello there world")["input_ids"] == [1, 0, 2]
     shutil.rmtree(gpt2_dir)
+
+
+def test_exported_rm_with_eos_as_pad_scores_at_the_eos_like_ours(tmp_path):
+    # GPT-2's tokenizers pad with their EOS. transformers' classifier reads the score at the last
+    # token that is not the pad, so it would skip the EOS every RM training response ends with.
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from rlhf_jax.export import RM_PAD_TOKEN, distinct_pad_token
+
+    vocab = {"<eos>": 0, **{f"w{i}": i for i in range(1, V)}}  # the vocabulary fills the model
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = T.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<eos>")
+    config = model_config("tiny", vocab_size=V, head="scalar")
+    params = jax.tree.map(np.asarray, _random_params(config))
+    ids = {"eos_token_id": 0, "pad_token_id": 0}
+    texts = ["w5 w17 w3 w9 <eos>", "w8 <eos>", "w2 w2 w40 <eos>"]
+    ours = []  # our score at each text's last token, its EOS, each text alone
+    for text in texts:
+        x = np.asarray([tok(text)["input_ids"]], np.int32)
+        ours.append(float(_our_logits(config, params, x, np.ones_like(x))[0, -1]))
+
+    def transformers_scores(directory):
+        model = T.AutoModelForSequenceClassification.from_pretrained(directory).eval()
+        loaded = T.AutoTokenizer.from_pretrained(directory)
+        with torch.no_grad():
+            return model(**loaded(texts, padding=True, return_tensors="pt")).logits[:, 0].numpy()
+
+    as_is = tmp_path / "as_is"  # pad = EOS: the scores come from the token before the EOS
+    hf.save_checkpoint(as_is, config, params, hf_overrides=ids)
+    tok.save_pretrained(as_is)
+    assert np.abs(transformers_scores(as_is) - ours).max() > 1e-2
+
+    tok, new_config, new_params, new_ids = distinct_pad_token(tok, config, params, ids)
+    assert tok.pad_token == RM_PAD_TOKEN and new_ids["pad_token_id"] == V == tok.pad_token_id
+    assert new_config.vocab_size == V + 1 and not new_params["embed"][V:].any()
+    fixed = tmp_path / "fixed"
+    hf.save_checkpoint(fixed, new_config, new_params, hf_overrides=new_ids)
+    tok.save_pretrained(fixed)
+    np.testing.assert_allclose(transformers_scores(fixed), ours, atol=TOL, rtol=0)

@@ -275,6 +275,29 @@ def test_exported_reward_model_scores_like_rollout_minus_the_bias(run):
         assert abs(float(ours[0]) - theirs) < 1e-5, (length, float(ours[0]), theirs)
 
 
+def test_the_export_follows_the_stage_it_was_made_from(run, tmp_path):
+    # A rerun that adds PPO-ptx used to keep export/policy from plain PPO (and the report named
+    # ppo_ptx beside it): an export is remade when the stage behind it is another.
+    import shutil
+
+    from rlhf_jax.export import SOURCE_FILE, export_current, export_stage
+
+    _, workdir, config, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy, symlinks=True)
+    out = copy / "export" / "policy"
+    assert json.loads((out / SOURCE_FILE).read_text())["stage"] == "ppo"
+    weights = out / "model.safetensors"
+    made = weights.stat().st_mtime_ns
+    export_current(config, copy, "ppo", out)  # the same stage: kept as it is
+    assert weights.stat().st_mtime_ns == made
+    export_current(config, copy, "sft", out)  # another stage: made again, whole
+    assert json.loads((out / SOURCE_FILE).read_text())["stage"] == "sft"
+    export_stage(config, copy, "sft", tmp_path / "sft")
+    assert weights.read_bytes() == (tmp_path / "sft" / "model.safetensors").read_bytes()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["policy", "rm"]  # no .new or .old
+
+
 def test_eval_on_user_data_through_the_cli(run, world, rlhf_jax_cli):
     root, workdir, _, _ = run
     data = [f"--config.data.{k}={v}" for k, v in world[4].items()]
