@@ -354,7 +354,12 @@ class DataConfig:
     )
     prompt_len: int = field(128, "P: prompts are left-padded to this many tokens", ge=1)
     response_len: int = field(128, "R: responses, EOS included", ge=1)
-    text_len: int = field(256, "T: pretraining sequences", ge=1)
+    text_len: int = field(256, "T: pretraining sequences (longer text is split into pieces)", ge=1)
+    too_long: str = field(
+        "error",
+        "files: a prompt or response over prompt_len/response_len: error (naming it), or drop it",
+        choices=("error", "drop"),
+    )
 
 
 @dataclasses.dataclass(unsafe_hash=True)

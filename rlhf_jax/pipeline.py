@@ -178,12 +178,22 @@ def run_pipeline(config: Config, workdir: str | os.PathLike) -> dict:
     """Every stage in order, then evaluation, export and ``report.md`` in ``workdir``."""
     config.validate()
     workdir = Path(workdir)
-    for use in ("test",):
-        if not sources.available(config, workdir, use):
-            raise ConfigError(
-                "the pipeline evaluates on held-out prompts: give data.prompts (with "
-                "data.prompts_val, or data.heldout_fraction > 0)"
-            )
+    # Found here, not after hours of SFT: every file the stages after it need.
+    needed = {"sft": "demonstrations", "rm": "comparisons", "ppo": "prompts"}
+    missing = [
+        f"data.{k}" for use, k in needed.items() if not sources.available(config, workdir, use)
+    ]
+    if missing:
+        raise ConfigError(
+            f"{' and '.join(missing)} not set: the pipeline trains SFT on demonstrations, the RM "
+            "on comparisons and PPO on prompts (a JSONL or Parquet file each, "
+            "--config.data.<kind>=<file>)"
+        )
+    if not sources.available(config, workdir, "test"):
+        raise ConfigError(
+            "the pipeline evaluates on held-out prompts: give data.prompts (with "
+            "data.prompts_val, or data.heldout_fraction > 0)"
+        )
     timed = StageClock.resuming(workdir)
 
     # Every file is imported (and checked) before the first stage trains.

@@ -83,6 +83,17 @@ def test_user_mistakes_are_one_line_before_any_work(capsys, tmp_path, argv, mess
     assert not workdir.exists()  # nothing was written
 
 
+def test_the_pipeline_on_files_names_a_missing_file_before_any_stage(capsys, tmp_path):
+    # It used to train SFT first, then stop at the RM for want of comparisons.
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
+    workdir = tmp_path / "run"
+    argv = ("pipeline", "--config=tiny", "--config.data.source=files", f"--workdir={workdir}")
+    code, _, err = _run(capsys, *argv, f"--config.data.demonstrations={demos}")
+    assert "data.comparisons and data.prompts not set" in _one_line_error(code, err)
+    assert not workdir.exists()
+
+
 def test_the_readmes_error_transcripts_are_what_the_command_prints(capsys, tmp_path):
     # The README shows two mistakes and their one-line answers; they must stay word for word true.
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()

@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import logging
 import os
 import re
 import tempfile
@@ -224,10 +225,9 @@ MALFORMED = [
     ("comparisons", cmp(["it", "a"], [0, -1]), "ranks", "negative"),
     ("comparisons", cmp(["it", "a"], [1, 1]), "ranks", "distinct"),
     # Budgets: P=3, R=3 (EOS included), T=4.
-    ("prompts", {"prompt": "what is two plus"}, "prompt", "4 tokens, over the budget of 3"),
+    ("prompts", {"prompt": "what is two plus"}, "prompt", "4 tokens, over data.prompt_len=3"),
     ("demonstrations", {"prompt": "a", "response": "hello the world"}, "response", "4 tokens"),
     ("comparisons", cmp(["it", "a b c"], [0, 1]), "responses[1]", "budget"),
-    ("pretraining", {"text": "a cat says hello world"}, "text", "5 tokens, over the budget of 4"),
 ]
 
 
@@ -256,6 +256,30 @@ def test_malformed_jsonl_names_file_line_field_and_writes_nothing(
     assert {f: (path / f).read_bytes() for f in os.listdir(path)} == before
     assert sorted(os.listdir(data)) == [f"rlhf_{kind}"]  # no temporary directory left
     assert len(builders.open_source(path, "train")) == 3
+
+
+def test_over_budget_records_are_counted_in_one_error_or_dropped(tmp_path, tok, caplog):
+    # P = 3: the file's 2nd, 4th and 5th prompts are over it (4, 6 and 5 tokens).
+    prompts = ["a cat", "what is two plus", "hello", "a cat says hello world the", "a a a a a"]
+    src = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in prompts])
+    with pytest.raises(DataError) as e:
+        load_records(src, "prompts", tok, max_prompt_len=3)
+    assert str(e.value) == (
+        f"{src}:2: field 'prompt': 4 tokens, over data.prompt_len=3. In all 5 records: 3 over "
+        "data.prompt_len=3 (longest 6). Raise the budget (--config.data.prompt_len or "
+        "response_len, in tokens), or skip such records with --config.data.too_long=drop"
+    )
+    with caplog.at_level(logging.WARNING, logger="rlhf_jax"):
+        kept = load_records(src, "prompts", tok, max_prompt_len=3, too_long="drop")
+    assert [r["prompt"].tolist() for r in kept] == [ids("a cat"), ids("hello")]
+    assert f"{src}: skipped 3 of 5 records over the length budgets" in caplog.text
+
+
+def test_long_pretraining_text_is_split_into_pieces_of_text_len(tmp_path, tok):
+    doc = "a cat says hello world the cat says hello world"  # 10 tokens
+    src = write_jsonl(tmp_path / "t.jsonl", [{"text": doc}, {"text": "hello world"}])
+    pieces = [r["text"].tolist() for r in load_records(src, "pretraining", tok, max_text_len=4)]
+    assert pieces == [ids(doc)[:4], ids(doc)[4:8], ids(doc)[8:], ids("hello world")]
 
 
 def test_existing_dataset_needs_overwrite(tmp_path):

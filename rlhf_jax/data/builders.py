@@ -182,6 +182,7 @@ def build_dataset(
     max_prompt_len: int | None = None,
     max_response_len: int | None = None,
     max_text_len: int | None = None,
+    too_long: str = "error",
     eos_id: int | None = None,
     overwrite: bool = False,
     metadata: Mapping[str, Any] | None = None,
@@ -196,7 +197,9 @@ def build_dataset(
         Parquet path (``rlhf_jax.data.files``).
       tokenizer: needed for file splits; its EOS is also required at the end of every response.
       max_prompt_len, max_response_len, max_text_len: token budgets P, R (EOS included), T;
-        a record over budget is a `DataError`.
+        a record over budget is a `DataError` (a file's pretraining text over T is split).
+      too_long: for file splits, "drop" skips a prompt or response over its budget
+        (``files.read_records``).
       eos_id: for Python records, the EOS id every response must end with (None: not checked).
       overwrite: replace an existing dataset (only once the new one is complete).
       metadata: extra JSON-able entries for the dataset's metadata (``read_metadata``), such as
@@ -230,6 +233,7 @@ def build_dataset(
                 max_prompt_len=max_prompt_len,
                 max_response_len=max_response_len,
                 max_text_len=max_text_len,
+                too_long=too_long,
             )
         else:
             sources[split] = src

@@ -9,21 +9,30 @@ sampling), and EOS is appended to every response unless it already ends with it.
 gets no EOS: it is a document, not a turn the model must learn to end. Every error is a
 ``DataError`` whose message is ``file:line: field 'name': what was expected, what was found``
 (``file:row N`` for Parquet).
+
+Length budgets (``data.prompt_len``, ``data.response_len``, ``data.text_len``) are never met by
+silent truncation. A pretraining document longer than ``text_len`` becomes consecutive pieces of
+at most ``text_len`` tokens. A prompt or response over its budget is an error naming the first
+such record, with how many there are and the longest (so one run says what budget the file
+needs), unless ``too_long="drop"`` skips them (counted in the log).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from rlhf_jax.data.formats import to_text_record
-from rlhf_jax.data.records import Budgets, DataError, Kind, as_kind, validate_record
+from rlhf_jax.data.records import Budgets, DataError, Kind, TooLong, as_kind, validate_record
 from rlhf_jax.errors import ConfigError
 
+log = logging.getLogger("rlhf_jax")
 SUFFIXES = (".jsonl", ".parquet")
+TOO_LONG = ("error", "drop")
 
 
 @runtime_checkable
@@ -62,6 +71,18 @@ def encode_object(
     elif kind is Kind.PRETRAINING:
         out["text"] = encode(record["text"])
     return validate_record(kind, out, where, budgets, eos_id=eos)
+
+
+def encode_records(
+    kind: Kind, obj: Any, tokenizer: Tokenizer, where: str, budgets: Budgets
+) -> list[dict[str, Any]]:
+    """``encode_object``, except that a pretraining document over ``max_text_len`` comes back as
+    consecutive pieces of at most that many tokens (each one sequence)."""
+    if kind is not Kind.PRETRAINING or budgets.max_text_len is None:
+        return [encode_object(kind, obj, tokenizer, where, budgets)]
+    text = encode_object(kind, obj, tokenizer, where)["text"]
+    step = budgets.max_text_len
+    return [{"text": text[i : i + step]} for i in range(0, len(text), step)]
 
 
 def _suffix(path: str | os.PathLike) -> str:
@@ -121,26 +142,54 @@ def read_records(
     max_prompt_len: int | None = None,
     max_response_len: int | None = None,
     max_text_len: int | None = None,
+    too_long: str = "error",
 ) -> Iterator[dict[str, Any]]:
     """Yields the validated token records of a JSONL or Parquet file.
 
     Budgets are in tokens: P ``max_prompt_len``, R ``max_response_len`` (EOS included), T
-    ``max_text_len``; a record over budget is an error, never silently truncated.
+    ``max_text_len`` (longer pretraining text is split into pieces). A prompt or response over its
+    budget is an error, raised once the whole file has been read so that it can say how many
+    records are over and by how much, or with ``too_long="drop"`` the record is skipped.
     """
     kind = as_kind(kind)
+    if too_long not in TOO_LONG:
+        raise ConfigError(f"data.too_long={too_long!r}: expected one of {', '.join(TOO_LONG)}")
     if not isinstance(tokenizer.eos_token_id, int):
         raise ConfigError(
             f"the tokenizer has no EOS token id (eos_token_id={tokenizer.eos_token_id})"
         )
     budgets = Budgets(max_prompt_len, max_response_len, max_text_len)
-    count = 0
+    count, first, over = 0, None, {}  # over: "data.prompt_len=P" -> (records, longest)
     for where, obj in rows(path):
         count += 1
-        yield encode_object(kind, obj, tokenizer, where, budgets)
+        try:
+            records = encode_records(kind, obj, tokenizer, where, budgets)
+        except TooLong as e:
+            name = f"{e.budget_name}={e.budget}"
+            n, longest = over.get(name, (0, 0))
+            over[name] = (n + 1, max(longest, e.length))
+            first = first or e
+            continue
+        if first is None or too_long == "drop":
+            yield from records
+    if first is not None and too_long == "error":
+        counts = "; ".join(f"{n} over {name} (longest {m})" for name, (n, m) in over.items())
+        raise DataError(
+            first.where,
+            first.field,
+            f"{first.detail}. In all {count} records: {counts}. Raise the budget "
+            "(--config.data.prompt_len or response_len, in tokens), or skip such records with "
+            "--config.data.too_long=drop",
+        )
+    if over:
+        skipped = sum(n for n, _ in over.values())
+        log.warning(
+            "[data] %s: skipped %d of %d records over the length budgets", path, skipped, count
+        )
     if count == 0:
         raise DataError(os.fspath(path), None, "no records (the file has no non-blank lines)")
 
 
-def load_records(path: str | os.PathLike, kind: Kind | str, tokenizer: Tokenizer, **budgets):
+def load_records(path: str | os.PathLike, kind: Kind | str, tokenizer: Tokenizer, **options):
     """All records of a file as a list (``read_records``, eagerly)."""
-    return list(read_records(path, kind, tokenizer, **budgets))
+    return list(read_records(path, kind, tokenizer, **options))

@@ -83,6 +83,16 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
+class TooLong(DataError):
+    """A sequence over its length budget (``data.too_long`` decides: an error, or the record is
+    skipped)."""
+
+    def __init__(self, where: str, field: str, length: int, budget: int, budget_name: str) -> None:
+        self.detail = f"{length} tokens, over {budget_name}={budget}"
+        super().__init__(where, field, self.detail)
+        self.length, self.budget, self.budget_name = length, budget, budget_name
+
+
 def check_tokens(
     value: Any,
     where: str,
@@ -110,9 +120,7 @@ def check_tokens(
     if tokens.min() < 0 or tokens.max() > _INT32_MAX:
         raise DataError(where, field, f"token ids must be in [0, 2**31), got {tokens.tolist()}")
     if budget is not None and tokens.size > budget:
-        raise DataError(
-            where, field, f"{tokens.size} tokens, over the budget of {budget} ({budget_name})"
-        )
+        raise TooLong(where, field, int(tokens.size), budget, budget_name)
     return tokens.astype(np.int32)
 
 
@@ -144,7 +152,7 @@ def _check_response(
     value: Any, where: str, field: str, budgets: Budgets, eos_id: int | None
 ) -> np.ndarray:
     tokens = check_tokens(
-        value, where, field, budget=budgets.max_response_len, budget_name="max_response_len"
+        value, where, field, budget=budgets.max_response_len, budget_name="data.response_len"
     )
     if eos_id is not None and tokens[-1] != eos_id:
         raise DataError(where, field, f"expected the last token to be EOS ({eos_id})")
@@ -178,7 +186,7 @@ def validate_record(
             where,
             "prompt",
             budget=budgets.max_prompt_len,
-            budget_name="max_prompt_len",
+            budget_name="data.prompt_len",
         )
     if kind is Kind.DEMONSTRATIONS:
         out["response"] = _check_response(record["response"], where, "response", budgets, eos_id)
@@ -195,7 +203,7 @@ def validate_record(
         out["ranks"] = check_ranks(record["ranks"], len(responses), where)
     elif kind is Kind.PRETRAINING:
         out["text"] = check_tokens(
-            record["text"], where, "text", budget=budgets.max_text_len, budget_name="max_text_len"
+            record["text"], where, "text", budget=budgets.max_text_len, budget_name="data.text_len"
         )
     return out
 

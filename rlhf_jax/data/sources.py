@@ -279,15 +279,19 @@ class FileSource:
         main, val = self._files(config, kind)
         parts = [FORMAT_VERSION, kind.value, file_digest(main), val and file_digest(val)]
         parts += [file_digest(self.tokenizer_dir(config, workdir)), budgets(config)]
+        if config.data.too_long != "error":  # (so that datasets made before it stay current)
+            parts.append(config.data.too_long)
         return digest(*parts, 0.0 if val else config.data.heldout_fraction)
 
     def build(self, config: Config, workdir: Path, kind: Kind) -> Path:
         main, val = self._files(config, kind)
         tok = load_tokenizer(config, workdir)
         train, held = self.SPLIT_NAMES[kind]
+        too_long = config.data.too_long
         if val:
-            return write(config, workdir, kind, {train: main, held: val}, tokenizer=tok)
-        records = files.load_records(main, kind, tok, **budgets(config))
+            splits = {train: main, held: val}
+            return write(config, workdir, kind, splits, tokenizer=tok, too_long=too_long)
+        records = files.load_records(main, kind, tok, **budgets(config), too_long=too_long)
         k = self._held_out(len(records), config.data.heldout_fraction)
         if not k:
             return write(config, workdir, kind, {train: records}, eos_id=tok.eos_token_id)
