@@ -411,10 +411,22 @@ class Config:
     )
 
     def problems(self) -> list[tuple[str, str]]:
+        out = []
         unknown = [m for m in methods(self) if m not in METHODS]
         if unknown:
-            return [("methods", f"unknown {', '.join(unknown)}; expected any of {METHODS}")]
-        return []
+            out.append(("methods", f"unknown {', '.join(unknown)}; expected any of {METHODS}"))
+        if self.model.family == "gpt2":  # learned positions: none past max_len
+            d, n = self.data, self.model.max_len
+            if d.prompt_len + d.response_len > n:
+                out.append((
+                    "data.response_len",
+                    f"prompt_len + response_len = {d.prompt_len + d.response_len} is over "
+                    f"model.max_len={n}, the positions the model has embeddings for",
+                ))  # fmt: skip
+            text = d.source != "files" or d.pretraining  # (text_len means nothing without it)
+            if text and d.text_len > n:
+                out.append(("data.text_len", f"over model.max_len={n}, with data.pretraining set"))
+        return out
 
     def validate(self) -> Config:
         """This config, checked (``validate``); raises ``ConfigError`` naming each bad field."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import operator
 import typing
 from collections.abc import Iterator
 from typing import Any
@@ -105,7 +106,8 @@ def problems(config: Any, prefix: str = "") -> list[str]:
             out.append(f"{path}={value!r}: expected {_expected(kind, checks)}")
     if not out and hasattr(config, "problems"):
         for name, message in config.problems():
-            out.append(f"{prefix}{name}={getattr(config, name)!r}: {message}")
+            value = operator.attrgetter(name)(config)  # a name may be dotted: "data.text_len"
+            out.append(f"{prefix}{name}={value!r}: {message}")
     return out
 
 

@@ -312,6 +312,8 @@ def _to_hf_config(config: ModelConfig, overrides: dict[str, Any]) -> Any:
 def _read_config(path: Path) -> tuple[Any, str, bool]:
     """(HF config, model_type, whether it is a sequence-classification model) of a directory."""
     config_file = path / "config.json"
+    if not path.is_dir():
+        raise CheckpointNotFoundError(f"{path}: no such checkpoint directory")
     if not config_file.is_file():
         raise CheckpointNotFoundError(f"no config.json in checkpoint directory {path}")
     raw = json.loads(config_file.read_text())

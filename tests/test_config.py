@@ -100,3 +100,18 @@ def test_head_dim_is_one_field_and_resolves_from_the_width():
     assert model.head_dim == 0 and model.resolved_head_dim == 32
     explicit = dataclasses.replace(model, head_dim=16)
     assert explicit.resolved_head_dim == 16 and explicit.validate() is explicit
+
+
+def test_gpt2_sequences_must_fit_its_position_table():
+    # Learned positions past max_len do not exist: found when the config is read, not as NaN.
+    config = tiny.get_config()
+    n = config.model.max_len
+    long = fields.apply_overrides(config, {"data.response_len": str(n)})
+    with pytest.raises(ConfigError, match=rf"data.response_len={n}: prompt_len \+ response_len"):
+        long.validate()
+    with pytest.raises(ConfigError, match=rf"data.text_len={n + 1}: over model.max_len={n}"):
+        fields.apply_overrides(config, {"data.text_len": str(n + 1)}).validate()
+    files = fields.apply_overrides(config, {"data.source": "files", "data.text_len": str(n + 1)})
+    files.validate()  # no pretraining file: text_len is unused
+    llama = fields.apply_overrides(config, {"model.family": "llama", "data.response_len": str(n)})
+    llama.validate()  # rotary positions have no table

@@ -287,6 +287,8 @@ def test_shape_mismatch(gpt2_dir):
 
 
 def test_missing_files(gpt2_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"modle: no such checkpoint directory"):
+        hf.load_checkpoint(tmp_path / "modle")  # a typo, not a directory without config.json
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"config\.json.*empty"):
         hf.load_checkpoint(tmp_path / "empty")

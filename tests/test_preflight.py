@@ -2,6 +2,7 @@
 is written (the work directory is listed before and after); a non-finite loss keeps the last good
 checkpoint; mid-stage checkpoints; and the CLI across two processes equals one process."""
 
+import dataclasses
 import json
 import os
 import re
@@ -244,3 +245,18 @@ def test_two_processes_through_the_cli_equal_one(tmp_path):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
     rows = (tmp_path / "two" / "pretrain" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 3  # process 0 alone writes the metrics
+
+
+def test_a_checkpoint_without_a_tokenizer_is_named(tmp_path):
+    # The error used to blame data.tokenizer, which the user never set.
+    from rlhf_jax.data import sources
+
+    model = tmp_path / "model_notok"
+    model.mkdir()
+    config = dataclasses.replace(
+        tiny.get_config(),
+        init_from=str(model),
+        data=dataclasses.replace(tiny.get_config().data, source="files"),
+    )
+    with pytest.raises(ConfigError, match=f"init_from={model} has no tokenizer"):
+        sources.get(config).tokenizer_dir(config, tmp_path / "run")

@@ -305,6 +305,11 @@ class FileSource:
 
     def tokenizer_dir(self, config: Config, workdir: Path) -> Path:
         name = config.data.tokenizer or config.init_from
+        if not config.data.tokenizer and name and not Path(name, "tokenizer_config.json").is_file():
+            raise ConfigError(
+                f"init_from={name} has no tokenizer (no tokenizer_config.json): save the model's "
+                "tokenizer there, or give one with --config.data.tokenizer=<dir>"
+            )
         if not name or not Path(name, "tokenizer_config.json").is_file():
             raise ConfigError(
                 f"data.tokenizer={config.data.tokenizer!r}: expected a local Hugging Face "
