@@ -61,6 +61,13 @@ class Evaluator:
         test = _read(config, workdir, "test", ("prompt_tokens", "prompt_mask"))
         n = config.eval.test_prompts
         self.prompts, self.prompt_mask = test["prompt_tokens"][:n], test["prompt_mask"][:n]
+        if len(self.prompts) < n:
+            log.warning(
+                "[eval] %d held-out prompts, fewer than eval.test_prompts=%d: give more with "
+                "data.prompts_val or a larger data.heldout_fraction",
+                len(self.prompts),
+                n,
+            )
         self.heldout = None
         if sources.available(config, workdir, "heldout"):
             text = _read(config, workdir, "heldout", ("tokens", "mask"))

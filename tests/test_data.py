@@ -209,6 +209,7 @@ MALFORMED = [
     ("demonstrations", {"prompt": "a cat", "response": "   "}, "response", "non-empty string"),
     ("prompts", {"prompt": None}, "prompt", "expected a string, got null"),
     ("pretraining", {"txt": "a cat"}, "text", "missing"),
+    ("demonstrations", {"prompt": "a", "respones": "b"}, "response", r"has 'respones': a typo\?"),
     ("comparisons", cmp("it", [0]), "responses", "an array"),
     ("comparisons", cmp(["it", 7], [0, 1]), "responses[1]", "string"),
     ("comparisons", cmp(["it"], [0]), "responses", "K >= 2"),

@@ -53,8 +53,12 @@ def encode_object(
     record = to_text_record(kind, obj, tokenizer, where)
     eos = tokenizer.eos_token_id
 
+    # An HF tokenizer warns of text longer than its model_max_length; budgets are checked here (and
+    # pretraining text split) instead, so its warning would only mislead.
+    quiet = {"verbose": False} if hasattr(tokenizer, "model_max_length") else {}
+
     def encode(text: str) -> list[int]:
-        return list(tokenizer.encode(text, add_special_tokens=False))
+        return list(tokenizer.encode(text, add_special_tokens=False, **quiet))
 
     def encode_response(text: str) -> list[int]:
         tokens = encode(text)

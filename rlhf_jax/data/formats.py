@@ -22,6 +22,7 @@ error is a ``DataError`` naming the row and the field.
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 from rlhf_jax.data.records import DataError, Kind
@@ -107,11 +108,18 @@ def _hh_prompt(chosen: str, rejected: str, where: str) -> str:
     return chosen[: cut + len(ASSISTANT)]
 
 
+def _missing(obj: dict, field: str, where: str, expected: str) -> DataError:
+    """A missing field's error; a key of the record that looks like it is named as a likely typo."""
+    near = difflib.get_close_matches(field, [k for k in obj if isinstance(k, str)], n=1, cutoff=0.7)
+    typo = f" (the record has {near[0]!r}: a typo?)" if near else ""
+    return DataError(where, field, f"missing{typo}; {expected}")
+
+
 def _comparison(obj: dict, tokenizer: Any, where: str) -> dict[str, Any]:
     if "responses" in obj:
         for field in ("prompt", "ranks"):
             if field not in obj:
-                raise DataError(where, field, "missing (K-wise comparisons need prompt, ranks)")
+                raise _missing(obj, field, where, "K-wise comparisons need prompt, ranks")
         responses = obj["responses"]
         if not isinstance(responses, list):
             raise DataError(
@@ -124,7 +132,7 @@ def _comparison(obj: dict, tokenizer: Any, where: str) -> dict[str, Any]:
         }
     if "chosen" not in obj or "rejected" not in obj:
         missing = "chosen" if "chosen" not in obj else "rejected"
-        raise DataError(where, missing, f"missing; expected {FORMATS[Kind.COMPARISONS]}")
+        raise _missing(obj, missing, where, f"expected {FORMATS[Kind.COMPARISONS]}")
     chosen, rejected = obj["chosen"], obj["rejected"]
     if isinstance(chosen, list) or isinstance(rejected, list):
         good = _messages(chosen, "chosen", where)
@@ -157,7 +165,7 @@ def to_text_record(kind: Kind, obj: Any, tokenizer: Any, where: str) -> dict[str
         return _comparison(obj, tokenizer, where)
     if kind is Kind.PRETRAINING:
         if "text" not in obj:
-            raise DataError(where, "text", "missing")
+            raise _missing(obj, "text", where, f"expected {FORMATS[kind]}")
         return {"text": text(obj["text"], "text", where)}
     if "messages" in obj and "prompt" not in obj:
         messages = _messages(obj["messages"], "messages", where)
@@ -169,5 +177,5 @@ def to_text_record(kind: Kind, obj: Any, tokenizer: Any, where: str) -> dict[str
     fields = ("prompt",) if kind is Kind.PROMPTS else ("prompt", "response")
     for field in fields:
         if field not in obj:
-            raise DataError(where, field, f"missing; expected {FORMATS[kind]}")
+            raise _missing(obj, field, where, f"expected {FORMATS[kind]}")
     return {field: text(obj[field], field, where) for field in fields}
