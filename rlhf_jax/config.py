@@ -17,6 +17,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from rlhf_jax.data.files import TOO_LONG
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.fields import field, validate
 
@@ -358,7 +359,7 @@ class DataConfig:
     too_long: str = field(
         "error",
         "files: a prompt or response over prompt_len/response_len: error (naming it), or drop it",
-        choices=("error", "drop"),
+        choices=TOO_LONG,
     )
 
 
@@ -425,7 +426,7 @@ class Config:
                 ))  # fmt: skip
             text = d.source != "files" or d.pretraining  # (text_len means nothing without it)
             if text and d.text_len > n:
-                out.append(("data.text_len", f"over model.max_len={n}, with data.pretraining set"))
+                out.append(("data.text_len", f"over model.max_len={n}"))
         return out
 
     def validate(self) -> Config:

@@ -32,8 +32,9 @@ import numpy as np
 from rlhf_jax import hf
 from rlhf_jax.config import Config, ModelConfig
 from rlhf_jax.data import sources
+from rlhf_jax.data.builders import swap_into_place
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.stages.driver import committed_steps
+from rlhf_jax.stages.driver import committed_steps, stage_settings
 from rlhf_jax.stages.lineage import (
     load_policy,
     load_reward_model,
@@ -128,26 +129,27 @@ def export_current(config: Config, workdir: str | os.PathLike, stage: str, out: 
     ``export/policy`` follows its last RL stage when a rerun adds PPO-ptx, and a stage trained
     again (other settings or data) is exported again. ``out`` is replaced whole, never half."""
     out = Path(out)
-    stage_dir = Path(workdir) / stage
+    # The settings the stage's checkpoints are bound to (a rerun rewrites its config.json with
+    # every field, also those of other stages, which change nothing it exported).
+    saved = json.loads((Path(workdir) / stage / "config.json").read_text())
+    settings = json.dumps(stage_settings(saved, stage), sort_keys=True, default=str)
     source = {
         "stage": stage,
         "step": committed_steps(workdir, stage)[-1],
-        "settings": hashlib.sha256((stage_dir / "config.json").read_bytes()).hexdigest(),
+        "settings": hashlib.sha256(settings.encode()).hexdigest(),
     }
     marker = out / SOURCE_FILE
     if marker.is_file() and json.loads(marker.read_text()) == source:
         return out
-    new = out.with_name(out.name + ".new")
+    new, old = out.with_name(out.name + ".new"), out.with_name(out.name + ".old")
     if jax.process_index() == 0:
-        shutil.rmtree(new, ignore_errors=True)
+        for leftover in (new, old):
+            shutil.rmtree(leftover, ignore_errors=True)
+    sources.barrier(f"rlhf_jax export {new}")  # every process sees ``new`` gone
     export_stage(config, workdir, stage, new)
     if jax.process_index() == 0:
         (new / SOURCE_FILE).write_text(json.dumps(source, indent=2))
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if out.exists():
-            out.rename(old)
-        new.rename(out)
+        swap_into_place(new, out, old)
         shutil.rmtree(old, ignore_errors=True)
     sources.barrier(f"rlhf_jax export {out}")
     return out

@@ -1,5 +1,6 @@
 """Tests for rlhf_jax.data: JSONL import, array_record builders, batch loaders and their state."""
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -274,6 +275,45 @@ def test_over_budget_records_are_counted_in_one_error_or_dropped(tmp_path, tok, 
         kept = load_records(src, "prompts", tok, max_prompt_len=3, too_long="drop")
     assert [r["prompt"].tolist() for r in kept] == [ids("a cat"), ids("hello")]
     assert f"{src}: skipped 3 of 5 records over the length budgets" in caplog.text
+
+
+def test_a_record_over_two_budgets_counts_for_both_and_dropping_all_is_an_error(tmp_path, tok):
+    both = {"prompt": "what is two plus", "response": "hello the world cat"}  # 4 and 5 (EOS) tokens
+    src = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "response": "b"}, both])
+    budgets = {"max_prompt_len": 3, "max_response_len": 3}
+    with pytest.raises(DataError, match=re.escape(
+        "In all 2 records: 1 over data.prompt_len=3 (longest 4); 1 over data.response_len=3 "
+        "(longest 5)."
+    )):  # fmt: skip
+        load_records(src, "demonstrations", tok, **budgets)
+    only = write_jsonl(tmp_path / "only.jsonl", [both])
+    with pytest.raises(DataError, match="all 1 records are over the length budgets"):
+        load_records(only, "demonstrations", tok, **budgets, too_long="drop")
+
+
+def test_held_out_text_is_whole_documents_cut_into_pieces_after(tmp_path, tok):
+    # Pieces of one document on both sides would make the held-out NLL a training NLL.
+    from rlhf_jax.configs import tiny
+    from rlhf_jax.data import sources
+
+    tok.save_pretrained(tmp_path / "tok")
+    words = ["cat", "dog", "hello", "world"]
+    src = write_jsonl(tmp_path / "t.jsonl", [{"text": " ".join([w] * 10)} for w in words])
+    config = tiny.get_config()
+    data = dataclasses.replace(
+        config.data, source="files", tokenizer=str(tmp_path / "tok"), pretraining=str(src),
+        text_len=4, heldout_fraction=0.5,
+    )  # fmt: skip
+    config = dataclasses.replace(config, data=data)
+    path = sources.get(config).build(config, tmp_path / "run", Kind.PRETRAINING)
+    sides = [
+        [r["text"].tolist() for r in builders.open_source(path, split)]
+        for split in ("train", "heldout")
+    ]
+    for side in sides:  # each document's 10 tokens as pieces of 4, 4 and 2
+        assert sorted(map(len, side)) == [2, 2, 4, 4, 4, 4]
+    train_docs, held_docs = ({piece[0] for piece in side} for side in sides)
+    assert len(train_docs) == len(held_docs) == 2 and not train_docs & held_docs
 
 
 def test_long_pretraining_text_is_split_into_pieces_of_text_len(tmp_path, tok):

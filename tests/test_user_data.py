@@ -290,7 +290,16 @@ def test_the_export_follows_the_stage_it_was_made_from(run, tmp_path):
     weights = out / "model.safetensors"
     made = weights.stat().st_mtime_ns
     export_current(config, copy, "ppo", out)  # the same stage: kept as it is
+    saved = copy / "ppo" / "config.json"
+    settings = json.loads(saved.read_text())
+    settings["eval"]["test_prompts"] += 1  # a rerun rewrites it; not a setting of the stage
+    saved.write_text(json.dumps(settings))
+    export_current(config, copy, "ppo", out)
     assert weights.stat().st_mtime_ns == made
+    settings["ppo"]["kl_coef"] *= 2  # one of the stage's own: its export is made again
+    saved.write_text(json.dumps(settings))
+    export_current(config, copy, "ppo", out)
+    assert weights.stat().st_mtime_ns != made
     export_current(config, copy, "sft", out)  # another stage: made again, whole
     assert json.loads((out / SOURCE_FILE).read_text())["stage"] == "sft"
     export_stage(config, copy, "sft", tmp_path / "sft")

@@ -261,7 +261,7 @@ def build_dataset(
                 metadata=dict(metadata or {}),
             )
             builder.download_and_prepare()
-        _swap_into_place(Path(os.fspath(builder.data_path)), final, tmp / "previous")
+        swap_into_place(Path(os.fspath(builder.data_path)), final, tmp / "previous")
         ok = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -283,7 +283,9 @@ def _tempdir_inside(path: Path) -> Iterator[None]:
         tempfile.tempdir = saved
 
 
-def _swap_into_place(built: Path, final: Path, trash: Path) -> None:
+def swap_into_place(built: Path, final: Path, trash: Path) -> None:
+    """``built`` becomes ``final``; an existing ``final`` is moved to ``trash`` first (and put back
+    if the move fails), so ``final`` is never half-written or missing."""
     final.parent.mkdir(parents=True, exist_ok=True)
     if not final.exists():
         os.rename(built, final)

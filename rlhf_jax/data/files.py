@@ -77,16 +77,36 @@ def encode_object(
     return validate_record(kind, out, where, budgets, eos_id=eos)
 
 
+def text_pieces(records: list[dict[str, Any]], text_len: int | None) -> list[dict[str, Any]]:
+    """Pretraining records with every text longer than ``text_len`` split into consecutive pieces
+    of at most ``text_len`` tokens, each a sequence of its own (None: as they are)."""
+    if text_len is None:
+        return records
+    return [
+        {"text": r["text"][i : i + text_len]}
+        for r in records
+        for i in range(0, len(r["text"]), text_len)
+    ]
+
+
 def encode_records(
     kind: Kind, obj: Any, tokenizer: Tokenizer, where: str, budgets: Budgets
 ) -> list[dict[str, Any]]:
-    """``encode_object``, except that a pretraining document over ``max_text_len`` comes back as
-    consecutive pieces of at most that many tokens (each one sequence)."""
-    if kind is not Kind.PRETRAINING or budgets.max_text_len is None:
+    """``encode_object``, except that a pretraining document over ``max_text_len`` comes back in
+    pieces (``text_pieces``)."""
+    if kind is not Kind.PRETRAINING:
         return [encode_object(kind, obj, tokenizer, where, budgets)]
-    text = encode_object(kind, obj, tokenizer, where)["text"]
-    step = budgets.max_text_len
-    return [{"text": text[i : i + step]} for i in range(0, len(text), step)]
+    return text_pieces([encode_object(kind, obj, tokenizer, where)], budgets.max_text_len)
+
+
+def _over_budget(kind: Kind, obj: Any, tokenizer: Tokenizer, where: str, budgets: Budgets):
+    """``(budget name, length)`` of every field of a record that is over its budget."""
+    record = encode_object(kind, obj, tokenizer, where)  # no budgets: every field's length
+    lengths = [("data.prompt_len", budgets.max_prompt_len, len(record.get("prompt", ())))]
+    responses = record.get("responses", [record["response"]] if "response" in record else [])
+    longest = max((len(r) for r in responses), default=0)
+    lengths.append(("data.response_len", budgets.max_response_len, longest))
+    return [(f"{name}={b}", n) for name, b, n in lengths if b is not None and n > b]
 
 
 def _suffix(path: str | os.PathLike) -> str:
@@ -163,18 +183,19 @@ def read_records(
             f"the tokenizer has no EOS token id (eos_token_id={tokenizer.eos_token_id})"
         )
     budgets = Budgets(max_prompt_len, max_response_len, max_text_len)
-    count, first, over = 0, None, {}  # over: "data.prompt_len=P" -> (records, longest)
+    count, kept, first, over = 0, 0, None, {}  # over: "data.prompt_len=P" -> (records, longest)
     for where, obj in rows(path):
         count += 1
         try:
             records = encode_records(kind, obj, tokenizer, where, budgets)
         except TooLong as e:
-            name = f"{e.budget_name}={e.budget}"
-            n, longest = over.get(name, (0, 0))
-            over[name] = (n + 1, max(longest, e.length))
+            for name, length in _over_budget(kind, obj, tokenizer, where, budgets):
+                n, longest = over.get(name, (0, 0))
+                over[name] = (n + 1, max(longest, length))
             first = first or e
             continue
         if first is None or too_long == "drop":
+            kept += 1
             yield from records
     if first is not None and too_long == "error":
         counts = "; ".join(f"{n} over {name} (longest {m})" for name, (n, m) in over.items())
@@ -185,8 +206,13 @@ def read_records(
             "(--config.data.prompt_len or response_len, in tokens), or skip such records with "
             "--config.data.too_long=drop",
         )
-    if over:
-        skipped = sum(n for n, _ in over.values())
+    if count and not kept and too_long == "drop":
+        raise DataError(
+            os.fspath(path), None, f"all {count} records are over the length budgets "
+            "(data.too_long=drop skipped every one): raise data.prompt_len / data.response_len"
+        )  # fmt: skip
+    if first is not None:
+        skipped = count - kept
         log.warning(
             "[data] %s: skipped %d of %d records over the length budgets", path, skipped, count
         )

@@ -279,8 +279,8 @@ class FileSource:
         main, val = self._files(config, kind)
         parts = [FORMAT_VERSION, kind.value, file_digest(main), val and file_digest(val)]
         parts += [file_digest(self.tokenizer_dir(config, workdir)), budgets(config)]
-        if config.data.too_long != "error":  # (so that datasets made before it stay current)
-            parts.append(config.data.too_long)
+        if config.data.too_long != "error" and kind is not Kind.PRETRAINING:
+            parts.append(config.data.too_long)  # (not when it changes nothing: old datasets stay)
         return digest(*parts, 0.0 if val else config.data.heldout_fraction)
 
     def build(self, config: Config, workdir: Path, kind: Kind) -> Path:
@@ -291,26 +291,29 @@ class FileSource:
         if val:
             splits = {train: main, held: val}
             return write(config, workdir, kind, splits, tokenizer=tok, too_long=too_long)
-        records = files.load_records(main, kind, tok, **budgets(config), too_long=too_long)
+        # Whole documents are held out: their pieces (``files.text_pieces``) are cut after.
+        whole = {**budgets(config), "max_text_len": None}
+        records = files.load_records(main, kind, tok, **whole, too_long=too_long)
         k = self._held_out(len(records), config.data.heldout_fraction)
-        if not k:
-            return write(config, workdir, kind, {train: records}, eos_id=tok.eos_token_id)
         # A fixed permutation picks the held-out records, so a rebuild picks the same ones.
         held_idx = set(np.random.default_rng(0).permutation(len(records))[:k].tolist())
         splits = {
             train: [r for i, r in enumerate(records) if i not in held_idx],
             held: [r for i, r in enumerate(records) if i in held_idx],
         }
+        if kind is Kind.PRETRAINING:
+            splits = {s: files.text_pieces(rs, config.data.text_len) for s, rs in splits.items()}
+        splits = {s: rs for s, rs in splits.items() if rs or s == train}
         return write(config, workdir, kind, splits, eos_id=tok.eos_token_id)
 
     def tokenizer_dir(self, config: Config, workdir: Path) -> Path:
         name = config.data.tokenizer or config.init_from
-        if not config.data.tokenizer and name and not Path(name, "tokenizer_config.json").is_file():
-            raise ConfigError(
-                f"init_from={name} has no tokenizer (no tokenizer_config.json): save the model's "
-                "tokenizer there, or give one with --config.data.tokenizer=<dir>"
-            )
         if not name or not Path(name, "tokenizer_config.json").is_file():
+            if name and not config.data.tokenizer:
+                raise ConfigError(
+                    f"init_from={name} has no tokenizer (no tokenizer_config.json): save the "
+                    "model's tokenizer there, or give one with --config.data.tokenizer=<dir>"
+                )
             raise ConfigError(
                 f"data.tokenizer={config.data.tokenizer!r}: expected a local Hugging Face "
                 "tokenizer directory (--config.data.tokenizer=<dir>; it defaults to init_from)"

@@ -61,7 +61,9 @@ FREE_SETTINGS = ("model.remat",)  # recomputation changes no number
 # Before a stage writes anything
 
 
-def _settings(config: dict, stage: str) -> dict[str, Any]:
+def stage_settings(config: dict, stage: str) -> dict[str, Any]:
+    """The settings of a saved ``config.json`` that bind a stage's checkpoints: its own section,
+    the shared ones (``SHARED_SETTINGS``) and its data fingerprints."""
     flat: dict[str, Any] = {}
 
     def walk(d, prefix):
@@ -99,7 +101,7 @@ def check_settings(config: Config, workdir, stage: str, fingerprints: dict[str, 
         return
     saved = json.loads(saved_file.read_text())
     now = {**dataclasses.asdict(config), "data_fingerprints": fingerprints}
-    was_, now_ = _settings(saved, stage), _settings(now, stage)
+    was_, now_ = stage_settings(saved, stage), stage_settings(now, stage)
     differ = [k for k in sorted(set(was_) | set(now_)) if was_.get(k) != now_.get(k)]
     if differ:
         shown = ", ".join(

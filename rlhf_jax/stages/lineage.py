@@ -174,9 +174,9 @@ def reward_model_config(config: Config, workdir) -> ModelConfig:
 
 
 def check_same_vocabulary(config: Config, other: ModelConfig, what: str) -> None:
-    """A reward model reads the policy's tokens: its vocabulary must hold the policy's (an exported
+    """A reward model reads the policy's tokens: its vocabulary must be the policy's (an exported
     RM may have one more, its own pad token: ``export.distinct_pad_token``)."""
-    if other.vocab_size < config.model.vocab_size:
+    if other.vocab_size not in (config.model.vocab_size, config.model.vocab_size + 1):
         raise ConfigError(
             f"{what} has vocab_size={other.vocab_size}, the policy {config.model.vocab_size}: "
             "the reward model must use the policy's tokenizer"
