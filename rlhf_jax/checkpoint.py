@@ -30,7 +30,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -89,6 +89,15 @@ def _check_abstract(tree: Any) -> None:
                 f"restore target leaf {jax.tree_util.keystr(path)} is {leaf!r}: every leaf must be "
                 "a jax.ShapeDtypeStruct with a sharding (use abstract_with_shardings)"
             )
+
+
+class Restored(NamedTuple):
+    """One committed step: the full state, the data-iterator state and the metadata (None when
+    the step has none)."""
+
+    state: Any
+    data_state: dict | None
+    metadata: dict | None
 
 
 class StageCheckpointer:
@@ -164,10 +173,8 @@ class StageCheckpointer:
         # Orbax raises KeyError. Step directories are named by the bare step number (no prefix).
         return (self.directory / str(step) / item).exists()
 
-    def restore(
-        self, abstract_state: Any, step: int | None = None
-    ) -> tuple[Any, dict | None, dict | None]:
-        """``(state, data_state, metadata)`` of ``step`` (default: the latest).
+    def restore(self, abstract_state: Any, step: int | None = None) -> Restored:
+        """The state, data-iterator state and metadata of ``step`` (default: the latest).
 
         ``abstract_state`` leaves are ``jax.ShapeDtypeStruct``s with shardings; the state is
         restored straight into those shardings, whatever mesh it was saved from.
@@ -179,7 +186,7 @@ class StageCheckpointer:
             if self.has_item(step, name):
                 items[name] = ocp.args.JsonRestore()
         out = self._mngr.restore(step, args=ocp.args.Composite(**items))
-        return out["state"], out.get("data"), out.get("meta")
+        return Restored(out["state"], out.get("data"), out.get("meta"))
 
     def restore_params(self, abstract_params: Any, step: int | None = None) -> Any:
         """The exported ``params`` item of ``step`` (default: the latest step that has one)."""
@@ -242,16 +249,25 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     )
 
 
+class Resumed(NamedTuple):
+    """Where a stage begins: its state, its data-iterator state (None on a fresh start), and
+    whether it resumed a checkpoint."""
+
+    state: Any
+    data_state: dict | None
+    resumed: bool
+
+
 def resume_or_start(
     ckpt: StageCheckpointer, abstract_state: Any, *, start: Callable[[], Any]
-) -> tuple[Any, dict | None, bool]:
-    """The load order of docs/design.md: ``(state, data_state, resumed)``.
+) -> Resumed:
+    """The load order of docs/design.md.
 
     Resumes this stage's latest committed checkpoint (full state and data-iterator state) if there
     is one; otherwise returns ``start()``, the stage's own fresh start (the previous stage's
     ``exported_params``, or initialisation), with no data state.
     """
     if ckpt.latest_step() is None:
-        return start(), None, False
-    state, data_state, _ = ckpt.restore(abstract_state)
-    return state, data_state, True
+        return Resumed(start(), None, False)
+    restored = ckpt.restore(abstract_state)
+    return Resumed(restored.state, restored.data_state, True)

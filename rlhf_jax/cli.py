@@ -12,6 +12,9 @@ and the result is validated before any work starts. A user
 mistake (a bad field or value, bad data, a stage run before the one it starts from) prints one
 line and exits with status 2; ``--verbose`` (or ``RLHF_JAX_VERBOSE=1``) shows the traceback too.
 The built-in world's commands dispatch to ``rlhf_jax.instructlang``; the rest is the library.
+The stage commands, their help and their dispatch come from ``rlhf_jax.stage_table``. The
+library is imported inside the functions that run a command, never at the top of this module, so
+that ``--help`` and a mistyped flag answer at once, without loading JAX and the models.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ import json
 import logging
 import os
 import sys
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from rlhf_jax import fields
+from rlhf_jax import fields, stage_table
 from rlhf_jax.errors import ConfigError, UserError
 
 SHARED_FIELDS = (
@@ -47,24 +51,28 @@ class Command:
 
 
 RUN_FLAGS = ("distributed",)
-COMMANDS: dict[str, Command] = {
+# The commands beside the stages' own (which come from ``rlhf_jax.stage_table``: ``commands``).
+PIPELINE_DETAILS = (
+    "On the built-in world: pretrain, sft, comparison sampling, rm, ppo and "
+    "ppo_ptx (when ppo.ptx_coef > 0), every model evaluated with the gold reward. On your "
+    "data (data.source=files, e.g. --config=hf:<checkpoint>): sft, rm, ppo (and ppo_ptx "
+    "with pretraining text), evaluated by the RM on held-out prompts, then the policy and RM "
+    "exported under <workdir>/export/. --config.methods={methods} adds those "
+    "methods after ppo_ptx, each a row of the report. Both write report.md, summary.json "
+    "and samples.jsonl; finished stages are reused (the report keeps the seconds they took "
+    "when they ran)."
+)
+RUN_COMMANDS = {
     "pipeline": Command(
         "the whole recipe, evaluated, then report.md (the main job on the built-in world)",
-        ("pretrain", "sft", "rm", "ppo", "dpo", "grpo", "eval"),
+        (),
         RUN_FLAGS,
-        details="On the built-in world: pretrain, sft, comparison sampling, rm, ppo and "
-        "ppo_ptx (when ppo.ptx_coef > 0), every model evaluated with the gold reward. On your "
-        "data (data.source=files, e.g. --config=hf:<checkpoint>): sft, rm, ppo (and ppo_ptx "
-        "with pretraining text), evaluated by the RM on held-out prompts, then the policy and RM "
-        "exported under <workdir>/export/. --config.methods=dpo,grpo,rloo,best_of_n adds those "
-        "methods after ppo_ptx, each a row of the report. Both write report.md, summary.json "
-        "and samples.jsonl; finished stages are reused (the report keeps the seconds they took "
-        "when they ran).",
+        details=PIPELINE_DETAILS,
         fields=("methods",),
     ),
     "seeds": Command(
         "the pipeline once per seed, then seeds.md (mean ± sd over seeds)",
-        ("pretrain", "sft", "rm", "ppo", "dpo", "grpo", "eval"),
+        (),
         ("seeds", *RUN_FLAGS),
         details="Each seed runs into <workdir>/seed<k>/ (default workdir: runs/<name>-seeds); "
         "finished seeds are only re-read (a seed without a model that methods asks for runs "
@@ -73,7 +81,7 @@ COMMANDS: dict[str, Command] = {
     ),
     "study": Command(
         "the experiments beyond the main job (C3, C4, C6-C9, oracle PPO), then study.md",
-        ("pretrain", "sft", "rm", "ppo", "dpo", "grpo", "eval", "study"),
+        ("study",),
         ("seeds", *RUN_FLAGS),
         details="Runs the main job per seed into <workdir>/seed<k>/ as `rlhf-jax seeds` does "
         "(default workdir: runs/<name>-seeds, so a finished sweep is reused), then each "
@@ -82,58 +90,8 @@ COMMANDS: dict[str, Command] = {
         "stage and every experiment's per-seed result resumes or is re-read.",
         fields=("methods",),
     ),
-    "pretrain": Command(
-        "train the base model on the pretraining text",
-        ("pretrain",),
-        RUN_FLAGS,
-        details="Starts from init_from (an HF checkpoint directory) or a fresh initialisation.",
-    ),
-    "sft": Command(
-        "supervised fine-tuning on demonstrations: the PPO init and KL reference",
-        ("sft",),
-        RUN_FLAGS,
-        details="Starts from the pretrain stage of --workdir, else init_from, else a fresh "
-        "initialisation.",
-    ),
-    "rm": Command(
-        "train the reward model on ranked comparisons",
-        ("rm", "eval"),
-        RUN_FLAGS,
-        details="Starts from the sft stage of --workdir (its unembedding replaced by a scalar "
-        "head), or from rm.init_from (an HF checkpoint, another run's stage directory, or a "
-        "model size: an RM larger than the policy). On the built-in world the comparisons are "
-        "first sampled from that SFT model and labelled.",
-    ),
-    "ppo": Command(
-        "PPO from the SFT model against the reward model; PPO-ptx when ppo.ptx_coef > 0",
-        ("ppo",),
-        RUN_FLAGS,
-        details="Starts from the sft (policy, KL reference) and rm (reward, value init) stages "
-        "of --workdir, or the RM of ppo.reward_from (another run's rm stage or an exported "
-        "RM); writes <workdir>/ppo, or <workdir>/ppo_ptx when ppo.ptx_coef > 0.",
-        fields=("rm.init_from",),  # the value network's shape, when the RM is not the policy's
-    ),
-    "dpo": Command(
-        "DPO (or IPO, hinge) from the SFT model on the ranked comparisons; no reward model",
-        ("dpo",),
-        RUN_FLAGS,
-        details="Starts from the sft stage of --workdir, which is also the frozen reference; "
-        "each K-wise comparison counts as its C(K,2) pairs (ties dropped). Writes <workdir>/dpo, "
-        "a policy stage like sft: rlhf-jax eval/export/generate --stage=dpo. On the built-in "
-        "world the comparisons are first sampled from that SFT model and labelled.",
-    ),
-    "grpo": Command(
-        "GRPO (or RLOO) from the SFT model against the reward model; no value network",
-        ("grpo",),
-        RUN_FLAGS,
-        details="Starts from the sft stage (policy, KL reference) and the reward model PPO uses "
-        "(the rm stage of --workdir, or ppo.reward_from). grpo.group_size responses per prompt "
-        "are each other's baseline: the group mean (grpo.baseline=group, divided by the group's "
-        "std unless grpo.scale_rewards=False) or the mean of the others (grpo.baseline=rloo). "
-        "Writes <workdir>/grpo (<workdir>/rloo for RLOO, so a run can hold both), a policy "
-        "stage: rlhf-jax eval/export/generate --stage=grpo (or rloo).",
-        fields=("ppo.reward_from", "rm.init_from"),
-    ),
+}
+MODEL_COMMANDS = {
     "eval": Command(
         "evaluate one stage's policy against the SFT model and print JSON",
         ("eval",),
@@ -161,6 +119,29 @@ COMMANDS: dict[str, Command] = {
         details='Prints one JSON line per prompt: {"prompt": ..., "response": ...}.',
     ),
 }
+
+
+def commands() -> dict[str, Command]:
+    """Every command: the pipelines, one per stage command of ``rlhf_jax.stage_table`` (its help
+    given by the command's first stage), then the commands that read a finished stage. The
+    pipelines read every stage's config section."""
+    stages = {}
+    for name, group in stage_table.commands().items():
+        first = group[0]
+        stages[name] = Command(
+            first.summary, (first.section, *first.reads), RUN_FLAGS, first.details, first.fields
+        )
+    sections = tuple(dict.fromkeys(s.section for s in stage_table.STAGES))
+    pipelines = {
+        name: dataclasses.replace(
+            c,
+            sections=(*sections, *(x for x in c.sections if x not in sections)),
+            details=c.details.format(methods=",".join(stage_table.methods())),
+        )
+        for name, c in RUN_COMMANDS.items()
+    }
+    return {**pipelines, **stages, **MODEL_COMMANDS}
+
 
 EXAMPLES = """\
   rlhf-jax pipeline                               # the main job: about 13 minutes on 2 CPU cores
@@ -196,7 +177,7 @@ def _parser(command: str) -> _Parser:
     p.add_argument("--workdir", default=None)
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--help", "-h", action="store_true")
-    flags = COMMANDS[command].flags
+    flags = commands()[command].flags
     if "seeds" in flags:
         p.add_argument("--seeds", default="0,1,2")
     if "stage" in flags:
@@ -245,8 +226,6 @@ def load_preset(spec: str) -> Any:
 
 
 def _preset_names() -> list[str]:
-    from importlib import resources
-
     files = resources.files("rlhf_jax.configs").iterdir()
     return [f.name[:-3] for f in files if f.name.endswith(".py") and not f.name.startswith("_")]
 
@@ -291,7 +270,8 @@ def _field_lines(config: Any, prefixes: tuple[str, ...], top: tuple[str, ...] = 
 
 
 def main_help() -> str:
-    width = max(map(len, COMMANDS)) + 2
+    table = commands()
+    width = max(map(len, table)) + 2
     lines = [
         "rlhf-jax: the InstructGPT recipe (SFT, K-wise reward model, PPO / PPO-ptx) in JAX, "
         "and DPO and GRPO beside it.",
@@ -300,7 +280,7 @@ def main_help() -> str:
         "[--config.<field>=<value> ...]",
         "",
         "commands:",
-        *[f"  {name:<{width}}{c.summary}" for name, c in COMMANDS.items()],
+        *[f"  {name:<{width}}{c.summary}" for name, c in table.items()],
         "",
         "examples:",
         EXAMPLES,
@@ -312,7 +292,7 @@ def main_help() -> str:
 
 
 def command_help(command: str, config: Any, preset: str) -> str:
-    c = COMMANDS[command]
+    c = commands()[command]
     flags = ("config", "workdir", "verbose", *c.flags)
     lines = [f"rlhf-jax {command}: {c.summary}.", ""]
     if c.details:
@@ -364,7 +344,7 @@ def setup_logging(to_stderr: bool = False) -> None:
     library.propagate = False
     # Orbax and tfds log every file operation at INFO through absl.
     logging.getLogger("absl").setLevel(logging.WARNING)
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # heavy: only when a command runs, not for --help
 
     tfds.disable_progress_bar()
 
@@ -374,9 +354,10 @@ def parse(argv: list[str]) -> tuple[str, argparse.Namespace, Any] | str:
     if not argv or argv[0] in ("--help", "-h", "help"):
         return main_help()
     command = argv[0]
-    if command not in COMMANDS:
+    if command not in commands():
         raise ConfigError(
-            f"unknown command {command!r}; commands: {', '.join(COMMANDS)} (see `rlhf-jax --help`)"
+            f"unknown command {command!r}; commands: {', '.join(commands())} "
+            "(see `rlhf-jax --help`)"
         )
     args, rest = _parser(command).parse_known_args(argv[1:])
     import rlhf_jax.instructlang  # noqa: F401  (registers the built-in world's data source)
@@ -414,33 +395,18 @@ def start_distributed(args: argparse.Namespace) -> None:
 
 
 def run(command: str, args: argparse.Namespace, config: Any) -> None:
-    if "distributed" in COMMANDS[command].flags:
+    """Run a parsed command. The library's modules are imported here, not at the top, so that
+    ``--help`` and a mistyped flag answer at once, without loading JAX and the models."""
+    if "distributed" in commands()[command].flags:
         start_distributed(args)
     from rlhf_jax.accelerator import enable_compilation_cache
 
     enable_compilation_cache()  # a rerun starts its first step without compiling
     workdir = Path(args.workdir or Path("runs") / config.name)
+    seeds_dir = Path(args.workdir or Path("runs") / f"{config.name}-seeds")
     world = config.data.source == "instructlang"
-    if command in ("pretrain", "sft"):
-        from rlhf_jax.stages.lm import run_lm_stage
-
-        run_lm_stage(config, workdir, command)
-    elif command == "rm":
-        from rlhf_jax.stages.rm import run_rm
-
-        run_rm(config, workdir)
-    elif command == "ppo":
-        from rlhf_jax.stages.ppo import run_ppo
-
-        run_ppo(config, workdir, "ppo_ptx" if config.ppo.ptx_coef > 0 else "ppo")
-    elif command == "dpo":
-        from rlhf_jax.stages.dpo import run_dpo
-
-        run_dpo(config, workdir)
-    elif command == "grpo":
-        from rlhf_jax.stages.grpo import run_grpo
-
-        run_grpo(config, workdir)
+    if command in stage_table.commands():
+        stage_table.for_command(command, config).run(config, workdir)
     elif command == "pipeline" and world:
         from rlhf_jax.instructlang.pipeline import run_pipeline
 
@@ -452,21 +418,17 @@ def run(command: str, args: argparse.Namespace, config: Any) -> None:
     elif command == "seeds":
         from rlhf_jax.instructlang.pipeline import run_seeds
 
-        seeds_dir = Path(args.workdir or Path("runs") / f"{config.name}-seeds")
         print(run_seeds(config, seeds_dir, _seeds(args.seeds)))
     elif command == "study":
         from rlhf_jax.instructlang.study import run_study
 
-        study_dir = Path(args.workdir or Path("runs") / f"{config.name}-seeds")
-        print(run_study(config, study_dir, _seeds(args.seeds)))
-    elif command == "eval" and world:
-        from rlhf_jax.instructlang.evaluate import evaluate_stage
-
-        print(json.dumps(evaluate_stage(config, workdir, args.stage), indent=2))
+        print(run_study(config, seeds_dir, _seeds(args.seeds)))
     elif command == "eval":
-        from rlhf_jax.pipeline import evaluate_stage
+        from rlhf_jax.evaluator import Evaluator, evaluate_stage
+        from rlhf_jax.instructlang.evaluate import GoldEvaluator
 
-        print(json.dumps(evaluate_stage(config, workdir, args.stage), indent=2))
+        evaluator = GoldEvaluator if world else Evaluator
+        print(json.dumps(evaluate_stage(config, workdir, args.stage, evaluator), indent=2))
     elif command == "export":
         from rlhf_jax.export import export_stage
 
@@ -490,6 +452,9 @@ def _generate(config: Any, workdir: Path, args: argparse.Namespace) -> None:
         if config.data.source != "instructlang":
             raise ConfigError("rlhf-jax generate: give at least one --prompt=<text>")
         prompts = ["<bos> REV c3 c9 c1 <sep>"]  # an example in the world's text form
+    policies = stage_table.names(exports=stage_table.POLICY)
+    if args.stage not in policies:
+        raise ConfigError(f"--stage={args.stage}: expected one of {', '.join(policies)}")
     tokenizer = load_tokenizer(sources.tokenizer_dir(config, workdir))
     params = load_policy(config, workdir, args.stage)
     for i, prompt in enumerate(prompts):

@@ -17,7 +17,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from rlhf_jax.data.files import TOO_LONG
+from rlhf_jax import stage_table
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.fields import field, validate
 
@@ -36,8 +36,8 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("scalar", None),
 )
 DTYPES = ("float32", "bfloat16", "float16")
-# What `methods` may name: the stages beside PPO (best_of_n trains nothing: it is evaluated).
-METHODS = ("dpo", "grpo", "rloo", "best_of_n")
+# data.too_long: what an imported record over a length budget does (rlhf_jax.data.files).
+TOO_LONG = ("error", "drop")
 
 
 @dataclasses.dataclass(unsafe_hash=True)
@@ -408,14 +408,15 @@ class Config:
     methods: str = field(
         "",
         "methods the pipeline runs after PPO and PPO-ptx and compares in its report, "
-        "comma-separated: any of " + ", ".join(METHODS),
+        "comma-separated: any of " + ", ".join(stage_table.methods()),
     )
 
     def problems(self) -> list[tuple[str, str]]:
         out = []
-        unknown = [m for m in methods(self) if m not in METHODS]
+        known = stage_table.methods()
+        unknown = [m for m in methods(self) if m not in known]
         if unknown:
-            out.append(("methods", f"unknown {', '.join(unknown)}; expected any of {METHODS}"))
+            out.append(("methods", f"unknown {', '.join(unknown)}; expected any of {known}"))
         if self.model.family == "gpt2":  # learned positions: none past max_len
             d, n = self.data, self.model.max_len
             if d.prompt_len + d.response_len > n:

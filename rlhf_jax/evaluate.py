@@ -28,7 +28,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +39,8 @@ from jaxtyping import Array, Bool, Float, Int, Shaped
 from rlhf_jax import losses, rollout
 from rlhf_jax.config import ModelConfig
 from rlhf_jax.model import Transformer
-from rlhf_jax.stats import jsonable, mean_ci95, paired, per_prompt
+from rlhf_jax.rollout import RewardModel
+from rlhf_jax.stats import Paired, jsonable, mean_ci95, paired, per_prompt
 
 # --------------------------------------------------------------------------------------------------
 # Batching and the jitted model calls (one compilation per config and batch shape)
@@ -91,6 +93,22 @@ def _rm_scores_jit(params, config, tokens, attention_mask, response_mask, prompt
 # Sampling and likelihoods
 
 
+class Responses(NamedTuple):
+    """Sampled responses: ``tokens`` [N R] (PAD after the first EOS) and ``mask`` [N R] (1
+    through the first EOS inclusive)."""
+
+    tokens: Int[np.ndarray, "N R"]
+    mask: Int[np.ndarray, "N R"]
+
+
+class BestOfN(NamedTuple):
+    """The answers best-of-n kept: ``tokens``, ``mask`` [N R] and their RM ``scores`` [N]."""
+
+    tokens: Int[np.ndarray, "N R"]
+    mask: Int[np.ndarray, "N R"]
+    scores: Float[np.ndarray, " N"]
+
+
 def real_mask(tokens, mask, pad_id: int) -> np.ndarray:
     """``mask`` (1 on real tokens) as int32, or where ``tokens != pad_id`` when it is None. Pass
     the loaders' masks whenever a real token may equal the PAD id (most real tokenizers)."""
@@ -112,7 +130,7 @@ def sample_responses(
     pad_id: int,
     temperature: float = 1.0,
     greedy: bool = False,
-) -> tuple[Int[np.ndarray, "N R"], Int[np.ndarray, "N R"]]:
+) -> Responses:
     """One response per left-padded prompt, through ``rollout.sample`` in fixed-size batches.
 
     Batch ``i`` draws with ``fold_in(rng, i)``. Returns NumPy ``tokens`` [N R] (PAD after the first
@@ -136,7 +154,7 @@ def sample_responses(
 
     arrays = (np.asarray(prompts, np.int32), real_mask(prompts, prompt_mask, pad_id))
     tokens, mask = batched(draw, arrays, batch_size)
-    return tokens.astype(np.int32), mask.astype(np.int32)
+    return Responses(tokens.astype(np.int32), mask.astype(np.int32))
 
 
 def sequence_logprob(
@@ -202,9 +220,7 @@ def heldout_nll(
 
 
 def comparison_scores(
-    rm_params,
-    rm_config: ModelConfig,
-    bias,
+    reward: RewardModel,
     tokens: Int[np.ndarray | Array, "N K T"],
     attention_mask: Shaped[np.ndarray | Array, "N K T"],
     response_mask: Shaped[np.ndarray | Array, "N K T"],
@@ -212,12 +228,13 @@ def comparison_scores(
     prompt_len: int,
     batch_size: int,
 ) -> Float[np.ndarray, "N K"]:
-    """The RM's normalised score (minus ``bias``) of every completion in the loaders' comparison
-    layout (``[prompt P ; response R]`` per completion), in batches of ``batch_size`` prompts."""
+    """The ``reward`` model's normalised score (minus its bias) of every completion in the loaders'
+    comparison layout (``[prompt P ; response R]`` per completion), in batches of ``batch_size``
+    prompts."""
     arrays = tuple(np.asarray(a, np.int32) for a in (tokens, attention_mask, response_mask))
-    bias = jnp.asarray(bias, jnp.float32)
+    params, model, bias = reward.params, reward.model, jnp.asarray(reward.bias, jnp.float32)
     (rewards,) = batched(
-        lambda _, t, am, rm: _rm_scores_jit(rm_params, rm_config, t, am, rm, prompt_len, bias),
+        lambda _, t, am, rm: _rm_scores_jit(params, model, t, am, rm, prompt_len, bias),
         arrays,
         batch_size,
     )
@@ -225,9 +242,7 @@ def comparison_scores(
 
 
 def response_scores(
-    rm_params,
-    rm_config: ModelConfig,
-    bias,
+    reward: RewardModel,
     prompts: Int[np.ndarray, "N P"],
     responses: Int[np.ndarray, "N R"],
     response_mask: Int[np.ndarray, "N R"],
@@ -236,15 +251,13 @@ def response_scores(
     batch_size: int,
     pad_id: int,
 ) -> Float[np.ndarray, " N"]:
-    """The RM's normalised score of each (left-padded prompt, response) pair."""
+    """The ``reward`` model's normalised score of each (left-padded prompt, response) pair."""
     prompt_mask = real_mask(prompts, prompt_mask, pad_id)
     tokens = np.concatenate([prompts, responses], axis=1)[:, None]
     attention = np.concatenate([prompt_mask, response_mask], axis=1)[:, None]
     full_response_mask = np.concatenate([np.zeros_like(prompt_mask), response_mask], axis=1)
     scores = comparison_scores(
-        rm_params,
-        rm_config,
-        bias,
+        reward,
         tokens,
         attention,
         full_response_mask[:, None],
@@ -260,17 +273,17 @@ def best_of_n(
     prompts: Int[np.ndarray | Array, "N P"],
     *,
     n: int,
-    reward: tuple[Any, ModelConfig, Any],
+    reward: RewardModel,
     prompt_mask: Shaped[np.ndarray | Array, "N P"] | None = None,
     rng: jax.Array,
     batch_size: int,
     max_new_tokens: int,
     eos_id: int,
     pad_id: int,
-) -> tuple[Int[np.ndarray, "N R"], Int[np.ndarray, "N R"], Float[np.ndarray, " N"]]:
+) -> BestOfN:
     """Best-of-n sampling, a policy made at evaluation time from a policy and a reward model
     (Nakano et al. 2021; Stiennon et al. 2020): each prompt is answered ``n`` times at T = 1 and
-    the answer that ``reward = (params, config, bias)`` scores highest is kept (the first of equal
+    the answer that the ``reward`` model scores highest is kept (the first of equal
     scores). Prompt i's candidates are rows ``i n .. i n + n - 1`` of one ``sample_responses``
     call with ``rng``. Returns the kept ``tokens`` [N R], their ``mask`` [N R] and their scores
     [N]. Its KL to the sampling policy is ``best_of_n_kl(n)``."""
@@ -285,11 +298,10 @@ def best_of_n(
     responses, mask = sample_responses(
         params, config, rows, rng=rng, max_new_tokens=max_new_tokens, eos_id=eos_id, **kw
     )
-    rm_params, rm_cfg, bias = reward
-    scores = response_scores(rm_params, rm_cfg, bias, rows, responses, mask, **kw).reshape(N, n)
+    scores = response_scores(reward, rows, responses, mask, **kw).reshape(N, n)
     best = np.argmax(scores, axis=1)
     pick = np.arange(N) * n + best
-    return responses[pick], mask[pick], scores[np.arange(N), best]
+    return BestOfN(responses[pick], mask[pick], scores[np.arange(N), best])
 
 
 def best_of_n_kl(n: int) -> float:
@@ -331,12 +343,16 @@ def rm_metrics(
     rewards: Float[np.ndarray | Array, "N K"],
     ranks: Int[np.ndarray | Array, "N K"],
     valid: Shaped[np.ndarray | Array, "N K"],
+    golds: Float[np.ndarray | Array, "N K"] | None = None,
 ) -> dict[str, float]:
     """Pairwise accuracy of given rewards against the comparisons' ranks, and the ranking loss.
 
     ``val_accuracy`` pools every pair (i, j) of valid completions of one prompt with ``ranks_i <
     ranks_j``; ``val_loss`` is ``losses.ranking_loss`` over all prompts at once (its mean over
-    prompts with a pair); ``val_pairs`` counts the pairs.
+    prompts with a pair); ``val_pairs`` counts the pairs. With a known gold reward of every
+    completion (``golds``), the ranks are a noisy labelling of it: their accuracy and pairs are
+    ``val_accuracy_noisy`` and ``val_pairs_noisy``, beside ``val_accuracy_gold`` and
+    ``val_pairs_gold`` against gold order (a gold pair has ``gold_i > gold_j``).
     """
     pairs = preferred_pairs(ranks, valid, lower_is_better=True)
     loss, _ = losses.ranking_loss(
@@ -344,15 +360,63 @@ def rm_metrics(
         jnp.asarray(ranks, jnp.int32),
         valid=jnp.asarray(np.asarray(valid) != 0),
     )
+    accuracy, n = pairwise_accuracy(rewards, pairs), int(pairs.sum())
+    if golds is None:
+        return {"val_accuracy": accuracy, "val_loss": float(loss), "val_pairs": n}
+    gold = preferred_pairs(golds, valid, lower_is_better=False)
     return {
-        "val_accuracy": pairwise_accuracy(rewards, pairs),
+        "val_accuracy_noisy": accuracy,
+        "val_accuracy_gold": pairwise_accuracy(rewards, gold),
         "val_loss": float(loss),
-        "val_pairs": int(pairs.sum()),
+        "val_pairs_noisy": n,
+        "val_pairs_gold": int(gold.sum()),
     }
+
+
+# gold(prompt tokens [N P], response tokens [N R]) -> [N]: a known true reward (the world's).
+Gold = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def comparison_metrics(
+    comparisons: dict[str, np.ndarray],
+    reward: RewardModel,
+    *,
+    prompt_len: int,
+    batch_size: int,
+    gold: Gold | None = None,
+) -> dict[str, float]:
+    """``rm_metrics`` of ``reward``'s scores of held-out comparisons in the loaders' layout
+    (``tokens``, ``attention_mask``, ``response_mask`` [N K T]; ``ranks``, ``valid`` [N K]),
+    against ``gold`` order too when given."""
+    c, P = comparisons, prompt_len
+    rewards = comparison_scores(
+        reward,
+        c["tokens"],
+        c["attention_mask"],
+        c["response_mask"],
+        prompt_len=P,
+        batch_size=batch_size,
+    )
+    golds = None
+    if gold is not None:
+        n, k, _ = c["tokens"].shape
+        prompts = np.repeat(c["tokens"][:, :1, :P], k, 1).reshape(n * k, P)
+        golds = gold(prompts, c["tokens"][:, :, P:].reshape(n * k, -1)).reshape(n, k)
+    return rm_metrics(rewards, c["ranks"], c["valid"], golds)
 
 
 # --------------------------------------------------------------------------------------------------
 # One policy's evaluation without gold
+
+
+class Reference(NamedTuple):
+    """The policy another is compared with (the SFT model): its params and architecture, and its
+    own ``[N, k]`` scores of the same prompts that paired statistics compare against (the RM's
+    here, the gold's in the built-in world; None: compare the policy with itself)."""
+
+    params: Any
+    model: ModelConfig
+    baseline: np.ndarray | None = None
 
 
 @dataclasses.dataclass
@@ -364,11 +428,20 @@ class PolicyEval:
     eos: np.ndarray  # [N, k] whether each sample ended with EOS
     lengths: np.ndarray  # [N, k] response tokens, EOS included
     heldout_nll: float
-    rm_vs_sft: tuple[tuple[float, float, float], tuple[float, float, float]] | None
+    rm_vs_sft: Paired | None
     kl_to_sft: float | None
-    prompts: np.ndarray  # [N P]
-    responses: np.ndarray  # [N, R] the first sample of each prompt
-    response_mask: np.ndarray  # [N, R]
+    prompts: np.ndarray  # [N P] the test prompts
+    responses: np.ndarray  # [N k, R] every sample: prompt i's are rows i k .. i k + k - 1
+    response_mask: np.ndarray  # [N k, R]
+
+    @property
+    def samples_per_prompt(self) -> int:
+        return int(self.eos.shape[1])
+
+    def first(self) -> Responses:
+        """The first sample of each prompt: [N R]."""
+        k = self.samples_per_prompt
+        return Responses(self.responses[::k], self.response_mask[::k])
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -376,7 +449,7 @@ class PolicyEval:
             mean, lo, hi = mean_ci95(per_prompt(self.rm_scores))
             out.update(rm_score_mean=mean, rm_score_ci95=[lo, hi])
         if self.rm_vs_sft is not None:
-            (win, wlo, whi), (gain, glo, ghi) = self.rm_vs_sft
+            (win, wlo, whi), (gain, glo, ghi) = self.rm_vs_sft.win_rate, self.rm_vs_sft.gain
             out.update(
                 rm_win_rate_vs_sft=win,
                 rm_win_rate_ci95=[wlo, whi],
@@ -406,8 +479,8 @@ def evaluate_policy(
     max_new_tokens: int,
     eos_id: int,
     pad_id: int,
-    reward: tuple[Any, ModelConfig, Any] | None = None,
-    reference: tuple[Any, ModelConfig, np.ndarray | None] | None = None,
+    reward: RewardModel | None = None,
+    reference: Reference | None = None,
     heldout_docs: Int[np.ndarray | Array, "M T"] | None = None,
     heldout_mask: Shaped[np.ndarray | Array, "M T"] | None = None,
     samples_per_prompt: int = 1,
@@ -415,11 +488,11 @@ def evaluate_policy(
 ) -> PolicyEval:
     """Everything measurable about one policy without a gold reward (see the module docstring).
 
-    Each test prompt is answered ``samples_per_prompt`` (k) times at T = 1. ``reward = (params,
-    config, bias)`` scores the samples with the RM; ``reference = (params, config, rm_scores)``
-    adds the KL to the reference policy and, with the reference's own ``[N, k]`` RM scores (from
-    its ``evaluate_policy`` with the same ``rng``), the paired RM win rate and gain; ``None``
-    scores compare the policy with itself (win rate 0.5, gain 0). ``heldout_docs`` adds the
+    Each test prompt is answered ``samples_per_prompt`` (k) times at T = 1. ``reward`` scores the
+    samples with the RM; ``reference`` adds the KL to the reference policy and, with the
+    reference's own ``[N, k]`` RM scores as its ``baseline`` (from its ``evaluate_policy`` with the
+    same ``rng``), the paired RM win rate and gain; a ``None`` baseline compares the policy with
+    itself (win rate 0.5, gain 0). ``heldout_docs`` adds the
     held-out NLL. The masks are 1 on real tokens (default: tokens that are not ``pad_id``).
     ``best_of = n > 1`` evaluates best-of-n of ``params`` by ``reward`` instead (``best_of_n``):
     every answer is the RM's pick of n; the KL reported is ``best_of_n_kl(n)``, its KL to
@@ -437,18 +510,19 @@ def evaluate_policy(
         prompt_mask=np.repeat(real_mask(test_prompts, prompt_mask, pad_id), k, axis=0),
     )
     draw = dict(rng=rng, max_new_tokens=max_new_tokens, eos_id=eos_id, **kw)
+    scores = None
     if best_of > 1:
         if reward is None:
             raise ValueError("evaluate_policy: best_of > 1 needs the reward model that picks")
-        responses, mask, _ = best_of_n(params, config, prompts, n=best_of, reward=reward, **draw)
+        responses, mask, scores = best_of_n(
+            params, config, prompts, n=best_of, reward=reward, **draw
+        )
     else:
         responses, mask = sample_responses(params, config, prompts, **draw)
+        if reward is not None:
+            scores = response_scores(reward, prompts, responses, mask, **kw)
     eos = np.any((responses == eos_id) & (mask > 0), axis=1).reshape(n, k)
-    scores = None
-    if reward is not None:
-        rm_params, rm_cfg, bias = reward
-        scores = response_scores(rm_params, rm_cfg, bias, prompts, responses, mask, **kw)
-        scores = scores.reshape(n, k)
+    scores = None if scores is None else np.asarray(scores, np.float64).reshape(n, k)
     nll = float("nan")
     if heldout_docs is not None:
         nll = heldout_nll(
@@ -456,14 +530,14 @@ def evaluate_policy(
         )
     vs_sft, kl = None, None
     if reference is not None:
-        ref_params, ref_cfg, ref_scores = reference
         if best_of > 1:
             kl = best_of_n_kl(best_of)
         else:
-            pair = ((params, config), (ref_params, ref_cfg))
+            pair = ((params, config), (reference.params, reference.model))
             kl = float(np.mean(log_ratio(*pair, prompts, responses, mask, **kw)))
         if scores is not None:
-            vs_sft = paired(scores, scores if ref_scores is None else ref_scores)
+            baseline = reference.baseline
+            vs_sft = paired(scores, scores if baseline is None else baseline)
     return PolicyEval(
         name=name,
         rm_scores=scores,
@@ -473,8 +547,8 @@ def evaluate_policy(
         rm_vs_sft=vs_sft,
         kl_to_sft=kl,
         prompts=test_prompts,
-        responses=responses[::k],
-        response_mask=mask[::k],
+        responses=responses,
+        response_mask=mask,
     )
 
 

@@ -1,7 +1,8 @@
 """``rlhf-jax export``: a finished stage as a Hugging Face directory that transformers loads.
 
-A policy stage (``pretrain``, ``sft``, ``ppo``, ``ppo_ptx``, ``dpo``, ``grpo``, ``rloo``; PPO stages
-export their EMA weights) becomes an ``AutoModelForCausalLM`` directory; the ``rm`` stage an
+A policy stage (every stage of ``rlhf_jax.stage_table`` that hands on a policy: ``pretrain``,
+``sft``, ``ppo``, ``ppo_ptx``, ``dpo``, ``grpo``, ``rloo``; PPO stages export their EMA weights)
+becomes an ``AutoModelForCausalLM`` directory; the ``rm`` stage an
 ``AutoModelForSequenceClassification`` one with ``num_labels=1`` whose logits are the normalised
 reward (the RM's bias, which makes the demonstrations score 0 on average, is folded into the
 weights: ``hf.save_checkpoint``). Beside the weights: the data's tokenizer and, for a policy,
@@ -28,24 +29,19 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
+from transformers import GenerationConfig
 
-from rlhf_jax import hf
+from rlhf_jax import hf, stage_table
 from rlhf_jax.config import Config, ModelConfig
 from rlhf_jax.data import sources
 from rlhf_jax.data.builders import swap_into_place
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.stages.driver import committed_steps, stage_settings
-from rlhf_jax.stages.lineage import (
-    load_policy,
-    load_reward_model,
-    policy_model,
-    stage_exists,
-    stage_model,
-)
+from rlhf_jax.rundir import RunDir, barrier
+from rlhf_jax.stages.lineage import load_policy, load_reward_model, policy_model
 from rlhf_jax.train_state import shift_scalar_head
 
 log = logging.getLogger("rlhf_jax")
-POLICY_STAGES = ("pretrain", "sft", "ppo", "ppo_ptx", "dpo", "grpo", "rloo")
 RM_PAD_TOKEN = "<|rm_pad|>"
 
 
@@ -70,18 +66,21 @@ def distinct_pad_token(tokenizer, model: ModelConfig, params: dict, ids: dict):
 def _on_host(tree):
     """The whole of ``tree`` on this host (gathered from every process when sharded across)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         return multihost_utils.process_allgather(tree, tiled=True)
     return jax.device_get(tree)
 
 
 def export_stage(config: Config, workdir: str | os.PathLike, stage: str, out: str | os.PathLike):
     """Write ``stage``'s exported params as an HF directory ``out``; returns its path."""
-    if stage not in (*POLICY_STAGES, "rm"):
-        raise ConfigError(f"--stage={stage}: expected one of {', '.join((*POLICY_STAGES, 'rm'))}")
-    if not stage_exists(workdir, stage):
+    run = RunDir(workdir)
+    exports = stage_table.names(exports=stage_table.POLICY) + stage_table.names(
+        exports=stage_table.REWARD
+    )
+    if stage not in exports:
+        raise ConfigError(f"--stage={stage}: expected one of {', '.join(exports)}")
+    if not run.has(stage):
         raise ConfigError(f"--stage={stage}: no such stage in {workdir}")
+    reward = stage_table.get(stage).exports == stage_table.REWARD
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out={out} exists and is not empty: give a new directory")
@@ -91,14 +90,15 @@ def export_stage(config: Config, workdir: str | os.PathLike, stage: str, out: st
         for name in ("eos_token_id", "pad_token_id", "bos_token_id")
         if isinstance(getattr(tokenizer, name, None), int)
     }
-    if stage == "rm":
-        params, bias, model = load_reward_model(config, workdir, source=Path(workdir) / "rm")
-        params = shift_scalar_head(params, -bias)  # the export's logits are normalised scores
+    if reward:
+        rm = load_reward_model(config, workdir, source=run.stage(stage))
+        model = rm.model
+        params = shift_scalar_head(rm.params, -rm.bias)  # the export's logits: normalised scores
     else:
-        model = stage_model(Path(workdir) / stage) or policy_model(config)
+        model = run.model(stage) or policy_model(config)
         params = load_policy(config, workdir, stage)
     params = _on_host(params)
-    if stage == "rm":
+    if reward:
         tokenizer, model, params, ids = distinct_pad_token(tokenizer, model, params, ids)
     if jax.process_index() == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -106,9 +106,7 @@ def export_stage(config: Config, workdir: str | os.PathLike, stage: str, out: st
         try:
             hf.save_checkpoint(tmp, model, params, hf_overrides=ids)
             tokenizer.save_pretrained(tmp)
-            if stage != "rm":
-                from transformers import GenerationConfig
-
+            if not reward:
                 GenerationConfig(**ids, max_new_tokens=config.data.response_len).save_pretrained(
                     tmp
                 )
@@ -117,7 +115,7 @@ def export_stage(config: Config, workdir: str | os.PathLike, stage: str, out: st
             tmp.rename(out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        log.info("[export] %s -> %s", Path(workdir) / stage, out)
+        log.info("[export] %s -> %s", run.stage(stage), out)
     return out
 
 
@@ -128,14 +126,13 @@ def export_current(config: Config, workdir: str | os.PathLike, stage: str, out: 
     """``export_stage`` into ``out`` unless ``out`` already holds this very stage: the pipeline's
     ``export/policy`` follows its last RL stage when a rerun adds PPO-ptx, and a stage trained
     again (other settings or data) is exported again. ``out`` is replaced whole, never half."""
-    out = Path(out)
+    out, run = Path(out), RunDir(workdir)
     # The settings the stage's checkpoints are bound to (a rerun rewrites its config.json with
     # every field, also those of other stages, which change nothing it exported).
-    saved = json.loads((Path(workdir) / stage / "config.json").read_text())
-    settings = json.dumps(stage_settings(saved, stage), sort_keys=True, default=str)
+    settings = json.dumps(run.settings(stage), sort_keys=True, default=str)
     source = {
         "stage": stage,
-        "step": committed_steps(workdir, stage)[-1],
+        "step": run.committed_steps(stage)[-1],
         "settings": hashlib.sha256(settings.encode()).hexdigest(),
     }
     marker = out / SOURCE_FILE
@@ -145,11 +142,11 @@ def export_current(config: Config, workdir: str | os.PathLike, stage: str, out: 
     if jax.process_index() == 0:
         for leftover in (new, old):
             shutil.rmtree(leftover, ignore_errors=True)
-    sources.barrier(f"rlhf_jax export {new}")  # every process sees ``new`` gone
+    barrier(f"rlhf_jax export {new}")  # every process sees ``new`` gone
     export_stage(config, workdir, stage, new)
     if jax.process_index() == 0:
         (new / SOURCE_FILE).write_text(json.dumps(source, indent=2))
         swap_into_place(new, out, old)
         shutil.rmtree(old, ignore_errors=True)
-    sources.barrier(f"rlhf_jax export {out}")
+    barrier(f"rlhf_jax export {out}")
     return out

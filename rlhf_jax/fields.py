@@ -172,8 +172,22 @@ def apply_overrides(config: Any, overrides: dict[str, str] | list[tuple[str, str
 
 
 def _replace_at(config: Any, parts: list[str], text: str, path: str) -> Any:
-    head = parts[0]
-    if len(parts) > 1:
-        inner = _replace_at(getattr(config, head), parts[1:], text, path)
-        return dataclasses.replace(config, **{head: inner})
-    return dataclasses.replace(config, **{head: _parse(text, _hints(type(config))[head], path)})
+    owner = get_value(config, ".".join(parts[:-1]))
+    return with_values(config, {path: _parse(text, _hints(type(owner))[parts[-1]], path)})
+
+
+def get_value(config: Any, path: str) -> Any:
+    """The value at a dotted ``path`` of a nested config (``config`` itself for ``""``)."""
+    for part in path.split(".") if path else ():
+        config = getattr(config, part)
+    return config
+
+
+def with_values(config: Any, values: dict[str, Any] | Any) -> Any:
+    """A copy of the nested dataclass ``config`` with ``{"ppo.ptx_coef": 0.0, ...}`` set (values
+    as they are, unparsed and unchecked)."""
+    for path, value in dict(values).items():
+        head, _, rest = path.partition(".")
+        inner = with_values(getattr(config, head), {rest: value}) if rest else value
+        config = dataclasses.replace(config, **{head: inner})
+    return config

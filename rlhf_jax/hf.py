@@ -340,14 +340,21 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> ModelConfig:
     return _from_hf_config(hf_config, model_type, **overrides)
 
 
+class Checkpoint(NamedTuple):
+    """A Hugging Face checkpoint read into rlhf_jax: its architecture and its params."""
+
+    model: ModelConfig
+    params: dict[str, Any]
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     *,
     dtype: str = "float32",
     param_dtype: str = "float32",
     dropout: float = 0.0,
-) -> tuple[ModelConfig, dict[str, Any]]:
-    """Read a local HF checkpoint directory into ``(ModelConfig, params)``.
+) -> Checkpoint:
+    """Read a local HF checkpoint directory into its architecture and params.
 
     A causal LM gives ``head="lm"``; a ``...ForSequenceClassification`` model with one label (a
     reward model, e.g. one written by ``save_checkpoint``) gives ``head="scalar"``, its head bias
@@ -419,7 +426,7 @@ def load_checkpoint(
     unused = sorted(k for k in stored if k not in used and not _IGNORED.search(k))
     if unused:
         warnings.warn(f"ignored {len(unused)} tensors of {path}: {unused[:8]}", stacklevel=2)
-    return config, traverse_util.unflatten_dict(flat, sep="/")
+    return Checkpoint(config, traverse_util.unflatten_dict(flat, sep="/"))
 
 
 def _fold_score_bias(config: ModelConfig, flat: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -7,6 +7,18 @@ T sequence, R response, V vocab). All of them run under ``jax.jit`` and ``jax.vm
 leading axis in front of the annotated shapes). Logits are upcast to float32 before any log-softmax,
 so bfloat16 model outputs are safe.
 
+What a loss returns: unlike ``optax.losses``, whose losses give per-element values for the
+caller to average, every loss here returns the reduced scalar (``sft_loss``, ``ptx_loss``,
+``ranking_loss``'s first output, ``pairwise_loss``, ``kl_penalty``), and the PPO, value and DPO
+losses return ``(scalar, stats)`` with the diagnostics computed over the same masks. In RLHF the
+reduction is part of the method, not a detail: a token mean and a per-sequence mean are different
+objectives (``normalize=``: PPO and DAPO take the first, GRPO the second, Dr. GRPO a constant), the
+K-wise loss averages each prompt's pairs before the prompts, and padding must never count; leaving
+it to each caller is how two implementations of "the same" loss come to disagree. The per-element
+pieces stay public for a caller who wants another reduction: ``token_logprobs``,
+``kl_estimates``, ``kl_penalized_rewards``, ``gae``, ``ranked_pairs``, and ``token_aggregate``
+with a mask of their own.
+
 Masks may be bool or float. In a mean, a float mask acts as per-element weights (``sft_loss`` uses
 this for ``prompt_loss_weight``); anywhere a position is only kept or dropped, any nonzero entry
 counts as valid. Means over an empty mask return 0 with finite (zero) gradients. Per-token inputs

@@ -15,6 +15,7 @@ the most gold, where optimising the proxy further starts to lose gold.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -38,7 +39,14 @@ def curve(d, alpha: float, beta: float, form: str) -> np.ndarray:
     return (_basis(d.reshape(-1), form) @ np.array([alpha, beta])).reshape(d.shape)
 
 
-def fit(d, gain, form: str) -> tuple[float, float]:
+class Fit(NamedTuple):
+    """The two coefficients of a fitted form: ``R(d) = d (alpha - beta f(d))``."""
+
+    alpha: float
+    beta: float
+
+
+def fit(d, gain, form: str) -> Fit:
     """``(alpha, beta)`` of ``form`` by least squares on points ``(d_i, gain_i)``: ``d`` the
     square root of each policy's KL to the initial policy, ``gain`` its gold minus the initial
     policy's. Needs two points with distinct ``d > 0`` (the initial policy, d = 0, adds none)."""
@@ -49,7 +57,7 @@ def fit(d, gain, form: str) -> tuple[float, float]:
     if len(np.unique(d[d > 0])) < 2:
         raise ValueError("fit: needs at least two distinct d > 0")
     (alpha, beta), *_ = np.linalg.lstsq(_basis(d, form), gain, rcond=None)
-    return float(alpha), float(beta)
+    return Fit(float(alpha), float(beta))
 
 
 def peak(alpha: float, beta: float, form: str) -> float:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -19,7 +20,9 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-MODEL_ORDER = ("base", "sft", "ppo", "ppo_ptx", "dpo", "grpo", "rloo", "best_of_n")
+from rlhf_jax import stage_table
+from rlhf_jax.rundir import RunDir
+
 SAMPLES_PER_MODEL = 3
 # The PPO curves of every report: name -> (metrics.jsonl key, axis label).
 CURVES = {
@@ -54,8 +57,9 @@ def interval(value: Any, ci: Any, digits: int = 3) -> str:
 
 
 def ordered(names) -> list[str]:
-    names = list(names)
-    return [m for m in MODEL_ORDER if m in names] + [m for m in names if m not in MODEL_ORDER]
+    """Model rows in the stage table's order (``stage_table.report_rows``), others after."""
+    names, rows = list(names), stage_table.report_rows()
+    return [m for m in rows if m in names] + [m for m in names if m not in rows]
 
 
 STEP = "step"  # a run's x values in ``read_curves``' output: the iteration of each logged row
@@ -63,24 +67,23 @@ STEP = "step"  # a run's x values in ``read_curves``' output: the iteration of e
 
 def read_metrics(run_dir, stage: str) -> list[dict]:
     """The rows a stage logged to ``<run_dir>/<stage>/metrics.jsonl`` (none if it never ran)."""
-    path = Path(run_dir) / stage / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+    return RunDir(run_dir).metrics(stage)
 
 
-def read_curves(run_dir: Path, keys: dict[str, tuple[str, str]]) -> dict[str, dict[str, list]]:
-    """{stage: {name: values per logged iteration}} of the RL stages a run has (GRPO and RLOO
-    log the objective's curves under PPO's names)."""
+def read_curves(run_dir, keys: dict[str, tuple[str, str]]) -> dict[str, dict[str, list]]:
+    """{stage: {name: values per logged iteration}} of the stages of a run that log RL curves
+    (``Stage.curves``; GRPO and RLOO log the objective's curves under PPO's names)."""
     out = {}
-    for stage in ("ppo", "ppo_ptx", "grpo", "rloo"):
+    for stage in stage_table.names(curves=True):
         if rows := read_metrics(run_dir, stage):
             curves = {name: [r.get(k) for r in rows] for name, (k, _) in keys.items()}
             out[stage] = {STEP: [r["step"] for r in rows], **curves}
     return out
 
 
-def plot_curves(run_dir: Path, curves: dict[str, dict[str, Any]], labels: dict[str, str]) -> list:
+def plot_curves(
+    run_dir: str | os.PathLike, curves: dict[str, dict[str, Any]], labels: dict[str, str]
+) -> list:
     """One PNG per metric with a line per RL run, against the iteration (``curves[run]["step"]``;
     1, 2, ... when absent); a ``None`` value is a row that lacks the metric. Returns the file
     names."""
@@ -161,12 +164,10 @@ class StageClock:
         self.previous = {k: v for k, v in (previous or {}).items() if num(v) is not None}
 
     @classmethod
-    def resuming(cls, run_dir: Path) -> StageClock:
-        """A clock that knows the seconds of the run's earlier ``summary.json``, if any."""
-        try:
-            previous = json.loads((Path(run_dir) / "summary.json").read_text()).get("seconds")
-        except (OSError, ValueError, AttributeError):
-            previous = None  # no earlier summary (or an unreadable one): measure everything
+    def resuming(cls, run_dir) -> StageClock:
+        """A clock that knows the seconds of the run's earlier ``summary.json``, if any (none,
+        or an unreadable one: everything is measured)."""
+        previous = (RunDir(run_dir).summary() or {}).get("seconds")
         return cls(previous if isinstance(previous, dict) else None)
 
     def __call__(self, name: str, fn, *args, **kw):
@@ -186,10 +187,11 @@ def metrics_table(values: dict) -> list[str]:
     return lines
 
 
-def write_outputs(run_dir: Path, summary: dict, samples: list[dict]) -> None:
+def write_outputs(run_dir: str | os.PathLike, summary: dict, samples: list[dict]) -> None:
     """``summary.json`` (exactly ``summary``) and ``samples.jsonl`` (one object per line)."""
+    run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    RunDir(run_dir).summary_file.write_text(json.dumps(summary, indent=2) + "\n")
     with open(run_dir / "samples.jsonl", "w") as f:
         for s in samples:
             f.write(json.dumps(s) + "\n")
@@ -260,7 +262,7 @@ def render_markdown(summary: dict, samples: list[dict], curves: list[str]) -> st
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_report(run_dir: str | Path, summary: dict, samples: list[dict]) -> None:
+def write_report(run_dir: str | os.PathLike, summary: dict, samples: list[dict]) -> None:
     """summary.json, samples.jsonl, the PPO curves and report.md of a run on the user's data."""
     run_dir = Path(run_dir)
     write_outputs(run_dir, summary, samples)
@@ -269,7 +271,7 @@ def write_report(run_dir: str | Path, summary: dict, samples: list[dict]) -> Non
     (run_dir / "report.md").write_text(render_markdown(summary, samples, curves))
 
 
-def inline_images(markdown: str, run_dir: str | Path) -> str:
+def inline_images(markdown: str, run_dir: str | os.PathLike) -> str:
     """``markdown`` with every ``![alt](file.png)`` of ``run_dir`` embedded as a data URI, so a
     report renders where its files are not served: a notebook cell (``IPython.display.Markdown``),
     Colab, a paste into an issue."""

@@ -271,6 +271,25 @@ def reward_scores(
     return score.reshape(lead) - bias
 
 
+class RewardModel(NamedTuple):
+    """A reward model as the evaluation and the RL stages use it: its params, its architecture
+    (a scalar head) and its bias, subtracted from every score so that the demonstrations score 0
+    on average (docs/method.md section 2.3; 0 for an exported RM, whose bias is in its weights)."""
+
+    params: dict
+    model: ModelConfig
+    bias: Float[Array, ""] | float
+
+
+class Episodes(NamedTuple):
+    """What an RL iteration sampled, as it hands it to ``on_log``: the prompts and the responses
+    (padding after the first EOS) with their mask (1 through the first EOS)."""
+
+    prompt_tokens: Int[Array, "B P"]
+    response_tokens: Int[Array, "B R"]
+    response_mask: Int[Array, "B R"]
+
+
 class RolloutParams(NamedTuple):
     """The four networks of InstructGPT's PPO (the last two share ``critic_config``)."""
 

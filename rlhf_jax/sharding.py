@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -92,14 +92,19 @@ def _check_divisible(name: str, shape, spec: PartitionSpec, mesh: Mesh) -> None:
             )
 
 
-def init_sharded(fn: Callable[[], Any], mesh: Mesh, rules) -> tuple[Any, Any]:
-    """Run an init function (returning a boxed tree) straight into its shardings.
+class Sharded(NamedTuple):
+    """A tree of arrays created in place, and its shardings (the same tree of ``NamedSharding``)."""
 
-    Returns ``(tree, shardings)`` with the tree unboxed (plain arrays).
-    """
+    tree: Any
+    shardings: Any
+
+
+def init_sharded(fn: Callable[[], Any], mesh: Mesh, rules) -> Sharded:
+    """Run an init function (returning a boxed tree) straight into its shardings; the tree comes
+    back unboxed (plain arrays)."""
     shardings = tree_shardings(jax.eval_shape(fn), mesh, rules)
     tree = jax.jit(lambda: nn.meta.unbox(fn()), out_shardings=shardings)()
-    return tree, shardings
+    return Sharded(tree, shardings)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:

@@ -123,6 +123,7 @@ _KILLED_SAVE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.e2e
 def test_save_killed_before_commit_is_never_resumed(tmp_path):
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(
@@ -245,6 +246,7 @@ _TWO_PROCESS_WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.e2e
 def test_two_process_save_and_restore(tmp_path, two_processes):
     two_processes(_TWO_PROCESS_WORKER, str(tmp_path))
     # JSON files come from process 0 only.

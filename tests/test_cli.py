@@ -30,11 +30,12 @@ def _one_line_error(code, err):
     return lines[0]
 
 
+@pytest.mark.e2e
 def test_main_help_names_every_command():
     # Through the installed console script, as a user types it.
     out = subprocess.run(["rlhf-jax", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    for command in cli.COMMANDS:
+    for command in cli.commands():
         assert f"\n  {command} " in out.stdout
     assert "rlhf-jax pipeline --config=tiny" in out.stdout
     assert "Traceback" not in out.stderr
@@ -49,7 +50,7 @@ def test_command_help_lists_its_fields_with_the_presets_values(capsys):
     code, out, _ = _run(capsys, "ppo", "--help", "--config=tiny")
     assert code == 0 and "ppo.kl_coef=0.02 " in out and "'tiny'" in out
     # pretrain --help used to exit 1; every command's help exits 0 and shows its own section.
-    for command in cli.COMMANDS:
+    for command in cli.commands():
         code, out, _ = _run(capsys, command, "--help")
         assert code == 0 and out.startswith(f"rlhf-jax {command}: "), command
         assert "checkpoint_minutes=" in out, command  # every stage checkpoints on the clock
@@ -104,6 +105,7 @@ def test_the_readmes_error_transcripts_are_what_the_command_prints(capsys, tmp_p
         assert _one_line_error(code, err) == message, command
 
 
+@pytest.mark.e2e
 def test_bad_data_is_one_line_naming_file_line_and_field(capsys, tmp_path, rlhf_jax_cli):
     from rlhf_jax.instructlang.tokenizer import save_tokenizer
 
@@ -132,6 +134,7 @@ def test_bad_data_is_one_line_naming_file_line_and_field(capsys, tmp_path, rlhf_
     assert out.returncode != 0 and "Traceback" in out.stderr and "DataError" in out.stderr
 
 
+@pytest.mark.e2e
 def test_a_rerun_starts_its_first_step_without_compiling(tmp_path, rlhf_jax_cli):
     # The same command twice (the second in another workdir, so that it trains again), sharing
     # a compilation cache: the second loads the step's program from disk instead of compiling it.

@@ -1,5 +1,6 @@
 """DPO stage on the tiny world: the pair expansion against a float64 pairwise reference, the first
-step at the reference (loss log 2), resume after a kill, another mesh, and the CLI."""
+step at the reference (loss log 2), resume after a kill, and the CLI (another mesh:
+tests/test_stages.py)."""
 
 import dataclasses
 import json
@@ -13,14 +14,11 @@ import numpy as np
 import pytest
 
 from rlhf_jax import checkpoint
-from rlhf_jax.config import MeshConfig
 from rlhf_jax.configs import tiny
-from rlhf_jax.data import sources
+from rlhf_jax.data.sources import loader
 from rlhf_jax.report import read_metrics
 from rlhf_jax.stages.dpo import completion_logprobs, dpo_batch_loss, run_dpo
-from rlhf_jax.stages.driver import loader
 from rlhf_jax.stages.lineage import load_policy, policy_model
-from rlhf_jax.stages.lm import run_lm_stage
 
 FIELDS = ("tokens", "attention_mask", "response_mask", "ranks", "valid")
 
@@ -33,14 +31,13 @@ def _config(**kw):
 
 
 @pytest.fixture(scope="module")
-def sft_run(tmp_path_factory):
+def sft_run(tiny_run, tmp_path_factory):
     """pretrain + sft of the tiny world, and its comparisons (sampled from the SFT model and
-    labelled by the world); each test copies it."""
+    labelled by the world): the session's shared run (conftest's ``tiny_run``) without its
+    later stages; each test copies it."""
     workdir = tmp_path_factory.mktemp("dpo") / "base"
-    config = _config()
-    run_lm_stage(config, workdir, "pretrain")
-    run_lm_stage(config, workdir, "sft")
-    sources.dataset(config, workdir, "rm")
+    for part in ("data", "pretrain", "sft"):
+        shutil.copytree(tiny_run.workdir / part, workdir / part)
     return workdir
 
 
@@ -52,6 +49,7 @@ def _export(config, workdir, stage):
     return jax.tree.map(np.asarray, jax.device_get(load_policy(config, workdir, stage)))
 
 
+@pytest.mark.e2e
 def test_dpo_loss_over_a_k_wise_batch_equals_its_pairs_one_by_one(sft_run, tmp_path):
     # Reference: every (chosen, rejected) pair of each prompt written out in Python loops from the
     # ranks (ties and padding slots skipped), DPO's formula in float64 on each, averaged. Policy
@@ -98,6 +96,7 @@ def test_dpo_loss_over_a_k_wise_batch_equals_its_pairs_one_by_one(sft_run, tmp_p
         np.testing.assert_allclose(float(stats["accuracy"]), correct / len(terms), rtol=1e-6)
 
 
+@pytest.mark.e2e
 def test_dpo_starts_at_the_reference_and_learns_the_comparisons(sft_run, tmp_path):
     config = _config()
     workdir = shutil.copytree(sft_run, tmp_path / "run")
@@ -117,13 +116,11 @@ def test_dpo_starts_at_the_reference_and_learns_the_comparisons(sft_run, tmp_pat
     assert not np.array_equal(sft["embed"], dpo["embed"])
 
 
-def test_interrupted_dpo_resumes_to_the_uninterrupted_result(sft_run, tmp_path, preempt):
+@pytest.mark.e2e
+def test_interrupted_dpo_resumes_to_the_uninterrupted_result(tiny_run, sft_run, tmp_path, preempt):
     config = _config()
-    whole, parts = (
-        shutil.copytree(sft_run, tmp_path / "whole"),
-        shutil.copytree(sft_run, tmp_path / "parts"),
-    )
-    run_dpo(config, whole)
+    whole = tiny_run.workdir  # the shared run's DPO: the same settings, never interrupted
+    parts = shutil.copytree(sft_run, tmp_path / "parts")
     preempt(5)
     with pytest.raises(KeyboardInterrupt):
         run_dpo(config, parts)
@@ -136,20 +133,7 @@ def test_interrupted_dpo_resumes_to_the_uninterrupted_result(sft_run, tmp_path, 
     assert _rows(parts) == _rows(whole)
 
 
-def test_dpo_on_a_2x2x2_mesh_follows_the_data8_run(sft_run, tmp_path):
-    flat, cube = (
-        _config(mesh=MeshConfig(data=8)),
-        _config(mesh=MeshConfig(data=2, fsdp=2, tensor=2)),
-    )
-    a, b = shutil.copytree(sft_run, tmp_path / "flat"), shutil.copytree(sft_run, tmp_path / "cube")
-    run_dpo(flat, a)
-    run_dpo(cube, b)
-    ra, rb = _rows(a), _rows(b)
-    assert ra.keys() == rb.keys()
-    for step in ra:  # the same batches; only the order of the sums differs
-        assert rb[step]["loss"] == pytest.approx(ra[step]["loss"], rel=1e-4, abs=1e-6)
-
-
+@pytest.mark.e2e
 def test_cli_dpo_then_eval_and_export(sft_run, tmp_path, rlhf_jax_cli):
     workdir = shutil.copytree(sft_run, tmp_path / "run")
     preset = os.path.abspath("configs/tiny.py")

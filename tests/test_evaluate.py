@@ -11,7 +11,9 @@ import pytest
 
 from rlhf_jax import evaluate, rollout, stats
 from rlhf_jax.config import model_config
+from rlhf_jax.evaluate import Reference
 from rlhf_jax.model import Transformer, init_params
+from rlhf_jax.rollout import RewardModel
 
 P, R, V = 8, 6, 64
 EOS, PAD = 2, 0
@@ -187,7 +189,7 @@ def test_comparison_scores_are_reward_scores_minus_the_bias():
     cfg, params = _model(head="scalar")
     tokens, attn, resp = _comparisons()
     got = evaluate.comparison_scores(
-        params, cfg, 0.5, tokens, attn, resp, prompt_len=P, batch_size=2
+        RewardModel(params, cfg, 0.5), tokens, attn, resp, prompt_len=P, batch_size=2
     )
     flat = [jnp.asarray(x.reshape(12, -1)) for x in (tokens, attn, resp)]
     scores = jax.jit(rollout.reward_scores, static_argnums=(1, 4))(
@@ -212,11 +214,11 @@ def test_evaluate_policy_against_itself_and_another_policy():
         max_new_tokens=R,
         eos_id=EOS,
         pad_id=PAD,
-        reward=(rm, rm_cfg, 0.25),
+        reward=RewardModel(rm, rm_cfg, 0.25),
         heldout_docs=docs,
         samples_per_prompt=3,
     )
-    own = evaluate.evaluate_policy("sft", sft, cfg, prompts, reference=(sft, cfg, None), **kw)
+    own = evaluate.evaluate_policy("sft", sft, cfg, prompts, reference=Reference(sft, cfg), **kw)
     s = json.loads(json.dumps(own.summary()))
     assert s["rm_win_rate_vs_sft"] == 0.5 and s["rm_gain_vs_sft"] == 0.0 and s["kl_to_sft"] == 0.0
     assert s["n_prompts"] == 10 and s["samples_per_prompt"] == 3
@@ -238,7 +240,7 @@ def test_evaluate_policy_against_itself_and_another_policy():
         pad_id=PAD,
     )
     ppo = evaluate.evaluate_policy(
-        "ppo", other, cfg, prompts, reference=(sft, cfg, own.rm_scores), **kw
+        "ppo", other, cfg, prompts, reference=Reference(sft, cfg, own.rm_scores), **kw
     )
     full = np.concatenate([rep, tokens], axis=1)
     attention = np.concatenate([(rep != PAD).astype(np.int32), mask], axis=1)
@@ -247,12 +249,13 @@ def test_evaluate_policy_against_itself_and_another_policy():
     np.testing.assert_allclose(
         ppo.rm_scores.ravel(), np.asarray(direct) - 0.25, rtol=1e-5, atol=1e-5
     )
-    np.testing.assert_array_equal(ppo.responses, tokens[::3])
+    np.testing.assert_array_equal(ppo.responses, tokens)
+    np.testing.assert_array_equal(ppo.first().tokens, tokens[::3])
     row = ppo.summary()
     assert row["eos_rate"] == pytest.approx(np.any((tokens == EOS) & (mask > 0), axis=1).mean())
     assert row["response_length"] == pytest.approx(mask.sum(axis=1).mean())
     win, gain = stats.paired(ppo.rm_scores, own.rm_scores)
-    assert (row["rm_win_rate_vs_sft"], row["rm_gain_vs_sft"]) == (win[0], gain[0])
+    assert (row["rm_win_rate_vs_sft"], row["rm_gain_vs_sft"]) == (win.value, gain.value)
     ratio = evaluate.log_ratio(
         (other, cfg), (sft, cfg), rep, tokens, mask, batch_size=4, pad_id=PAD
     )
@@ -270,13 +273,13 @@ def test_best_of_n_keeps_the_rms_favourite_of_n_draws():
     prompts = _prompts(5, seed=3)
     kw = dict(rng=jax.random.key(4), batch_size=4, max_new_tokens=R, eos_id=EOS, pad_id=PAD)
     tokens, mask, best = evaluate.best_of_n(
-        params, cfg, prompts, n=3, reward=(rm, rm_cfg, 0.25), **kw
+        params, cfg, prompts, n=3, reward=RewardModel(rm, rm_cfg, 0.25), **kw
     )
     # Independently: the 15 candidates, their scores, and the argmax of each prompt's 3 by hand.
     rows = np.repeat(prompts, 3, axis=0)
     cand, cand_mask = evaluate.sample_responses(params, cfg, rows, **kw)
     scores = evaluate.response_scores(
-        rm, rm_cfg, 0.25, rows, cand, cand_mask, batch_size=4, pad_id=PAD
+        RewardModel(rm, rm_cfg, 0.25), rows, cand, cand_mask, batch_size=4, pad_id=PAD
     )
     for i in range(5):
         j = max(range(3), key=lambda c: (scores[3 * i + c], -c))  # the first of equal scores
@@ -292,8 +295,8 @@ def test_best_of_n_keeps_the_rms_favourite_of_n_draws():
         params,
         cfg,
         prompts,
-        reward=(rm, rm_cfg, 0.25),
-        reference=(params, cfg, None),
+        reward=RewardModel(rm, rm_cfg, 0.25),
+        reference=Reference(params, cfg),
         heldout_docs=docs,
         best_of=3,
         **kw,

@@ -1,6 +1,6 @@
 """GRPO and RLOO stage on the tiny world: the first iteration at the reference (ratio 1, KL 0),
 group-relative advantages in the jitted iteration, a reward function in place of the RM, resume
-after a kill, another mesh, and the CLI."""
+after a kill, and the CLI (another mesh: tests/test_stages.py)."""
 
 import dataclasses
 import json
@@ -13,14 +13,11 @@ import numpy as np
 import pytest
 
 from rlhf_jax import checkpoint
-from rlhf_jax.config import MeshConfig
 from rlhf_jax.configs import tiny
 from rlhf_jax.instructlang import lang
 from rlhf_jax.report import read_metrics
 from rlhf_jax.stages.grpo import run_grpo, stage_name
 from rlhf_jax.stages.lineage import load_policy
-from rlhf_jax.stages.lm import run_lm_stage
-from rlhf_jax.stages.rm import run_rm
 
 
 def _config(**grpo):
@@ -36,13 +33,12 @@ def _config(**grpo):
 
 
 @pytest.fixture(scope="module")
-def rm_run(tmp_path_factory):
-    """pretrain, sft and rm of the tiny world; each test copies it."""
+def rm_run(tiny_run, tmp_path_factory):
+    """pretrain, sft and rm of the tiny world: the session's shared run (conftest's
+    ``tiny_run``) without its RL stages; each test copies it."""
     workdir = tmp_path_factory.mktemp("grpo") / "base"
-    config = _config()
-    run_lm_stage(config, workdir, "pretrain")
-    run_lm_stage(config, workdir, "sft")
-    run_rm(config, workdir)
+    for part in ("data", "pretrain", "sft", "rm"):
+        shutil.copytree(tiny_run.workdir / part, workdir / part)
     return workdir
 
 
@@ -56,6 +52,7 @@ def _export(config, workdir):
     return jax.tree.map(np.asarray, jax.device_get(params))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("baseline", ["group", "rloo"])
 def test_grpo_starts_at_the_reference_and_moves_the_policy(rm_run, tmp_path, baseline):
     config = _config(baseline=baseline)
@@ -73,6 +70,7 @@ def test_grpo_starts_at_the_reference_and_moves_the_policy(rm_run, tmp_path, bas
     assert _rows(config, workdir)[4]["objective/kl"] > 0
 
 
+@pytest.mark.e2e
 def test_a_reward_function_replaces_the_reward_model(rm_run, tmp_path):
     # Reward = the response's length in tokens (EOS included): RLOO should lengthen responses.
     # No rm stage is needed for it (the run directory has none).
@@ -105,6 +103,7 @@ def test_a_reward_function_replaces_the_reward_model(rm_run, tmp_path):
     assert rows[6]["objective/response_length"] > rows[1]["objective/response_length"]
 
 
+@pytest.mark.e2e
 def test_interrupted_grpo_resumes_to_the_uninterrupted_result(rm_run, tmp_path, preempt):
     config = _config()
     whole = shutil.copytree(rm_run, tmp_path / "whole")
@@ -120,20 +119,7 @@ def test_interrupted_grpo_resumes_to_the_uninterrupted_result(rm_run, tmp_path, 
     assert _rows(config, parts) == _rows(config, whole)
 
 
-def test_grpo_on_a_2x2x2_mesh_follows_the_data8_run(rm_run, tmp_path):
-    flat, cube = _config(), _config()
-    flat = dataclasses.replace(flat, mesh=MeshConfig(data=8))
-    cube = dataclasses.replace(cube, mesh=MeshConfig(data=2, fsdp=2, tensor=2))
-    a = shutil.copytree(rm_run, tmp_path / "flat")
-    b = shutil.copytree(rm_run, tmp_path / "cube")
-    run_grpo(flat, a)
-    run_grpo(cube, b)
-    # The first iteration samples from the same SFT params with the same key: equal scores.
-    assert _rows(cube, b)[1]["objective/score"] == pytest.approx(
-        _rows(flat, a)[1]["objective/score"], rel=1e-5
-    )
-
-
+@pytest.mark.e2e
 def test_cli_grpo_rloo_then_generate(rm_run, tmp_path, rlhf_jax_cli):
     workdir = shutil.copytree(rm_run, tmp_path / "run")
     preset = os.path.abspath("configs/tiny.py")

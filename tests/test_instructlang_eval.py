@@ -11,9 +11,11 @@ import pytest
 from rlhf_jax import evaluate as ev
 from rlhf_jax import report as common_report
 from rlhf_jax.config import model_config
+from rlhf_jax.evaluate import Reference
 from rlhf_jax.instructlang import claims as C
 from rlhf_jax.instructlang import corpus, evaluate, lang, report
 from rlhf_jax.model import init_params
+from rlhf_jax.rollout import RewardModel
 
 R = lang.RESPONSE_LEN
 
@@ -38,22 +40,29 @@ def test_sft_against_itself_has_half_win_rate_and_zero_kl(world):
     docs = corpus.make_pretraining_corpus(world, 6, split="heldout")
     kw = dict(rng=jax.random.key(7), batch_size=8, max_new_tokens=R)
     sft = evaluate.evaluate_model(
-        "sft", params, cfg, world, prompts, docs, reference=(params, None), **kw
+        "sft", params, cfg, world, prompts, docs, reference=Reference(params, cfg), **kw
     )
-    assert sft.win_rate_vs_sft == (0.5, 0.5, 0.5)
+    assert sft.win_rate_vs_sft == (0.5, 0.5, 0.5)  # an Interval: (value, lo, hi)
     assert sft.gold_gain_vs_sft == (0.0, 0.0, 0.0)
     assert sft.kl_to_sft == 0.0
 
     # The same rng reproduces the SFT samples, so passing its golds back gives the same answer.
     again = evaluate.evaluate_model(
-        "sft", params, cfg, world, prompts, docs, reference=(params, sft.golds), **kw
+        "sft", params, cfg, world, prompts, docs, reference=Reference(params, cfg, sft.golds), **kw
     )
     np.testing.assert_array_equal(again.golds, sft.golds)
     assert again.win_rate_vs_sft[0] == 0.5 and again.kl_to_sft == 0.0
 
     other_cfg, other = _model(seed=1)
     ppo = evaluate.evaluate_model(
-        "ppo", other, other_cfg, world, prompts, docs, reference=(params, sft.golds), **kw
+        "ppo",
+        other,
+        other_cfg,
+        world,
+        prompts,
+        docs,
+        reference=Reference(params, cfg, sft.golds),
+        **kw,
     )
     assert math.isfinite(ppo.kl_to_sft) and ppo.kl_to_sft != 0.0
     # The gain is the mean of the per-prompt differences, with the interval of that mean.
@@ -81,7 +90,14 @@ def test_sft_against_itself_has_half_win_rate_and_zero_kl(world):
     k4 = dict(kw, samples_per_prompt=4)
     sft4 = evaluate.evaluate_model("sft", params, cfg, world, prompts, docs, **k4)
     four = evaluate.evaluate_model(
-        "ppo", other, other_cfg, world, prompts, docs, reference=(params, sft4.golds), **k4
+        "ppo",
+        other,
+        other_cfg,
+        world,
+        prompts,
+        docs,
+        reference=Reference(params, cfg, sft4.golds),
+        **k4,
     )
     assert four.golds.shape == (12, 4)
     rep = np.repeat(prompts, 4, axis=0)
@@ -115,14 +131,15 @@ def test_best_of_n_row_is_gold_of_the_rms_picks(world):
         world,
         prompts,
         docs,
-        reference=(params, sft.golds),
-        reward=(rm, rm_cfg, 0.0),
+        reference=Reference(params, cfg, sft.golds),
+        reward=RewardModel(rm, rm_cfg, 0.0),
         best_of=4,
         **kw,
     )
     rep = np.repeat(prompts, 2, axis=0)
     picks, _, _ = ev.best_of_n(
-        params, cfg, rep, n=4, reward=(rm, rm_cfg, 0.0), rng=jax.random.key(7), batch_size=8,
+        params, cfg, rep, n=4, reward=RewardModel(rm, rm_cfg, 0.0), rng=jax.random.key(7),
+        batch_size=8,
         max_new_tokens=R, **evaluate.IDS,
     )  # fmt: skip
     np.testing.assert_array_equal(bon.golds.ravel(), lang.gold_rewards(rep, picks, world=world))
@@ -143,7 +160,7 @@ def test_rm_score_of_each_answer_and_of_best_of_n_picks(world):
     assert plain.rm_scores is None and plain.summary()["rm_score"] is None
 
     scored = evaluate.evaluate_model(
-        "sft", params, cfg, world, prompts, None, reward=(rm, rm_cfg, 0.0), **kw
+        "sft", params, cfg, world, prompts, None, reward=RewardModel(rm, rm_cfg, 0.0), **kw
     )
     np.testing.assert_array_equal(scored.golds, plain.golds)  # scoring changes no sample
     rep = np.repeat(prompts, 3, axis=0)
@@ -151,28 +168,37 @@ def test_rm_score_of_each_answer_and_of_best_of_n_picks(world):
         params, cfg, rep, rng=jax.random.key(7), batch_size=8, max_new_tokens=R, **evaluate.IDS
     )
     one_by_one = [  # each answer alone, in a batch of one: the same score
-        ev.response_scores(rm, rm_cfg, 0.0, rep[i : i + 1], responses[i : i + 1],
-                           mask[i : i + 1], batch_size=1, pad_id=lang.PAD_ID)[0]
+        ev.response_scores(RewardModel(rm, rm_cfg, 0.0), rep[i : i + 1],
+                           responses[i : i + 1], mask[i : i + 1], batch_size=1,
+                           pad_id=lang.PAD_ID)[0]
         for i in range(len(rep))
     ]  # fmt: skip
     np.testing.assert_allclose(scored.rm_scores.ravel(), one_by_one, rtol=1e-5, atol=1e-5)
     # The bias is subtracted from every score (demonstrations score 0).
     shifted = evaluate.evaluate_model(
-        "sft", params, cfg, world, prompts, None, reward=(rm, rm_cfg, 0.5), **kw
+        "sft", params, cfg, world, prompts, None, reward=RewardModel(rm, rm_cfg, 0.5), **kw
     )
     np.testing.assert_allclose(shifted.rm_scores, scored.rm_scores - 0.5, rtol=1e-6, atol=1e-6)
     assert scored.summary()["rm_score"] == pytest.approx(float(scored.rm_scores.mean()))
 
     # best-of-n: the score of each pick is the largest of its n candidates' scores.
     bon = evaluate.evaluate_model(
-        "best_of_n", params, cfg, world, prompts, None, reward=(rm, rm_cfg, 0.0), best_of=4, **kw
+        "best_of_n",
+        params,
+        cfg,
+        world,
+        prompts,
+        None,
+        reward=RewardModel(rm, rm_cfg, 0.0),
+        best_of=4,
+        **kw,
     )
     cand = np.repeat(rep, 4, axis=0)
     c_resp, c_mask = ev.sample_responses(
         params, cfg, cand, rng=jax.random.key(7), batch_size=8, max_new_tokens=R, **evaluate.IDS
     )
-    c_scores = ev.response_scores(rm, rm_cfg, 0.0, cand, c_resp, c_mask, batch_size=8,
-                                  pad_id=lang.PAD_ID)  # fmt: skip
+    c_scores = ev.response_scores(RewardModel(rm, rm_cfg, 0.0), cand, c_resp, c_mask,
+                                  batch_size=8, pad_id=lang.PAD_ID)  # fmt: skip
     np.testing.assert_allclose(bon.rm_scores.ravel(), c_scores.reshape(-1, 4).max(axis=1))
 
 
@@ -243,7 +269,7 @@ def test_rm_metrics_against_noisy_labels_and_gold_order_hand_worked():
     ranks = np.array([[0, 1, 2], [1, 0, -1]])
     valid = np.array([[1, 1, 1], [1, 1, 0]])
     golds = np.array([[0.5, 0.9, 0.1], [0.2, 0.2, 0.0]])
-    m = evaluate.rm_metrics(rewards, ranks, valid, golds)
+    m = ev.rm_metrics(rewards, ranks, valid, golds)
     noisy = ev.rm_metrics(rewards, ranks, valid)
     assert (
         (m["val_accuracy_noisy"], m["val_pairs_noisy"])

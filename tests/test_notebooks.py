@@ -4,6 +4,7 @@ bottom on CPU with their CPU sizes (a failing cell fails the test)."""
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import nbformat
@@ -104,11 +105,19 @@ def test_every_notebook_installs_the_same_pinned_releases():
 
 
 @pytest.fixture(scope="module")
-def world_workdir(tmp_path_factory):
-    # The quickstart's run, which the losses notebook reuses, as the notebooks say.
-    return tmp_path_factory.mktemp("colab") / "runs" / "quickstart"
+def world_workdir(tiny_run, tmp_path_factory):
+    # The quickstart's run, which the losses notebook reuses, as the notebooks say: a copy of
+    # the session's shared tiny run (its preset and seed), so the quickstart finds every stage
+    # finished (as on a second run of it) and evaluates and reports; training is tested in
+    # tests/test_stages.py.
+    workdir = tmp_path_factory.mktemp("colab") / "runs" / "quickstart"
+    for part in ("data", "pretrain", "sft", "rm", "ppo", "ppo_ptx", "summary.json"):
+        copy = shutil.copytree if (tiny_run.workdir / part).is_dir() else shutil.copy
+        copy(tiny_run.workdir / part, workdir / part)
+    return workdir
 
 
+@pytest.mark.e2e
 def test_quickstart_runs_the_pipeline_and_shows_the_report(world_workdir, subprocess_env):
     workdir = f"WORKDIR = {str(world_workdir)!r}"
     nb = _execute(_read("quickstart"), world_workdir.parents[1], workdir, subprocess_env)
@@ -120,6 +129,7 @@ def test_quickstart_runs_the_pipeline_and_shows_the_report(world_workdir, subpro
     assert "peak memory" in text and (world_workdir / "report.md").is_file()
 
 
+@pytest.mark.e2e
 def test_your_data_trains_exports_and_generates_in_transformers(
     tmp_path, monkeypatch, subprocess_env
 ):
@@ -133,6 +143,7 @@ def test_your_data_trains_exports_and_generates_in_transformers(
     assert (tmp_path / "run" / "export" / "policy" / "config.json").is_file()
 
 
+@pytest.mark.e2e
 def test_compose_losses_prints_its_gold_next_to_ppo(world_workdir, subprocess_env):
     workdir = f"WORKDIR = {str(world_workdir)!r}"
     nb = _execute(_read("compose_losses"), world_workdir.parents[1], workdir, subprocess_env)
@@ -142,6 +153,7 @@ def test_compose_losses_prints_its_gold_next_to_ppo(world_workdir, subprocess_en
     assert "iteration    0: RM score" in text
 
 
+@pytest.mark.e2e
 def test_a_failing_cell_fails_the_run(tmp_path):
     nb = _read("quickstart")
     nb.cells.insert(_parameters_index(nb) + 1, nbformat.v4.new_code_cell("1 / 0"))

@@ -118,6 +118,7 @@ def test_init_from_gives_the_architecture_and_refuses_a_contradiction(capsys, tm
     assert "model.d_model=32 " in capsys.readouterr().out
 
 
+@pytest.mark.e2e
 def test_a_finished_stage_refuses_other_settings_and_other_data(capsys, tmp_path, user):
     root, flags, files, _ = user
     workdir = tmp_path / "run"
@@ -143,6 +144,7 @@ def test_a_finished_stage_refuses_other_settings_and_other_data(capsys, tmp_path
     assert "already complete" in capsys.readouterr().out
 
 
+@pytest.mark.e2e
 def test_a_started_stage_refuses_other_settings(capsys, tmp_path, preempt):
     config = apply_overrides(tiny.get_config(), {"checkpoint_every": "1", "pretrain.steps": "6"})
     workdir = tmp_path / "run"
@@ -163,6 +165,7 @@ def test_a_started_stage_refuses_other_settings(capsys, tmp_path, preempt):
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.e2e
 def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(capsys, tmp_path, user):
     _, flags, _, _ = user
     workdir = tmp_path / "run"
@@ -181,6 +184,7 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(capsys, tmp_
     assert checkpoint.StageCheckpointer(workdir, "sft").latest_step() == good
 
 
+@pytest.mark.e2e
 def test_checkpoints_every_few_minutes(tmp_path):
     config = apply_overrides(
         tiny.get_config(),
@@ -201,6 +205,7 @@ def test_right_padded_prompts_are_refused():
         )  # fmt: skip
 
 
+@pytest.mark.e2e
 def test_two_processes_through_the_cli_equal_one(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

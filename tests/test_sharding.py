@@ -101,5 +101,6 @@ _WORKER = textwrap.dedent(
 )
 
 
+@pytest.mark.e2e
 def test_two_process_run_matches_single_process(two_processes):
     two_processes(_WORKER)

@@ -14,12 +14,20 @@ import pytest
 from rlhf_jax import overoptimization as oo
 from rlhf_jax import stats
 from rlhf_jax.configs import tiny
+from rlhf_jax.data.sources import read_all
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.instructlang import datasets, lang
-from rlhf_jax.instructlang.config import EXPERIMENTS
-from rlhf_jax.instructlang.experiments import as_pairs, c9_ppo, comparison_records, windows
-from rlhf_jax.instructlang.study import Study
+from rlhf_jax.instructlang.experiments import (
+    EXPERIMENTS,
+    as_pairs,
+    c9_ppo,
+    comparison_records,
+    windows,
+)
+from rlhf_jax.instructlang.study import markdown, selected
+from rlhf_jax.instructlang.variants import Finding, Study
 from rlhf_jax.report import read_metrics
-from rlhf_jax.stages.driver import committed_steps, read_all
+from rlhf_jax.rundir import RunDir
 
 SEEDS = ("0", "1")
 C9_LR = 3e-4  # not the tiny preset's PPO lr (checked below)
@@ -77,6 +85,34 @@ def test_windows_are_the_second_and_last_quarters():
     assert windows(np.array([1.0, 2.0, 4.0])) == (1.0, 4.0)  # one point each at least
 
 
+def test_study_experiments_selects_every_one_or_those_named():
+    config = tiny.get_config()
+    assert config.study.experiments == "all"
+    assert [e.name for e in selected(config)] == list(EXPERIMENTS)
+    two = dataclasses.replace(
+        config, study=dataclasses.replace(config.study, experiments="oracle,c4")
+    )
+    assert [e.name for e in selected(two)] == ["oracle", "c4"]
+    bad = dataclasses.replace(config, study=dataclasses.replace(config.study, experiments="c4,c5"))
+    with pytest.raises(ConfigError, match="study.experiments='c4,c5': unknown c5; known: all, c3"):
+        selected(bad)
+
+
+def test_study_markdown_gives_each_finding_a_row_a_cost_and_a_section():
+    finding = Finding(
+        "C4", "KL plateau", "KL levels off", True, "KL 0.3 [0.2, 0.4]", ["| seed |", "|---|"],
+        "c4.png",
+    )  # fmt: skip
+    undecided = Finding("C9", "over-optimisation", "gold falls", None, "one seed", [], None)
+    text = markdown(tiny.get_config(), [0, 1], [finding, undecided], {"c4": 90.0}, 600.0)
+    assert text.startswith("# rlhf_jax study: config `tiny`, seeds 0, 1\n")
+    assert "| C4: KL plateau | KL levels off | **PASS** | KL 0.3 [0.2, 0.4] |" in text
+    assert "| C9: over-optimisation | gold falls | **N/A** | one seed |" in text
+    assert "- main runs (the pipeline per seed): 10.0 min" in text and "- c4: 1.5 min" in text
+    assert "## C4: KL plateau\n\n**PASS**: KL levels off.\n" in text
+    assert "![C4](study/c4.png)" in text and "![C9]" not in text
+
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, rlhf_jax_cli):
     root = tmp_path_factory.mktemp("study")
@@ -88,6 +124,7 @@ def study(tmp_path_factory, rlhf_jax_cli):
     return root, args, out
 
 
+@pytest.mark.e2e
 def test_study_writes_every_experiment_with_a_verdict_and_a_plot(study):
     root, _, out = study
     text = (root / "study.md").read_text()
@@ -105,6 +142,7 @@ def test_study_writes_every_experiment_with_a_verdict_and_a_plot(study):
             assert (root / "study" / name / f"seed{seed}" / "result.json").is_file()
 
 
+@pytest.mark.e2e
 def test_variants_link_the_main_runs_stages_and_copy_their_data(study):
     root, _, _ = study
     beta0 = root / "study" / "c4" / "seed0" / "beta0"
@@ -127,6 +165,7 @@ def test_variants_link_the_main_runs_stages_and_copy_their_data(study):
     assert stamp(c3, "rlhf_comparisons") != stamp(root / "seed0", "rlhf_comparisons")
 
 
+@pytest.mark.e2e
 def test_oracle_ppo_is_rewarded_with_the_gold(study):
     root, _, _ = study
     # The logged score is the mean reward of the iteration's samples and eval/gold the mean
@@ -149,21 +188,22 @@ def test_oracle_ppo_is_rewarded_with_the_gold(study):
         assert json.loads(logged.read_text())["ppo"]["kl_coef"] == beta
 
 
+@pytest.mark.e2e
 def test_c7_trains_shuffled_pairs_with_the_grouped_rms_number_of_updates(study):
     root, _, _ = study
     config = tiny.get_config()
     main = root / "seed0"
     result = json.loads((root / "study" / "c7" / "seed0" / "result.json").read_text())
     # Pairs counted independently, from the packed K-wise ranks and their valid slots.
-    data = read_all(config, main, "rm", "ranks"), read_all(config, main, "rm", "valid")
+    data = read_all(config, main, "rm", ("ranks", "valid"))
     expected = 0
-    for ranks, valid in zip(*data):
+    for ranks, valid in zip(data["ranks"], data["valid"]):
         r = ranks[valid > 0]
         expected += int(sum(r[i] != r[j] for i in range(len(r)) for j in range(i + 1, len(r))))
     marker = json.loads((root / "study" / "c7" / "seed0" / "pairs" / "pairs.json").read_text())
     assert marker["train_pairs"] == expected
     grouped, paired = result["updates_grouped"], result["updates_pairs"]
-    assert grouped == committed_steps(main, "rm")[-1]
+    assert grouped == RunDir(main).committed_steps("rm")[-1]
     assert grouped <= paired <= grouped * 1.1 + 1
 
 
@@ -175,6 +215,7 @@ def canonical(rec: dict) -> tuple:
     )
 
 
+@pytest.mark.e2e
 def test_c9_proxies_learn_from_the_first_n_deterministic_rankings(study):
     root, _, _ = study
     config = tiny.get_config()
@@ -220,6 +261,7 @@ def test_c9_proxies_learn_from_the_first_n_deterministic_rankings(study):
     assert main["policy_optimizer"]["lr"] == preset
 
 
+@pytest.mark.e2e
 def test_c8_retrains_the_main_sft_and_scores_every_epoch(study):
     root, _, _ = study
     rows = [r for r in read_metrics(root / "study" / "c8" / "seed0" / "sft_epochs", "sft")]
@@ -230,6 +272,7 @@ def test_c8_retrains_the_main_sft_and_scores_every_epoch(study):
     assert [r["val/loss"] for r in validated] == pytest.approx(main, rel=1e-5)
 
 
+@pytest.mark.e2e
 def test_a_finished_study_is_only_reread(study, rlhf_jax_cli):
     root, args, first = study
     before = {p: p.stat().st_mtime for p in (root / "study").rglob("result.json")}
@@ -243,6 +286,7 @@ def test_a_finished_study_is_only_reread(study, rlhf_jax_cli):
     assert {p: p.stat().st_mtime for p in before} == before
 
 
+@pytest.mark.e2e
 def test_a_result_made_with_other_settings_is_an_error_not_reused(study, rlhf_jax_cli):
     root, args, _ = study
     before = (root / "study.md").read_text()
@@ -255,6 +299,7 @@ def test_a_result_made_with_other_settings_is_an_error_not_reused(study, rlhf_ja
     assert (root / "study.md").read_text() == before
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "override, field",
     [

@@ -13,8 +13,9 @@ import torch
 import transformers as T
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from rlhf_jax import rollout
+from rlhf_jax import fields, rollout
 from rlhf_jax.configs import hf as hf_preset
+from rlhf_jax.rundir import RunDir
 from rlhf_jax.stages.lineage import load_policy, load_reward_model, policy_model
 
 SENTENCE = (
@@ -27,6 +28,9 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"
     "{% if add_generation_prompt %}<s>assistant:{% endif %}"
 )
+
+
+pytestmark = pytest.mark.e2e  # every test reads the pipeline run through the CLI
 
 
 def _words(rng, lo=3, hi=6):
@@ -144,6 +148,12 @@ SMALL = (
     "--config.ppo.batch_size=8",
     "--config.ppo.minibatch_size=8",
     f"--config.ppo.max_new_tokens={R}",
+    "--config.dpo.batch_size=8",
+    "--config.grpo.iterations=1",
+    "--config.grpo.batch_size=4",
+    "--config.grpo.group_size=2",
+    "--config.grpo.minibatch_size=8",
+    f"--config.grpo.max_new_tokens={R}",
     "--config.eval.test_prompts=4",
     "--config.eval.samples_per_prompt=2",
     "--config.eval.batch_size=8",
@@ -161,7 +171,7 @@ def run(world, rlhf_jax_cli):
         f"--config=hf:{policy}",
         "--workdir=run",
         f"--config.rm.init_from={reward}",
-        "--config.methods=best_of_n",
+        "--config.methods=best_of_n,dpo,grpo",
         "--config.eval.best_of_n=3",
         *args,
         *SMALL,
@@ -169,8 +179,6 @@ def run(world, rlhf_jax_cli):
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     config = hf_preset.get_config(policy)
-    from rlhf_jax import fields
-
     overrides = [(a[len("--config.") :].split("=", 1)) for a in (*args, *SMALL)]
     config = fields.apply_overrides(config, [(k, v) for k, v in overrides])
     config = fields.apply_overrides(config, {"rm.init_from": reward})
@@ -181,8 +189,12 @@ def test_pipeline_runs_every_stage_and_reports(run):
     root, workdir, config, stdout = run
     assert config.model.family == "llama" and config.model.d_model == 32  # from the checkpoint
     summary = json.loads((workdir / "summary.json").read_text())
-    # No pretraining text: no ptx, no base. Best-of-3 of SFT by the RM, with its analytic KL.
-    assert list(summary["models"]) == ["sft", "ppo", "best_of_n"]
+    # No pretraining text: no ptx, no base. The methods in the stage table's order; best-of-3 of
+    # SFT by the RM, with its analytic KL.
+    assert list(summary["models"]) == ["sft", "ppo", "dpo", "grpo", "best_of_n"]
+    # DPO took every HH pair of the file (40 records, each one pair) in batches of 8, once.
+    assert RunDir(workdir).committed_steps("dpo")[-1] == 40 // 8
+    assert RunDir(workdir).committed_steps("grpo")[-1] == 1
     assert summary["models"]["best_of_n"]["kl_to_sft"] == pytest.approx(np.log(3) - 2 / 3)
     assert summary["models"]["best_of_n"]["samples_per_prompt"] == 2
     sft = summary["models"]["sft"]
@@ -259,7 +271,7 @@ def test_exported_reward_model_scores_like_rollout_minus_the_bias(run):
     root, workdir, config, _ = run
     export = workdir / "export" / "rm"
     model = T.AutoModelForSequenceClassification.from_pretrained(export, local_files_only=True)
-    params, bias, rm_model = load_reward_model(config, workdir, source=workdir / "rm")
+    params, rm_model, bias = load_reward_model(config, workdir, source=workdir / "rm")
     assert rm_model.family == "gpt2" and float(bias) != 0.0
     rng = np.random.default_rng(0)
     for length in (5, 9, 14):

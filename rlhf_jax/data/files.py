@@ -26,13 +26,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+import pyarrow.parquet as pq
+
+from rlhf_jax.config import TOO_LONG
 from rlhf_jax.data.formats import to_text_record
 from rlhf_jax.data.records import Budgets, DataError, Kind, TooLong, as_kind, validate_record
 from rlhf_jax.errors import ConfigError
 
 log = logging.getLogger("rlhf_jax")
 SUFFIXES = (".jsonl", ".parquet")
-TOO_LONG = ("error", "drop")
 
 
 @runtime_checkable
@@ -124,8 +126,6 @@ def rows(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
     if not os.path.isfile(name):
         raise DataError(name, None, "no such file")
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
         for i, row in enumerate(pq.read_table(name).to_pylist(), start=1):
             yield f"{name}:row {i}", row
         return
@@ -151,8 +151,6 @@ def count_rows(path: str | os.PathLike) -> int:
     if not os.path.isfile(name):
         raise DataError(name, None, "no such file")
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
         return pq.ParquetFile(name).metadata.num_rows
     with open(name, "rb") as f:
         return sum(1 for line in f if line.strip())

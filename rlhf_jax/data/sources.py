@@ -17,6 +17,8 @@ in ``config.data.source``, never silently reused:
   records could.
 
 Datasets are built on process 0; the other processes wait at a barrier until it is done.
+``loader`` gives a stage its batches of one use, and ``read_all`` a whole split (evaluation
+data).
 """
 
 from __future__ import annotations
@@ -26,30 +28,53 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import jax
 import numpy as np
 
+from rlhf_jax import hf
 from rlhf_jax.config import Config
-from rlhf_jax.data import builders, files
+from rlhf_jax.data import builders, files, loaders
 from rlhf_jax.data.records import Kind
 from rlhf_jax.errors import ConfigError
+from rlhf_jax.rundir import RunDir, barrier
 
 log = logging.getLogger("rlhf_jax")
 FORMAT_VERSION = 1  # bump when a change in import would give other records from the same files
 
-# (kind, split) read by each use.
+
+class Use(NamedTuple):
+    """What one use reads: a split of the dataset of one record kind."""
+
+    kind: Kind
+    split: str
+
+
 SPLITS = {
-    "pretrain": (Kind.PRETRAINING, "train"),
-    "heldout": (Kind.PRETRAINING, "heldout"),
-    "sft": (Kind.DEMONSTRATIONS, "sft_train"),
-    "sft_val": (Kind.DEMONSTRATIONS, "sft_val"),
-    "rm": (Kind.COMPARISONS, "rm_train"),
-    "rm_val": (Kind.COMPARISONS, "rm_val"),
-    "ppo": (Kind.PROMPTS, "ppo_train"),
-    "test": (Kind.PROMPTS, "test"),
+    "pretrain": Use(Kind.PRETRAINING, "train"),
+    "heldout": Use(Kind.PRETRAINING, "heldout"),
+    "sft": Use(Kind.DEMONSTRATIONS, "sft_train"),
+    "sft_val": Use(Kind.DEMONSTRATIONS, "sft_val"),
+    "rm": Use(Kind.COMPARISONS, "rm_train"),
+    "rm_val": Use(Kind.COMPARISONS, "rm_val"),
+    "ppo": Use(Kind.PROMPTS, "ppo_train"),
+    "test": Use(Kind.PROMPTS, "test"),
 }
+
+
+class Dataset(NamedTuple):
+    """A built dataset's directory and the split one use reads of it."""
+
+    path: Path
+    split: str
+
+
+class SpecialIds(NamedTuple):
+    """The data tokenizer's EOS and PAD ids (PAD 0 when it has none)."""
+
+    eos: int
+    pad: int
 
 
 @runtime_checkable
@@ -95,7 +120,7 @@ def get(config: Config) -> Source:
 
 
 def data_dir(workdir: str | os.PathLike) -> Path:
-    return Path(workdir) / "data"
+    return RunDir(workdir).data
 
 
 def _path(config: Config, workdir, kind: Kind) -> Path:
@@ -138,15 +163,7 @@ def is_current(config: Config, workdir, kind: Kind) -> bool:
     return stored == get(config).fingerprint(config, Path(workdir), kind)
 
 
-def barrier(name: str) -> None:
-    """Every process waits here until all have arrived (nothing to wait for on one process)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
-def dataset(config: Config, workdir: str | os.PathLike, use: str) -> tuple[Path, str]:
+def dataset(config: Config, workdir: str | os.PathLike, use: str) -> Dataset:
     """(dataset path, split) of one use of ``SPLITS``, built first if it is missing or stale."""
     kind, split = SPLITS[use]
     path = _path(config, workdir, kind)
@@ -162,7 +179,7 @@ def dataset(config: Config, workdir: str | os.PathLike, use: str) -> tuple[Path,
             f"{kind.value} have no {split!r} split: give data.{kind.value}_val, or a "
             "data.heldout_fraction > 0"
         )
-    return path, split
+    return Dataset(path, split)
 
 
 def split_size(config: Config, workdir: str | os.PathLike, use: str) -> int:
@@ -197,15 +214,42 @@ def tokenizer_dir(config: Config, workdir: str | os.PathLike) -> Path:
 
 def load_tokenizer(config: Config, workdir: str | os.PathLike):
     """The data's tokenizer (``hf.load_tokenizer``: padding on the left)."""
-    from rlhf_jax.hf import load_tokenizer
-
-    return load_tokenizer(tokenizer_dir(config, workdir))
+    return hf.load_tokenizer(tokenizer_dir(config, workdir))
 
 
-def special_ids(config: Config, workdir: str | os.PathLike) -> tuple[int, int]:
-    """(EOS, PAD) token ids of the data's tokenizer (PAD defaults to 0 when it has none)."""
+def special_ids(config: Config, workdir: str | os.PathLike) -> SpecialIds:
+    """The EOS and PAD token ids of the data's tokenizer (PAD defaults to 0 when it has none)."""
     tok = load_tokenizer(config, workdir)
-    return int(tok.eos_token_id), int(tok.pad_token_id or 0)
+    return SpecialIds(int(tok.eos_token_id), int(tok.pad_token_id or 0))
+
+
+def loader(config: Config, workdir, use: str, batch_size: int, seed: int, epochs=None, **kw):
+    """A grain loader of global batches of the dataset for ``use`` (``SPLITS``), built first if
+    need be. Every process reads the same batches; a stage keeps this process's rows
+    (``sharding.process_rows``)."""
+    path, split = dataset(config, workdir, use)
+    d = config.data
+    return loaders.make_loader(
+        path,
+        split,
+        batch_size=batch_size,
+        seed=seed,
+        prompt_len=d.prompt_len,
+        response_len=d.response_len,
+        text_len=d.text_len,
+        num_epochs=epochs,
+        **kw,
+    )
+
+
+def read_all(
+    config: Config, workdir, use: str, keys: tuple[str, ...] | list[str] | None = None
+) -> dict[str, np.ndarray]:
+    """Every record of ``use`` in order, as one array per field (``keys``: only those)."""
+    data = loader(config, workdir, use, 256, 0, epochs=1, shuffle=False, drop_remainder=False)
+    batches = list(data)
+    keys = list(batches[0]) if keys is None else keys
+    return {k: np.concatenate([b[k] for b in batches]) for k in keys}
 
 
 def digest(*parts: Any) -> str:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from rlhf_jax.report import MODEL_ORDER, fmt, num
+from rlhf_jax import stage_table
+from rlhf_jax.report import fmt, num
 
 RL_MODELS = ("ppo", "ppo_ptx")
 GOLD_TOLERANCE = 0.05
@@ -47,7 +48,9 @@ class Claim:
 # Claims
 
 
-def _metric(models: dict, key: str, names=MODEL_ORDER) -> dict[str, float | None]:
+def _metric(models: dict, key: str, names=None) -> dict[str, float | None]:
+    """``key`` of each model of ``names`` (default: every report row, in table order)."""
+    names = stage_table.report_rows() if names is None else names
     return {m: num(models[m].get(key)) for m in names if m in models}
 
 

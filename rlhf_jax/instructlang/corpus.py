@@ -37,6 +37,7 @@ tau = 0.25 73.3% (72.2%; tau = 0.26 gives 72.2% on this distribution), Bayes-opt
 """
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 from jaxtyping import Float, Int
@@ -107,7 +108,14 @@ def sample_prompts(
     return pad_left(_prompt_rows(rng, n, lim_prob=lim_prob, ask_prob=ask_prob))
 
 
-def fact_probes(world: lang.World) -> tuple[Int[np.ndarray, "32 P"], Int[np.ndarray, "32 2"]]:
+class FactProbes(NamedTuple):
+    """Fact-probe ``prompts`` [32 P] and their ``answers`` [32 2] (the KB pairs)."""
+
+    prompts: Int[np.ndarray, "32 P"]
+    answers: Int[np.ndarray, "32 2"]
+
+
+def fact_probes(world: lang.World) -> FactProbes:
     """Fact-probe prompts ``BOS c_i IS`` (left-padded to P = 12) and their answers (KB pairs)."""
     prompts = np.full((lang.N_FACTS, lang.PROMPT_LEN), lang.PAD_ID, dtype=np.int32)
     prompts[:, -3:] = np.stack(
@@ -118,7 +126,7 @@ def fact_probes(world: lang.World) -> tuple[Int[np.ndarray, "32 P"], Int[np.ndar
         ],
         axis=1,
     )
-    return prompts, world.kb.astype(np.int32)
+    return FactProbes(prompts, world.kb.astype(np.int32))
 
 
 def make_splits(
@@ -294,11 +302,18 @@ def make_pretraining_corpus(
     return pad_right(docs, lang.DOC_LEN)
 
 
+class Corpora(NamedTuple):
+    """The pretraining corpus ``train`` [N T] and the ``heldout`` one [M T] (for NLL)."""
+
+    train: Int[np.ndarray, "N T"]
+    heldout: Int[np.ndarray, "M T"]
+
+
 def pretraining_corpora(
     world: lang.World, n_train: int = 200_000, n_heldout: int = 5_000
-) -> tuple[Int[np.ndarray, "N T"], Int[np.ndarray, "M T"]]:
+) -> Corpora:
     """The training corpus and the held-out one (for NLL), from independent streams."""
-    return (
+    return Corpora(
         make_pretraining_corpus(world, n_train, split="train"),
         make_pretraining_corpus(world, n_heldout, split="heldout"),
     )

@@ -22,9 +22,12 @@ import numpy as np
 from rlhf_jax.config import Config
 from rlhf_jax.data import sources
 from rlhf_jax.data.records import Kind
+from rlhf_jax.evaluate import sample_responses
 from rlhf_jax.instructlang import corpus, lang
 from rlhf_jax.instructlang.config import SOURCE, InstructLangConfig
-from rlhf_jax.stages.lineage import load_policy, policy_model, stage_exists
+from rlhf_jax.instructlang.tokenizer import save_tokenizer
+from rlhf_jax.rundir import RunDir, barrier
+from rlhf_jax.stages.lineage import load_policy, policy_model
 
 log = logging.getLogger("rlhf_jax")
 NAME = SOURCE
@@ -79,11 +82,9 @@ def build_comparisons(config: InstructLangConfig, workdir: str | os.PathLike) ->
     came from SFT policies, paper section 3.1); the simulated labelers rank them by gold with
     noise ``world.labeler_tau`` (or exactly, ``world.deterministic_labels``).
     """
-    from rlhf_jax.evaluate import sample_responses
-
     t0 = time.perf_counter()
     sft = load_policy(config, workdir, "sft")
-    base = load_policy(config, workdir, "pretrain") if stage_exists(workdir, "pretrain") else sft
+    base = load_policy(config, workdir, "pretrain") if RunDir(workdir).has("pretrain") else sft
     model, R = policy_model(config), config.data.response_len
     mix = np.random.default_rng([config.world.seed, 11])
 
@@ -102,7 +103,7 @@ def build_comparisons(config: InstructLangConfig, workdir: str | os.PathLike) ->
         out = None
         for params, rows in ((sft, ~use_base), (base, use_base)):
             if rows.any():
-                drawn = sample_responses(params, model, rep, **kw)[0]
+                drawn = sample_responses(params, model, rep, **kw).tokens
                 out = drawn if out is None else np.where(rows[:, None], drawn, out)
         return out.reshape(len(prompts), k, R)
 
@@ -162,12 +163,10 @@ class WorldSource:
         return dataclasses.asdict(w.splits)  # comparisons: at most one record per prompt
 
     def tokenizer_dir(self, config: Config, workdir: Path) -> Path:
-        path = sources.data_dir(workdir) / "tokenizer"
+        path = RunDir(workdir).data / "tokenizer"
         if not (path / "tokenizer.json").exists() and jax.process_index() == 0:
-            from rlhf_jax.instructlang.tokenizer import save_tokenizer
-
             save_tokenizer(path)
-        sources.barrier(f"rlhf_jax tokenizer {path}")
+        barrier(f"rlhf_jax tokenizer {path}")
         return path
 
 

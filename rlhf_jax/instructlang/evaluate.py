@@ -1,4 +1,4 @@
-"""Gold evaluation on the built-in world: one policy, the RM, and every model of a run.
+"""Gold evaluation on the built-in world: the library's evaluation, with the gold reward added.
 
 What docs/instructlang.md section 0 asks each model's row of the report to hold: gold reward of k
 T = 1 samples per test prompt (``eval.samples_per_prompt``) with a 95% interval over prompts, the
@@ -8,36 +8,31 @@ against the SFT model, held-out pretraining NLL (the alignment tax), fact-probe 
 rate and the Table-3-style metadata; plus the reward model's validation accuracy against the noisy
 labels and against gold order, and how often it orders the SFT model's own answers to one test
 prompt like the gold does. Each row also holds the RM's mean score of the model's answers, so the
-proxy and the gold can be read side by side. Sampling, likelihoods, intervals and paired
-statistics are the library's (``rlhf_jax.evaluate`` and ``rlhf_jax.stats``); this module adds the
-gold.
-``evaluate_all`` evaluates a run's models against its SFT model (the report's table) and
-``evaluate_stage`` one of them (``rlhf-jax eval``).
+proxy and the gold can be read side by side.
+
+Sampling, likelihoods, RM scores, intervals and paired statistics are the library's
+(``rlhf_jax.evaluate.evaluate_policy``, ``rlhf_jax.stats``): ``evaluate_model`` judges the very
+samples the library draws by the gold as well. ``GoldEvaluator`` is the library's run evaluator
+(``rlhf_jax.evaluator.Evaluator``) with the gold added; ``evaluate_run(config, workdir,
+GoldEvaluator)`` gives the report's table and ``evaluate_stage`` one row (``rlhf-jax eval``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import numpy as np
-from jaxtyping import Array, Bool, Float, Int, Shaped
+from jaxtyping import Array, Bool, Int, Shaped
 
 from rlhf_jax import evaluate as ev
-from rlhf_jax import sharding, stats
+from rlhf_jax import evaluator, stats
 from rlhf_jax.config import ModelConfig
 from rlhf_jax.instructlang import corpus, datasets, lang
 from rlhf_jax.instructlang.config import InstructLangConfig, require_world
-from rlhf_jax.stages.driver import loader, read_all
-from rlhf_jax.stages.lineage import (
-    BEST_OF_N,
-    evaluated_models,
-    load_policy,
-    load_reward_model,
-    policy_model,
-    stage_exists,
-)
+from rlhf_jax.rollout import RewardModel
+from rlhf_jax.stages.lineage import load_reward_model
 
 # The world's special ids, as every model call here needs them.
 IDS = dict(eos_id=lang.EOS_ID, pad_id=lang.PAD_ID)
@@ -84,15 +79,6 @@ def gain_per_nat(gain: float | None, kl: float | None) -> float | None:
     return gain / kl
 
 
-class Reference(NamedTuple):
-    """The SFT baseline: its params, its per-test-prompt golds (``None``: this model's own, for
-    evaluating the SFT model against itself) and its config (``None``: the evaluated model's)."""
-
-    params: Any
-    golds: np.ndarray | None = None
-    config: ModelConfig | None = None
-
-
 @dataclasses.dataclass
 class ModelEval:
     """One model's evaluation; ``summary()`` is its JSON-ready row of the report."""
@@ -102,15 +88,15 @@ class ModelEval:
     metadata: dict[str, float]  # lang.metadata_means
     pretrain_nll: float
     fact_accuracy: float
-    win_rate_vs_sft: tuple[float, float, float] | None  # (rate, lo, hi)
-    gold_gain_vs_sft: tuple[float, float, float] | None  # paired gold - SFT gold: (mean, lo, hi)
+    win_rate_vs_sft: stats.Interval | None
+    gold_gain_vs_sft: stats.Interval | None  # paired gold - SFT gold
     kl_to_sft: float | None
     prompt_texts: list[str]
     response_texts: list[str]
     rm_scores: np.ndarray | None = None  # [N, k] the RM's score of each sample (None: no RM)
 
     @property
-    def gold_ci95(self) -> tuple[float, float, float]:
+    def gold_ci95(self) -> stats.Interval:
         return stats.mean_ci95(stats.per_prompt(self.golds))
 
     def summary(self) -> dict[str, Any]:
@@ -120,13 +106,13 @@ class ModelEval:
         out = {
             "gold_mean": mean,
             "gold_ci95": [lo, hi],
-            "win_rate_vs_sft": None if win is None else win[0],
-            "win_rate_ci95": None if win is None else [win[1], win[2]],
-            "gold_gain_vs_sft": None if gain is None else gain[0],
-            "gold_gain_ci95": None if gain is None else [gain[1], gain[2]],
+            "win_rate_vs_sft": None if win is None else win.value,
+            "win_rate_ci95": None if win is None else [win.lo, win.hi],
+            "gold_gain_vs_sft": None if gain is None else gain.value,
+            "gold_gain_ci95": None if gain is None else [gain.lo, gain.hi],
             "kl_to_sft": self.kl_to_sft,
             "rm_score": None if self.rm_scores is None else float(np.mean(self.rm_scores)),
-            "gold_gain_per_nat": gain_per_nat(None if gain is None else gain[0], self.kl_to_sft),
+            "gold_gain_per_nat": gain_per_nat(None if gain is None else gain.value, self.kl_to_sft),
             "pretrain_nll": self.pretrain_nll,
             "fact_accuracy": self.fact_accuracy,
             "eos_rate": self.metadata["eos"],
@@ -162,71 +148,69 @@ def evaluate_model(
     rng: jax.Array,
     batch_size: int,
     max_new_tokens: int,
-    reference: tuple | None = None,
+    reference: ev.Reference | None = None,
     samples_per_prompt: int = 1,
-    reward: tuple | None = None,
+    reward: RewardModel | None = None,
     best_of: int = 1,
+    prompt_mask: Shaped[np.ndarray | Array, "N P"] | None = None,
+    heldout_mask: Shaped[np.ndarray | Array, "M T"] | None = None,
 ) -> ModelEval:
     """Everything the report needs about one model (see the module docstring).
 
-    Each test prompt is answered ``samples_per_prompt`` (k) times; its gold is the mean of its k
-    samples, and every interval is over prompts. Use the same ``rng`` for every model, so all
-    models answer the same prompts with the same random stream (common random numbers).
-    ``reference = (sft_params, sft_golds[, sft_config])`` adds the paired win rate, the paired
-    gold gain and the KL to the SFT model; pass ``(sft_params, None)`` to evaluate the
-    SFT model against itself (win rate 0.5, gain and KL 0 exactly, computed all the same as a
-    check). ``reward = (rm_params, rm_config, bias)`` adds the RM's score of every answer
-    (``rm_scores``, normalised so that the demonstrations score 0), and with ``best_of = n > 1``
-    evaluates best-of-n of ``params`` instead (``rlhf_jax.evaluate.best_of_n``): each answer is the
-    RM's pick of n, the KL is ``best_of_n_kl(n)`` (its KL to ``params``: pass the SFT model), and
-    the pretraining NLL and fact accuracy are those of ``params``, whose weights it does not
-    change.
+    The library's ``evaluate_policy`` draws and measures the samples (RM scores, KL, held-out
+    NLL, best-of-n); this adds their gold, metadata and paired gold statistics, and the model's
+    fact accuracy. Each test prompt is answered ``samples_per_prompt`` (k) times; its gold is the
+    mean of its k samples, and every interval is over prompts. Use the same ``rng`` for every
+    model, so all models answer the same prompts with the same random stream (common random
+    numbers). ``reference`` (the SFT model, its architecture and its ``[N, k]`` golds as the
+    ``baseline``) adds the paired win rate, the paired gold gain and the KL to it; a ``None``
+    baseline evaluates the model against itself (win rate 0.5, gain and KL 0 exactly, computed all
+    the same as a check). ``reward`` adds the RM's score of every answer (``rm_scores``,
+    normalised so that the demonstrations score 0), and with ``best_of = n > 1`` evaluates
+    best-of-n of ``params`` instead (``rlhf_jax.evaluate.best_of_n``): each answer is the RM's
+    pick of n, the KL is ``best_of_n_kl(n)`` (its KL to ``params``: pass the SFT model), and the
+    pretraining NLL and fact accuracy are those of ``params``, whose weights it does not change.
     """
-    test_prompts = np.asarray(test_prompts, np.int32)
-    n, k = len(test_prompts), samples_per_prompt
-    prompts = np.repeat(test_prompts, k, axis=0)  # prompt i's samples are rows i*k .. i*k+k-1
-    kw = dict(batch_size=batch_size, pad_id=lang.PAD_ID)
-    draw = dict(rng=rng, max_new_tokens=max_new_tokens, eos_id=lang.EOS_ID, **kw)
-    if best_of > 1:
-        if reward is None:
-            raise ValueError("evaluate_model: best_of > 1 needs the reward model that picks")
-        responses, mask, scores = ev.best_of_n(
-            params, config, prompts, n=best_of, reward=reward, **draw
-        )
-    else:
-        responses, mask = ev.sample_responses(params, config, prompts, **draw)
-        scores = (
-            None if reward is None else ev.response_scores(*reward, prompts, responses, mask, **kw)
-        )
-    golds = lang.gold_rewards(prompts, responses, world=world).reshape(n, k)
-    meta = lang.metadata_means(lang.response_metadata(prompts, responses, world=world))
-    nll = float("nan")
-    if heldout_docs is not None:
-        nll = ev.heldout_nll(params, config, heldout_docs, **kw)
-
-    win, gain, kl = None, None, None
+    if best_of > 1 and reward is None:
+        raise ValueError("evaluate_model: best_of > 1 needs the reward model that picks")
+    result = ev.evaluate_policy(
+        name,
+        params,
+        config,
+        test_prompts,
+        prompt_mask=prompt_mask,
+        rng=rng,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        reward=reward,
+        # The library pairs by RM scores; the gold pairing is below.
+        reference=None if reference is None else reference._replace(baseline=None),
+        heldout_docs=heldout_docs,
+        heldout_mask=heldout_mask,
+        samples_per_prompt=samples_per_prompt,
+        best_of=best_of,
+        **IDS,
+    )
+    n, k = len(result.prompts), samples_per_prompt
+    prompts = np.repeat(result.prompts, k, axis=0)  # prompt i's samples are rows i*k .. i*k+k-1
+    golds = lang.gold_rewards(prompts, result.responses, world=world).reshape(n, k)
+    meta = lang.metadata_means(lang.response_metadata(prompts, result.responses, world=world))
+    win = gain = None
     if reference is not None:
-        ref = Reference(*reference)
-        win, gain = stats.paired(golds, golds if ref.golds is None else ref.golds)
-        if best_of > 1:
-            kl = ev.best_of_n_kl(best_of)
-        else:
-            pair = ((params, config), (ref.params, ref.config or config))
-            kl = float(np.mean(ev.log_ratio(*pair, prompts, responses, mask, **kw)))
-
-    prompt_texts, response_texts = _texts(test_prompts, responses[::k], mask[::k])
+        win, gain = stats.paired(golds, golds if reference.baseline is None else reference.baseline)
+    prompt_texts, response_texts = _texts(result.prompts, *result.first())
     return ModelEval(
         name=name,
         golds=golds,
         metadata=meta,
-        pretrain_nll=nll,
+        pretrain_nll=result.heldout_nll,
         fact_accuracy=fact_accuracy(params, config, world, batch_size=batch_size),
         win_rate_vs_sft=win,
         gold_gain_vs_sft=gain,
-        kl_to_sft=kl,
+        kl_to_sft=result.kl_to_sft,
         prompt_texts=prompt_texts,
         response_texts=response_texts,
-        rm_scores=None if scores is None else np.asarray(scores, np.float64).reshape(n, k),
+        rm_scores=result.rm_scores,
     )
 
 
@@ -243,127 +227,51 @@ def within_prompt_accuracy(result: ModelEval) -> dict[str, float | int]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Reward model
-
-
-def rm_metrics(
-    rewards: Float[np.ndarray | Array, "N K"],
-    ranks: Int[np.ndarray | Array, "N K"],
-    valid: Shaped[np.ndarray | Array, "N K"],
-    golds: Float[np.ndarray | Array, "N K"],
-) -> dict[str, float]:
-    """Pairwise accuracy of given rewards against the noisy labels and against gold order, and
-    the ranking loss (``rlhf_jax.evaluate.rm_metrics``; a gold pair has ``gold_i > gold_j``)."""
-    noisy = ev.rm_metrics(rewards, ranks, valid)
-    gold = ev.preferred_pairs(golds, valid, lower_is_better=False)
-    return {
-        "val_accuracy_noisy": noisy["val_accuracy"],
-        "val_accuracy_gold": ev.pairwise_accuracy(rewards, gold),
-        "val_loss": noisy["val_loss"],
-        "val_pairs_noisy": noisy["val_pairs"],
-        "val_pairs_gold": int(gold.sum()),
-    }
-
-
-# --------------------------------------------------------------------------------------------------
 # A run's models
 
 
-class Evaluator:
-    """What every evaluation shares: the world, the test prompts and held-out documents, one
-    sampling stream for all models, and the SFT model every other model is compared with."""
+def gold_fn(config: InstructLangConfig) -> ev.Gold:
+    """The world's gold reward of (prompt tokens [N P], response tokens [N R]) -> [N]."""
+    world = datasets.world(config)
+    return lambda prompts, responses: lang.gold_rewards(prompts, responses, world=world)
 
-    def __init__(self, config: InstructLangConfig, workdir, heldout: np.ndarray, mesh):
-        self.config, self.workdir, self.mesh, self.heldout = config, workdir, mesh, heldout
-        self.world, self.model = datasets.world(config), policy_model(config)
-        self.test = read_all(config, workdir, "test", "prompt_tokens")[: config.eval.test_prompts]
-        self.sft = load_policy(config, workdir, "sft", mesh)
-        self.reward = None  # (params, architecture, bias) once the RM has run
-        if config.ppo.reward_from or stage_exists(workdir, "rm"):
-            rm_params, bias, rm_model = load_reward_model(config, workdir, mesh)
-            self.reward = (rm_params, rm_model, bias)
-        self.sft_eval = self.evaluate("sft", self.sft, reference=(self.sft, None))
+
+class GoldEvaluator(evaluator.Evaluator):
+    """The library's run evaluator on the built-in world: every model judged by the gold too,
+    and the RM against gold order (``rlhf_jax.evaluator.Evaluator``)."""
+
+    def __init__(self, config: InstructLangConfig, workdir, mesh=None):
+        self.world, self.gold = datasets.world(require_world(config)), gold_fn(config)
+        super().__init__(config, workdir, mesh)
+
+    def baseline(self, result: ModelEval) -> np.ndarray:
+        return result.golds
 
     def evaluate(
-        self, name: str, params, reference: tuple | None = None, best_of: int = 1
+        self, name: str, params, reference: ev.Reference | None = None, best_of: int = 1
     ) -> ModelEval:
-        """Any policy with the run's architecture (a stage's, or one you trained yourself)
-        against the SFT model (``reference``: another baseline, as for ``evaluate_model``);
-        ``best_of = n`` evaluates best-of-n of ``params`` by the run's RM."""
-        reference = reference or (self.sft, self.sft_eval.golds)
+        kw = self._policy_kw(reference, best_of)
+        for key in ("config", "eos_id", "pad_id"):
+            del kw[key]
         return evaluate_model(
             name,
             params,
             self.model,
             self.world,
-            self.test,
-            self.heldout,
-            rng=jax.random.key(self.config.seed + 6),
-            batch_size=self.config.eval.batch_size,
-            max_new_tokens=self.config.data.response_len,
-            reference=reference,
-            samples_per_prompt=self.config.eval.samples_per_prompt,
-            reward=self.reward,
-            best_of=best_of,
+            kw.pop("test_prompts"),
+            kw.pop("heldout_docs"),
+            **kw,
         )
 
-    def stage(self, name: str, stage: str) -> ModelEval:
-        """A stage's policy, or ``best_of_n``: the SFT model's best of ``eval.best_of_n``."""
-        if stage == "sft":
-            return self.sft_eval
-        if stage == BEST_OF_N:
-            return self.evaluate(name, self.sft, best_of=self.config.eval.best_of_n)
-        return self.evaluate(name, load_policy(self.config, self.workdir, stage, self.mesh))
+    def rm_summary(self) -> dict:
+        return {**super().rm_summary(), **within_prompt_accuracy(self.sft_eval)}
 
-
-def evaluate_all(
-    config: InstructLangConfig, workdir, heldout: np.ndarray
-) -> tuple[dict, list[dict]]:
-    """Evaluate every model the run has, and the RM; returns (summary, samples)."""
-    mesh = sharding.make_mesh(config.mesh)
-    evaluator = Evaluator(config, workdir, heldout, mesh)
-    evals = {n: evaluator.stage(n, s) for n, s in evaluated_models(config, workdir).items()}
-    summary = {
-        "config": config.name,
-        "seed": config.seed,
-        "models": {name: e.summary() for name, e in evals.items()},
-        "rm": {**rm_summary(config, workdir, mesh), **within_prompt_accuracy(evaluator.sft_eval)},
-    }
-    samples = [s for e in evals.values() for s in e.samples(config.eval.samples_per_model)]
-    return summary, samples
+    def samples(self, result: ModelEval, k: int) -> list[dict]:
+        return result.samples(k)
 
 
 def rm_summary(config: InstructLangConfig, workdir, mesh) -> dict:
-    """RM accuracy on the validation comparisons, against the noisy labels and gold order."""
-    params, bias, model = load_reward_model(config, workdir, mesh)
-    data = loader(config, workdir, "rm_val", 64, 0, epochs=1, shuffle=False, drop_remainder=False)
-    batches = list(data)
-    cat = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
-    P = config.data.prompt_len
-    n, k, _ = cat["tokens"].shape
-    golds = lang.gold_rewards(
-        np.repeat(cat["tokens"][:, :1, :P], k, 1).reshape(n * k, P),
-        cat["tokens"][:, :, P:].reshape(n * k, -1),
-        world=datasets.world(config),
-    ).reshape(n, k)
-    rewards = ev.comparison_scores(
-        params,
-        model,
-        bias,
-        cat["tokens"],
-        cat["attention_mask"],
-        cat["response_mask"],
-        prompt_len=P,
-        batch_size=config.eval.batch_size,
-    )
-    out = rm_metrics(rewards, cat["ranks"], cat["valid"], golds)
-    out["bias"] = float(bias)
-    return out
-
-
-def evaluate_stage(config: InstructLangConfig, workdir, stage: str) -> dict:
-    """``rlhf-jax eval``: one stage's exported policy against the SFT model, with gold."""
-    require_world(config).validate()
-    heldout = read_all(config, workdir, "heldout", "tokens")
-    evaluator = Evaluator(config, workdir, heldout, sharding.make_mesh(config.mesh))
-    return evaluator.stage(stage, stage).summary()
+    """PPO's RM (``ppo.reward_from``, else the run's rm stage) on the validation comparisons:
+    accuracy against the noisy labels and against gold order, ranking loss, bias."""
+    reward = load_reward_model(config, workdir, mesh)
+    return evaluator.reward_summary(config, workdir, reward, gold_fn(config))

@@ -36,8 +36,8 @@ from rlhf_jax.data.records import Kind, from_storage
 from rlhf_jax.instructlang import datasets, lang
 from rlhf_jax.instructlang.config import names
 from rlhf_jax.instructlang.evaluate import evaluate_model, rm_summary
-from rlhf_jax.instructlang.pipeline import curve_callback, run_pipeline
-from rlhf_jax.instructlang.study import (
+from rlhf_jax.instructlang.pipeline import curve_callback, heldout_docs, run_pipeline
+from rlhf_jax.instructlang.variants import (
     Experiment,
     Finding,
     Study,
@@ -48,11 +48,9 @@ from rlhf_jax.instructlang.study import (
     shown,
 )
 from rlhf_jax.report import fmt, read_metrics
-from rlhf_jax.stages.driver import committed_steps, read_all
+from rlhf_jax.rundir import RunDir
+from rlhf_jax.stage_table import get as stage
 from rlhf_jax.stages.lineage import load_policy, load_reward_model, policy_model
-from rlhf_jax.stages.lm import run_lm_stage
-from rlhf_jax.stages.ppo import run_ppo
-from rlhf_jax.stages.rm import run_rm
 
 # --------------------------------------------------------------------------------------------------
 # Shared pieces
@@ -66,9 +64,14 @@ def plain_ppo(study: Study, seed: int, **changes):
 
 def train_ppo(study: Study, config, workdir: Path, reward_fn=None) -> list[dict]:
     """PPO into ``<workdir>/ppo`` with the world's gold and NLL curves; its logged rows."""
-    heldout = read_all(config, workdir, "heldout", "tokens")
-    run_ppo(config, workdir, "ppo", on_log=curve_callback(config, heldout), reward_fn=reward_fn)
+    on_log = curve_callback(config, heldout_docs(config, workdir))
+    stage("ppo").run(config, workdir, on_log=on_log, reward_fn=reward_fn)
     return read_metrics(workdir, "ppo")
+
+
+def run_prompts(config, workdir) -> np.ndarray:
+    """The run's test prompts (left-padded tokens), in order."""
+    return sources.read_all(config, workdir, "test", ("prompt_tokens",))["prompt_tokens"]
 
 
 def evaluate_policy(study: Study, seed: int, name: str, config, workdir: Path) -> dict:
@@ -372,21 +375,21 @@ def run_c7(study: Study, seed: int) -> dict:
         )
         marker.write_text(json.dumps({"train_pairs": len(train), "val_pairs": len(val)}))
     pairs = json.loads(marker.read_text())["train_pairs"]
-    updates = committed_steps(main, "rm")[-1]  # the grouped RM's optimiser steps
+    updates = RunDir(main).committed_steps("rm")[-1]  # the grouped RM's optimiser steps
     # As many pairs per step as make the grouped RM's number of updates, rounded down to split
     # over the data-parallel devices.
     dp = sharding.data_parallel_size(config.mesh)
     batch = max(dp, pairs // updates // dp * dp)
     rm = dataclasses.replace(config.rm, batch_size=batch)
     pairs_config = dataclasses.replace(config, rm=rm)
-    run_rm(pairs_config, v)
+    stage("rm").run(pairs_config, v)
     # Both RMs are measured on the seed's own K-wise validation comparisons.
     reward_from = dataclasses.replace(config.ppo, reward_from=str(v / "rm"))
     pairs_rm = rm_summary(dataclasses.replace(config, ppo=reward_from), main, study.mesh)
     grouped_rm = study.summary(seed)["rm"]
     return {
         "updates_grouped": updates,
-        "updates_pairs": committed_steps(v, "rm")[-1],
+        "updates_pairs": RunDir(v).committed_steps("rm")[-1],
         "pairs_per_step": batch,
         "loss_grouped": grouped_rm["val_loss"],
         "loss_pairs": pairs_rm["val_loss"],
@@ -445,8 +448,8 @@ def run_c8(study: Study, seed: int) -> dict:
         config = dataclasses.replace(config, sft=sft)
     v = study.variant("c8", seed, "sft_epochs", link=("pretrain", "rm"))
     world, model = datasets.world(config), policy_model(config)
-    test = read_all(config, v, "test", "prompt_tokens")[: config.study.c8_prompts]
-    rm_params, bias, rm_model = load_reward_model(config, v, study.mesh)
+    test = run_prompts(config, v)[: config.study.c8_prompts]
+    reward = load_reward_model(config, v, study.mesh)
     kw = dict(batch_size=config.eval.batch_size, pad_id=lang.PAD_ID)
 
     def on_validate(params) -> dict:
@@ -460,10 +463,10 @@ def run_c8(study: Study, seed: int) -> dict:
             **kw,
         )
         gold = lang.gold_rewards(test, responses, world=world)
-        score = ev.response_scores(rm_params, rm_model, bias, test, responses, mask, **kw)
+        score = ev.response_scores(reward, test, responses, mask, **kw)
         return {"eval/gold": float(gold.mean()), "eval/rm_score": float(score.mean())}
 
-    run_lm_stage(config, v, "sft", on_validate=on_validate)
+    stage("sft").run(config, v, on_validate=on_validate)
     rows = [r for r in read_metrics(v, "sft") if "val/loss" in r]
     nll, gold, score = (column(rows, k) for k in ("val/loss", "eval/gold", "eval/rm_score"))
     best = int(np.nanargmin(nll))
@@ -561,10 +564,10 @@ def run_c9(study: Study, seed: int) -> dict:
             kept = train[:n_comparisons]
             sources.write(config, v, Kind.COMPARISONS, {"rm_train": kept, "rm_val": val})
             marker.write_text(json.dumps({"rm_train": len(kept)}))
-        run_rm(config, v)
-        rm_params, bias, rm_model = load_reward_model(config, v, study.mesh)
+        stage("rm").run(config, v)
         proxy = ev.response_scores(
-            rm_params, rm_model, bias, cand["prompts"], cand["responses"], cand["mask"],
+            load_reward_model(config, v, study.mesh), cand["prompts"], cand["responses"],
+            cand["mask"],
             batch_size=config.eval.batch_size, pad_id=lang.PAD_ID,
         ).reshape(cand["gold"].shape)  # fmt: skip
         curve = oo.best_of_n_curve(proxy, cand["gold"], ns)
@@ -590,7 +593,7 @@ def candidates(study: Study, seed: int, n: int) -> dict:
     if path.exists():
         return dict(np.load(path))
     config, main = study.seed_config(seed), study.main(seed)
-    test = read_all(config, main, "test", "prompt_tokens")[: config.study.c9_prompts]
+    test = run_prompts(config, main)[: config.study.c9_prompts]
     prompts = np.repeat(test, n, axis=0)
     params = load_policy(config, main, "sft", study.mesh)
     responses, mask = ev.sample_responses(
@@ -678,27 +681,27 @@ def run_c3(study: Study, seed: int) -> dict:
     if s.c3_base_size:
         large = study.seed_config(seed, model=C.model_config(s.c3_base_size, **keep))
         lv = study.variant("c3", seed, f"base_{s.c3_base_size}", link=())
-        run_lm_stage(large, lv, "pretrain")
+        stage("pretrain").run(large, lv)
     else:
         large, lv = study.seed_config(seed), study.main(seed)
     big = load_policy(large, lv, "pretrain", study.mesh)
     policy = load_policy(small, v, "ppo_ptx", study.mesh)
     evaluator = study.evaluator(seed)
     common = dict(
-        world=evaluator.world, test_prompts=evaluator.test, heldout_docs=None,
+        world=evaluator.world, test_prompts=evaluator.prompts, heldout_docs=None,
         rng=jax.random.key(seed + 6), batch_size=study.config.eval.batch_size,
         max_new_tokens=study.config.data.response_len,
         samples_per_prompt=study.config.eval.samples_per_prompt,
     )  # fmt: skip
     base_eval = evaluate_model("base", big, policy_model(large), **common)
-    ref = (big, base_eval.golds, policy_model(large))
+    ref = ev.Reference(big, policy_model(large), base_eval.golds)
     small_eval = evaluate_model("ppo_ptx", policy, policy_model(small), reference=ref, **common)
     win = small_eval.win_rate_vs_sft  # against the reference: here the large base
     return {
         "policy_size": s.c3_policy_size,
         "base_size": s.c3_base_size or f"main ({base.n_layers}L/{base.d_model})",
-        "win_rate": win[0],
-        "win_ci95": [win[1], win[2]],
+        "win_rate": win.value,
+        "win_ci95": [win.lo, win.hi],
         "policy_gold": small_eval.gold_ci95[0],
         "base_gold": base_eval.gold_ci95[0],
         "policy_sft_gold": small_summary["models"]["sft"]["gold_mean"],

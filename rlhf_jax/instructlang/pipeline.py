@@ -11,7 +11,6 @@ uses the configured ``ppo.ptx_coef`` (skipped when it is 0). ``run_seeds`` runs 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from pathlib import Path
@@ -22,29 +21,28 @@ from rlhf_jax import evaluate as ev
 from rlhf_jax.config import methods
 from rlhf_jax.data import sources
 from rlhf_jax.data.records import Kind
+from rlhf_jax.evaluator import evaluate_run
 from rlhf_jax.instructlang import datasets, lang, report
 from rlhf_jax.instructlang.claims import check_claims
 from rlhf_jax.instructlang.config import InstructLangConfig, require_world
-from rlhf_jax.instructlang.evaluate import evaluate_all
-from rlhf_jax.pipeline import build_datasets, run_methods
+from rlhf_jax.instructlang.evaluate import GoldEvaluator
+from rlhf_jax.pipeline import build_datasets, train
 from rlhf_jax.report import StageClock, read_curves
-from rlhf_jax.stages.driver import read_all
+from rlhf_jax.rollout import Episodes
+from rlhf_jax.rundir import RunDir
 from rlhf_jax.stages.lineage import policy_model
-from rlhf_jax.stages.lm import run_lm_stage
-from rlhf_jax.stages.ppo import run_ppo
-from rlhf_jax.stages.rm import run_rm
 
 log = logging.getLogger("rlhf_jax")
 CURVE_DOCS = 512  # held-out documents for the per-iteration pretraining-NLL curve
 
 
 def curve_callback(config: InstructLangConfig, heldout: np.ndarray):
-    """Per-log-step extras for PPO curves: gold of the iteration's samples, held-out NLL."""
+    """Per-log-step extras for RL curves: gold of the iteration's samples, held-out NLL."""
     w, model = datasets.world(config), policy_model(config)
     docs = heldout[:CURVE_DOCS]
 
-    def on_log(step, state, samples):
-        prompts, tokens, _ = (np.asarray(x) for x in samples)
+    def on_log(step, state, episodes: Episodes):
+        prompts, tokens = np.asarray(episodes.prompt_tokens), np.asarray(episodes.response_tokens)
         gold = lang.gold_rewards(prompts, tokens, world=w)
         # PPO's state holds the policy beside the value network; GRPO's is the policy's own.
         params = state.policy.params if hasattr(state, "policy") else state.params
@@ -60,32 +58,29 @@ def curve_callback(config: InstructLangConfig, heldout: np.ndarray):
     return on_log
 
 
+def heldout_docs(config: InstructLangConfig, workdir) -> np.ndarray:
+    """The world's held-out pretraining documents (right-padded tokens)."""
+    return sources.read_all(config, workdir, "heldout", ("tokens",))["tokens"]
+
+
 def run_pipeline(config: InstructLangConfig, workdir: str | os.PathLike) -> dict:
     """Every stage in order, then evaluation and ``report.md`` in ``workdir``."""
     require_world(config).validate()
-    workdir = Path(workdir)
-    timed = StageClock.resuming(workdir)
+    run = RunDir(workdir)
+    timed = StageClock.resuming(run)
 
-    uses = [u for u, (kind, _) in sources.SPLITS.items() if kind != Kind.COMPARISONS]
-    timed("data", build_datasets, config, workdir, uses)
-    if not config.init_from:
-        timed("pretrain", run_lm_stage, config, workdir, "pretrain")
-    timed("sft", run_lm_stage, config, workdir, "sft")
-    timed("comparisons", build_datasets, config, workdir, ["rm"])
-    timed("rm", run_rm, config, workdir)
-    heldout = read_all(config, workdir, "heldout", "tokens")
-    on_log = curve_callback(config, heldout)
-    plain = dataclasses.replace(config, ppo=dataclasses.replace(config.ppo, ptx_coef=0.0))
-    timed("ppo", run_ppo, plain, workdir, "ppo", on_log=on_log)
-    if config.ppo.ptx_coef > 0:
-        timed("ppo_ptx", run_ppo, config, workdir, "ppo_ptx", on_log=on_log)
-    run_methods(config, workdir, timed, on_log=on_log)
+    uses = [u for u, use in sources.SPLITS.items() if use.kind != Kind.COMPARISONS]
+    timed("data", build_datasets, config, run, uses)
+    on_log = curve_callback(config, heldout_docs(config, run))
+    # The comparisons are sampled from the SFT model: they are made (and timed) just before the RM.
+    comparisons = lambda: timed("comparisons", build_datasets, config, run, ["rm"])  # noqa: E731
+    train(config, run, timed, on_log=on_log, before={"rm": comparisons})
 
-    summary, samples = timed("eval", evaluate_all, config, workdir, heldout)
+    summary, samples = timed("eval", evaluate_run, config, run, GoldEvaluator)
     summary["seconds"] = timed.seconds
-    curves = read_curves(workdir, report.CURVES)
-    report.write_report(workdir, summary, curves, samples)
-    log.info("[pipeline] report: %s", workdir / "report.md")
+    curves = read_curves(run, report.CURVES)
+    report.write_report(run, summary, curves, samples)
+    log.info("[pipeline] report: %s", run / "report.md")
     for claim in check_claims(summary):
         log.info("  %s %s: %s", claim.status, claim.name, claim.evidence)
     return summary
@@ -101,8 +96,7 @@ def run_seeds(config: InstructLangConfig, workdir: str | os.PathLike, seeds: lis
     summaries = []
     for seed in seeds:
         run_dir = workdir / f"seed{seed}"
-        summary_file = run_dir / "summary.json"
-        summary = json.loads(summary_file.read_text()) if summary_file.exists() else None
+        summary = RunDir(run_dir).summary()
         if summary is None or not set(methods(config)) <= set(summary["models"]):
             summary = run_pipeline(dataclasses.replace(config, seed=seed), run_dir)
         summaries.append(summary)

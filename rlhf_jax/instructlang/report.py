@@ -8,6 +8,7 @@ backend state and works headless.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +131,7 @@ def render_markdown(
 
 
 def write_report(
-    run_dir: str | Path,
+    run_dir: str | os.PathLike,
     summary: dict,
     curves: dict[str, dict[str, Any]],
     samples: list[dict],

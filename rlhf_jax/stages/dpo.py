@@ -24,8 +24,9 @@ import numpy as np
 from rlhf_jax import losses, sharding
 from rlhf_jax.config import Config, DPOConfig, ModelConfig
 from rlhf_jax.data import sources
+from rlhf_jax.data.sources import loader
 from rlhf_jax.model import Transformer
-from rlhf_jax.stages.driver import StageRun, drive, loader, one_model, preflight
+from rlhf_jax.stages.driver import StageRun, drive, one_model, preflight
 from rlhf_jax.stages.lineage import initial_params, policy_model, start_point
 from rlhf_jax.train_state import TrainState, apply_gradients, params_shardings
 
@@ -115,17 +116,17 @@ def validation_metrics(params, ref_params, model: ModelConfig, config: Config, w
     return {"val/loss": total[0] / n, "val/accuracy": total[1] / n, "val/margin": total[2] / n}
 
 
-def run_dpo(config: Config, workdir: str | os.PathLike, *, mesh=None) -> dict:
-    """DPO from this run's SFT model on the comparison dataset, into ``<workdir>/dpo``;
+def run_dpo(config: Config, workdir: str | os.PathLike, stage: str = "dpo", *, mesh=None) -> dict:
+    """DPO from this run's SFT model on the comparison dataset, into ``<workdir>/<stage>``;
     resumable. Exports the policy params, as SFT does (``rlhf-jax export --stage=dpo``)."""
     config.validate()
     cfg, P = config.dpo, config.data.prompt_len
     model = policy_model(config)
-    origin = start_point(config, workdir, "dpo")
+    origin = start_point(config, workdir, stage)
     fingerprints = preflight(
         config,
         workdir,
-        "dpo",
+        stage,
         {"rm": (cfg.batch_size, "dpo.batch_size")},
         ((cfg.batch_size, "dpo.batch_size"),),
     )
@@ -151,7 +152,7 @@ def run_dpo(config: Config, workdir: str | os.PathLike, *, mesh=None) -> dict:
             return validation_metrics(s.params, reference, model, config, workdir)
 
     run = StageRun(
-        stage="dpo",
+        stage=stage,
         model=model,
         fingerprints=fingerprints,
         total=total,

@@ -3,7 +3,7 @@
 Each stage module (``lm``, ``rm``, ``ppo``, ``dpo``, ``grpo``) builds a ``StageRun`` (its state
 layout, fresh start, jitted step, data and export) and hands it to ``drive``, which owns the rest:
 the checkpointer, resuming, the loop, logging, saving and closing. Where each stage starts from is
-``stages.lineage``.
+``stages.lineage``; the stages themselves are listed in ``rlhf_jax.stage_table``.
 
 ``preflight`` runs before a stage writes anything and stops it with one line naming the problem
 and the fix: a tokenizer with more tokens than the model's vocabulary, fewer records than one
@@ -24,19 +24,20 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 import optax
+from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
 from rlhf_jax import checkpoint, sharding
 from rlhf_jax.config import Config, ModelConfig, OptimizerConfig
 from rlhf_jax.data import loaders, sources
 from rlhf_jax.errors import ConfigError, StageError
-from rlhf_jax.stages.lineage import write_model
+from rlhf_jax.fields import get_value
+from rlhf_jax.rundir import RunDir, stage_settings
 from rlhf_jax.train_state import (
     TrainState,
     abstract_state,
@@ -48,81 +49,29 @@ from rlhf_jax.train_state import (
 
 log = logging.getLogger("rlhf_jax")
 
-# The config sections each stage reads besides the shared fields below; a stage's checkpoints
-# refuse to continue under other values of these (mesh, logging and checkpointing may change).
-STAGE_SECTIONS = {"pretrain": "pretrain", "sft": "sft", "rm": "rm", "ppo": "ppo", "ppo_ptx": "ppo",
-                  "dpo": "dpo", "grpo": "grpo", "rloo": "grpo"}  # fmt: skip
-SHARED_SETTINGS = ("seed", "init_from", "model.", "data.prompt_len", "data.response_len",
-                   "data.text_len")  # fmt: skip
-FREE_SETTINGS = ("model.remat",)  # recomputation changes no number
-
-
 # --------------------------------------------------------------------------------------------------
 # Before a stage writes anything
 
 
-def stage_settings(config: dict, stage: str) -> dict[str, Any]:
-    """The settings of a saved ``config.json`` that bind a stage's checkpoints: its own section,
-    the shared ones (``SHARED_SETTINGS``) and its data fingerprints."""
-    flat: dict[str, Any] = {}
-
-    def walk(d, prefix):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            else:
-                flat[prefix + k] = v
-
-    walk({k: v for k, v in config.items() if k != "data_fingerprints"}, "")
-    own = STAGE_SECTIONS[stage] + "."
-    keep = {
-        k: v
-        for k, v in flat.items()
-        if (k.startswith(own) or any(k == s or (s.endswith(".") and k.startswith(s))
-                                     for s in SHARED_SETTINGS)) and k not in FREE_SETTINGS
-    }  # fmt: skip
-    keep.update({f"data[{u}]": fp for u, fp in config.get("data_fingerprints", {}).items()})
-    return keep
-
-
-def committed_steps(workdir, stage: str) -> list[int]:
-    """The committed checkpoint steps of a stage (without opening it)."""
-    directory = Path(workdir) / stage
-    if not directory.is_dir():
-        return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
-
-
 def check_settings(config: Config, workdir, stage: str, fingerprints: dict[str, str]) -> None:
     """A stage with checkpoints continues only with the settings and data it was started with."""
-    saved_file = Path(workdir) / stage / "config.json"
-    steps = committed_steps(workdir, stage)
-    if not steps or not saved_file.is_file():
+    run = RunDir(workdir)
+    if not run.committed_steps(stage) or run.saved_config(stage) is None:
         return
-    saved = json.loads(saved_file.read_text())
     now = {**dataclasses.asdict(config), "data_fingerprints": fingerprints}
-    was_, now_ = stage_settings(saved, stage), stage_settings(now, stage)
+    was_, now_ = run.settings(stage), stage_settings(now, stage)
     differ = [k for k in sorted(set(was_) | set(now_)) if was_.get(k) != now_.get(k)]
     if differ:
         shown = ", ".join(
             f"{k} changed" if k.startswith("data[") else f"{k}: {was_.get(k)!r} -> {now_.get(k)!r}"
             for k in differ[:6]
         ) + (f" and {len(differ) - 6} more" if len(differ) > 6 else "")
-        # A finished stage's last step holds the params it exported.
-        finished = (Path(workdir) / stage / str(steps[-1]) / "params").exists()
-        state = "finished" if finished else "started"
+        state = "finished" if run.finished(stage) else "started"
         raise StageError(
             f"stage '{stage}' in {workdir} has checkpoints made with other settings ({shown}): "
             f"run it with the settings it was {state} with, use another --workdir, or delete "
-            f"{Path(workdir) / stage} to start it again"
+            f"{run.stage(stage)} to start it again"
         )
-
-
-def _field_value(config: Config, path: str) -> Any:
-    value = config
-    for part in path.split(".") if path else ():
-        value = getattr(value, part)
-    return value
 
 
 def preflight(
@@ -162,36 +111,12 @@ def preflight(
     for use, (batch, field) in batches.items():
         n = sources.expected_size(config, workdir, use)
         if n < batch:
-            kind, value = sources.SPLITS[use][0].value, _field_value(config, field)
+            kind, value = sources.SPLITS[use].kind.value, get_value(config, field)
             raise ConfigError(
                 f"stage '{stage}' needs batches of {batch} {kind} ({field}={value}), but the "
                 f"data has {n}: add records, or lower {field}"
             )
     return fingerprints
-
-
-def loader(config: Config, workdir, use: str, batch_size: int, seed: int, epochs=None, **kw):
-    """A grain loader of global batches of the dataset for ``use`` (``sources.SPLITS``). Every
-    process reads the same batches; the loop keeps this process's rows (``process_rows``)."""
-    path, split = sources.dataset(config, workdir, use)
-    d = config.data
-    return loaders.make_loader(
-        path,
-        split,
-        batch_size=batch_size,
-        seed=seed,
-        prompt_len=d.prompt_len,
-        response_len=d.response_len,
-        text_len=d.text_len,
-        num_epochs=epochs,
-        **kw,
-    )
-
-
-def read_all(config: Config, workdir, use: str, key: str) -> np.ndarray:
-    """One field of every record of ``use``, in order (evaluation data)."""
-    data = loader(config, workdir, use, 256, 0, epochs=1, shuffle=False, drop_remainder=False)
-    return np.concatenate([b[key] for b in data])
 
 
 class OneModel(NamedTuple):
@@ -244,27 +169,24 @@ class MetricsLog:
 
     def __init__(self, workdir: str | os.PathLike, stage: str, resumed_at: int = 0):
         self.enabled = jax.process_index() == 0
-        self.dir = Path(workdir) / stage
+        run = RunDir(workdir)
+        self.dir, self.path = run.stage(stage), run.metrics_file(stage)
         self.history: list[dict] = []
         if self.enabled:
             self.dir.mkdir(parents=True, exist_ok=True)
-            path = self.dir / "metrics.jsonl"
-            if path.exists():
-                rows = [json.loads(line) for line in path.read_text().splitlines() if line]
-                kept = [r for r in rows if r["step"] <= resumed_at]
-                if len(kept) < len(rows):
-                    tmp = path.with_suffix(".jsonl.tmp")
-                    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-                    tmp.replace(path)
-            from tensorboardX import SummaryWriter
-
+            rows = run.metrics(stage)
+            kept = [r for r in rows if r["step"] <= resumed_at]
+            if len(kept) < len(rows):
+                tmp = self.path.with_suffix(".jsonl.tmp")
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+                tmp.replace(self.path)
             self.tb = SummaryWriter(str(self.dir / "tensorboard"))
 
     def write(self, step: int, metrics: dict[str, Any]) -> dict[str, float]:
         row = {k: float(np.asarray(v)) for k, v in metrics.items()}
         self.history.append({"step": step, **row})
         if self.enabled:
-            with open(self.dir / "metrics.jsonl", "a") as f:
+            with open(self.path, "a") as f:
                 f.write(json.dumps({"step": step, **row}) + "\n")
             for k, v in row.items():
                 self.tb.add_scalar(k, v, step)
@@ -321,7 +243,7 @@ def drive(config: Config, workdir, run: StageRun, mesh) -> dict:
     )
     metrics_log = None
     try:
-        write_model(Path(workdir) / run.stage, run.model)
+        RunDir(workdir).write_model(run.stage, run.model)
         state, data_state, _ = checkpoint.resume_or_start(ckpt, run.target, start=run.start)
         if data_state:
             for it, s in zip(run.iterators, data_state["iterators"]):

@@ -2,7 +2,7 @@
 on the PPO stage's rails, without a value network.
 
 ``make_grpo_iteration`` returns ``iteration(state, prompts, frozen) -> (state, metrics,
-samples)``: every prompt is repeated K = ``group_size`` times and answered by the policy (KV
+episodes)``: every prompt is repeated K = ``group_size`` times and answered by the policy (KV
 cache, temperature T); the reward model scores each response (with its bias, so the SFT
 demonstrations score 0), or ``reward_fn`` does; each group's rewards become advantages relative
 to the group (``losses.group_advantages``, or ``losses.rloo_advantages`` with ``baseline=rloo``),
@@ -24,11 +24,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax import losses, rollout, sharding
+from rlhf_jax import losses, rollout, sharding, stage_table
 from rlhf_jax.config import Config, ModelConfig
 from rlhf_jax.data import sources
+from rlhf_jax.data.sources import loader
 from rlhf_jax.model import Transformer
-from rlhf_jax.stages.driver import StageRun, drive, loader, one_model, preflight
+from rlhf_jax.stages.driver import StageRun, drive, one_model, preflight
 from rlhf_jax.stages.lineage import (
     initial_params,
     load_reward_model,
@@ -45,8 +46,8 @@ RewardFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 def stage_name(config: Config) -> str:
     """The stage ``run_grpo`` writes: ``grpo``, or ``rloo`` under ``grpo.baseline=rloo``, so one
-    work directory can hold both and the report compares them."""
-    return "rloo" if config.grpo.baseline == "rloo" else "grpo"
+    work directory can hold both and the report compares them (``rlhf_jax.stage_table``)."""
+    return stage_table.for_command("grpo", config).name
 
 
 def steps_per_iteration(config: Config) -> int:
@@ -162,7 +163,7 @@ def make_grpo_iteration(
             # The first minibatch still sees the sampling policy: ratio 1, approxkl 0.
             "grpo/policy/first_approxkl": stats["approxkl"][0],
         }
-        return policy, metrics, (pt, sample.tokens, mask)
+        return policy, metrics, rollout.Episodes(pt, sample.tokens, mask)
 
     return iteration
 
@@ -180,18 +181,19 @@ def jit_grpo_iteration(iteration, shardings: TrainState, frozen_shardings: tuple
 def run_grpo(
     config: Config,
     workdir: str | os.PathLike,
+    stage: str | None = None,
     *,
     mesh=None,
     reward_fn: RewardFn | None = None,
-    on_log: Callable[[int, Any, tuple], dict] | None = None,
+    on_log: Callable[[int, Any, rollout.Episodes], dict] | None = None,
 ) -> dict:
     """GRPO (``grpo.baseline=group``) or RLOO (``rloo``) from this run's SFT model against the
     reward model PPO uses (this run's rm stage, or ``ppo.reward_from``), into ``<workdir>/grpo``
-    or ``<workdir>/rloo`` (``stage_name``); resumable. ``reward_fn`` replaces the reward model
-    (no rm stage needed); ``on_log`` as for ``run_ppo``. Exports the policy params, as SFT
-    does."""
+    or ``<workdir>/rloo`` (``stage_name``; ``stage``: another name); resumable. ``reward_fn``
+    replaces the reward model (no rm stage needed); ``on_log`` as for ``run_ppo``. Exports the
+    policy params, as SFT does."""
     config.validate()
-    cfg, stage = config.grpo, stage_name(config)
+    cfg, stage = config.grpo, stage or stage_name(config)
     policy_origin = start_point(config, workdir, stage, "policy")
     if reward_fn is None:
         start_point(config, workdir, stage, "reward")  # the RM must have run
@@ -211,8 +213,8 @@ def run_grpo(
     scalar = sharding.replicated(mesh)
     if reward_fn is None:
         critic = reward_model_config(config, workdir)
-        reward, bias, _ = load_reward_model(config, workdir, mesh)
-        frozen = (reference, reward, bias)
+        rm = load_reward_model(config, workdir, mesh)
+        frozen = (reference, rm.params, rm.bias)
         frozen_sh = (ref_sh, params_shardings(critic, mesh, config.mesh.rules), scalar)
     else:
         critic = None
@@ -235,8 +237,8 @@ def run_grpo(
             yield {"prompt_tokens": p["prompt_tokens"], "prompt_mask": p["prompt_mask"]}
 
     def step_fn(s, batch):
-        s, metrics, samples = step(s, batch, frozen)
-        return s, {**metrics, "_samples": samples}
+        s, metrics, episodes = step(s, batch, frozen)
+        return s, {**metrics, "_samples": episodes}
 
     run = StageRun(
         stage=stage,

@@ -1,8 +1,9 @@
-"""Which stage starts from which, and loading what a finished stage handed on.
+"""Where each stage starts, and loading what a finished stage handed on.
 
-``LINEAGE`` is the single table of where each stage starts when it has no checkpoint of its own:
-for each of its inputs, the alternatives in order of preference. A required stage that has not run
-stops with a ``StageError`` naming the command to run first.
+Where a stage starts when it has no checkpoint of its own is its ``starts_from`` in
+``rlhf_jax.stage_table``: for each of its inputs, the alternatives in order of preference.
+``start_point`` picks the first available one; a required stage that has not run stops with a
+``StageError`` naming the command to run first.
 
 Every stage writes ``<workdir>/<stage>/model.json``, the architecture of what it exports, so that
 its params can be loaded without the config that made them: the reward model of another run (an
@@ -14,7 +15,6 @@ directory (``rlhf-jax export`` writes one).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 
@@ -23,64 +23,19 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlhf_jax import checkpoint, sharding
-from rlhf_jax.config import MODEL_SIZES, Config, ModelConfig, methods, rm_config
+from rlhf_jax import checkpoint, hf, sharding, stage_table
+from rlhf_jax.config import MODEL_SIZES, Config, ModelConfig, rm_config
 from rlhf_jax.errors import ConfigError, StageError
 from rlhf_jax.model import abstract_params
+from rlhf_jax.rollout import RewardModel
+from rlhf_jax.rundir import RunDir, is_stage_dir, stage_model
+from rlhf_jax.stage_table import FRESH, INIT_FROM
 from rlhf_jax.train_state import (
     abstract_state,
     init_model_params,
     params_shardings,
     scalar_head_params,
 )
-
-INIT_FROM, FRESH = "init_from", "fresh"
-
-# Where a stage starts when it has no checkpoint of its own: for each of its inputs, the
-# alternatives in order of preference. A stage name is that stage's exported params in the same
-# work directory, INIT_FROM the HF checkpoint `config.init_from`, FRESH a random initialisation.
-# The reward model can instead start from `rm.init_from`, and PPO's reward come from
-# `ppo.reward_from` (see `reward_source`).
-LINEAGE: dict[str, dict[str, tuple[str, ...]]] = {
-    "pretrain": {"policy": (INIT_FROM, FRESH)},
-    "sft": {"policy": ("pretrain", INIT_FROM, FRESH)},
-    "rm": {"policy": ("sft",)},
-    "ppo": {"policy": ("sft",), "reward": ("rm",)},
-    "ppo_ptx": {"policy": ("sft",), "reward": ("rm",)},
-    "dpo": {"policy": ("sft",)},
-    "grpo": {"policy": ("sft",), "reward": ("rm",)},
-    "rloo": {"policy": ("sft",), "reward": ("rm",)},
-}
-MODEL_FILE = "model.json"
-
-
-def stage_exists(workdir, stage: str) -> bool:
-    """Whether ``stage`` has run (or is running) in ``workdir``."""
-    return (Path(workdir) / stage).is_dir()
-
-
-# The policies a run's evaluation compares, as report row: stage. best-of-n has no stage: it is
-# the SFT model's best of eval.best_of_n by the RM, evaluated when `methods` names it.
-EVALUATED = {"base": "pretrain", "sft": "sft", "ppo": "ppo", "ppo_ptx": "ppo_ptx", "dpo": "dpo",
-             "grpo": "grpo", "rloo": "rloo"}  # fmt: skip
-BEST_OF_N = "best_of_n"
-
-
-def evaluated_models(config: Config, workdir) -> dict[str, str]:
-    """{report row: stage} of every policy this run has, plus ``best_of_n`` when asked for."""
-    out = {name: s for name, s in EVALUATED.items() if stage_exists(workdir, s)}
-    if BEST_OF_N in methods(config):
-        out[BEST_OF_N] = BEST_OF_N
-    return out
-
-
-def command_for(stage: str) -> str:
-    """The command that runs ``stage``."""
-    if stage == "ppo_ptx":
-        return "rlhf-jax ppo --config.ppo.ptx_coef=<gamma > 0>"
-    if stage == "rloo":
-        return "rlhf-jax grpo --config.grpo.baseline=rloo"
-    return f"rlhf-jax {stage}"
 
 
 def start_point(config: Config, workdir, stage: str, role: str = "policy") -> str:
@@ -89,16 +44,17 @@ def start_point(config: Config, workdir, stage: str, role: str = "policy") -> st
         return INIT_FROM
     if role == "reward" and config.ppo.reward_from:
         return INIT_FROM
-    options = LINEAGE[stage][role]
+    options = stage_table.get(stage).starts_from[role]
+    run = RunDir(workdir)
     for option in options:
         if option == FRESH or (option == INIT_FROM and config.init_from):
             return option
-        if option not in (FRESH, INIT_FROM) and stage_exists(workdir, option):
+        if option not in (FRESH, INIT_FROM) and run.has(option):
             return option
     wanted = " or ".join(f"'{o}'" for o in options)
     raise StageError(
         f"stage '{stage}' starts from {wanted}, which has not run in {workdir}: "
-        f"run `{command_for(options[0])}` with the same --workdir first"
+        f"run `{stage_table.get(options[0]).command_line}` with the same --workdir first"
     )
 
 
@@ -111,26 +67,9 @@ def policy_model(config: Config) -> ModelConfig:
 # Architectures
 
 
-def write_model(stage_dir: Path, model: ModelConfig) -> None:
-    """Record the architecture a stage exports (process 0)."""
-    if jax.process_index() == 0:
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        tmp = stage_dir / (MODEL_FILE + ".tmp")
-        tmp.write_text(json.dumps(dataclasses.asdict(model), indent=2, sort_keys=True))
-        tmp.replace(stage_dir / MODEL_FILE)
-
-
-def stage_model(stage_dir: Path) -> ModelConfig | None:
-    """The architecture a stage directory recorded (None for runs older than model.json)."""
-    path = Path(stage_dir) / MODEL_FILE
-    if not path.is_file():
-        return None
-    fields = json.loads(path.read_text())
-    return ModelConfig(**{k: v for k, v in fields.items() if k in ModelConfig.__dataclass_fields__})
-
-
 def _is_hf_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() and not (path / MODEL_FILE).is_file()
+    """An HF checkpoint directory (``config.json``), not a stage directory (which has one too)."""
+    return (path / "config.json").is_file() and not is_stage_dir(path)
 
 
 def rm_architecture(config: Config) -> ModelConfig:
@@ -142,9 +81,7 @@ def rm_architecture(config: Config) -> ModelConfig:
         return rm_config(config)
     path = Path(source)
     if _is_hf_dir(path):
-        from rlhf_jax.hf import load_config
-
-        return load_config(path, dtype=config.model.dtype, **scalar)
+        return hf.load_config(path, dtype=config.model.dtype, **scalar)
     model = stage_model(path)
     if model is None:
         raise ConfigError(
@@ -157,16 +94,14 @@ def rm_architecture(config: Config) -> ModelConfig:
 def reward_source(config: Config, workdir) -> Path:
     """Where PPO's reward model comes from: ``ppo.reward_from`` (another run's rm stage, or an
     exported RM directory), else this run's ``rm`` stage."""
-    return Path(config.ppo.reward_from) if config.ppo.reward_from else Path(workdir) / "rm"
+    return Path(config.ppo.reward_from) if config.ppo.reward_from else RunDir(workdir).stage("rm")
 
 
 def reward_model_config(config: Config, workdir) -> ModelConfig:
     """The architecture of PPO's reward model (and so of its value network)."""
     source = reward_source(config, workdir)
     if _is_hf_dir(source):
-        from rlhf_jax.hf import load_config
-
-        model = load_config(source, dtype=config.model.dtype)
+        model = hf.load_config(source, dtype=config.model.dtype)
         if model.head != "scalar":
             raise ConfigError(f"ppo.reward_from={source}: not a reward model (no scalar head)")
         return dataclasses.replace(model, dropout=0.0)
@@ -211,9 +146,7 @@ def adopt_architecture(config: Config, explicit: tuple[str, ...] = ()) -> Config
     checkpoint is a ``ConfigError`` naming both values."""
     if not config.init_from:
         return config
-    from rlhf_jax.hf import load_config
-
-    ckpt = load_config(config.init_from)
+    ckpt = hf.load_config(config.init_from)
     fields = [f.name for f in dataclasses.fields(ModelConfig)]
     keep = ("dtype", "param_dtype", "dropout", "head", "remat")
     taken = {f: getattr(ckpt, f) for f in fields if f not in keep}
@@ -233,9 +166,13 @@ def stage_params(stage_dir: Path, target) -> object:
     try:
         return checkpoint.exported_params(stage_dir.parent, stage_dir.name, target)
     except FileNotFoundError as e:
+        try:
+            command = stage_table.get(stage_dir.name).command_line
+        except KeyError:  # a directory of another layout (``rm.init_from=<dir>``)
+            command = "the stage's command"
         raise StageError(
             f"stage '{stage_dir.name}' in {stage_dir.parent} has not finished ({e}): run "
-            f"`{command_for(stage_dir.name)}` with that --workdir to finish it"
+            f"`{command}` with that --workdir to finish it"
         ) from None
 
 
@@ -246,9 +183,7 @@ def _target(model: ModelConfig, mesh, rules):
 
 
 def _hf_params(path: str | os.PathLike, model: ModelConfig, shardings):
-    from rlhf_jax.hf import load_checkpoint
-
-    hf_model, params = load_checkpoint(path, dtype=model.dtype)
+    hf_model, params = hf.load_checkpoint(path, dtype=model.dtype)
     # Learned positions (GPT-2) make the context length part of the parameter shapes.
     fields = ARCHITECTURE_FIELDS + (("max_len",) if model.family == "gpt2" else ())
     different = {
@@ -274,7 +209,7 @@ def initial_params(config: Config, workdir, origin: str, model: ModelConfig, mes
         return init_model_params(model, jax.random.key(config.seed), mesh, config.mesh.rules)
     if origin == INIT_FROM:
         return _hf_params(config.init_from, model, shardings)
-    return stage_params(Path(workdir) / origin, target)
+    return stage_params(RunDir(workdir).stage(origin), target)
 
 
 def load_policy(config: Config, workdir, stage: str, mesh=None):
@@ -297,9 +232,7 @@ def initial_reward_params(config: Config, workdir, model: ModelConfig, mesh):
         return init_model_params(model, rng, mesh, config.mesh.rules)
     path = Path(source)
     if _is_hf_dir(path):
-        from rlhf_jax.hf import load_checkpoint
-
-        loaded_model, params = load_checkpoint(path, dtype=model.dtype)
+        loaded_model, params = hf.load_checkpoint(path, dtype=model.dtype)
         return params if loaded_model.head == "scalar" else scalar_head_params(params, model, rng)
     target, _ = _target(stage_model(path), mesh, config.mesh.rules)
     exported = stage_params(path, target)
@@ -310,27 +243,25 @@ def initial_reward_params(config: Config, workdir, model: ModelConfig, mesh):
 
 
 def load_reward_model(
-    config: Config, workdir, mesh=None, source: Path | None = None
-) -> tuple[dict, jax.Array, ModelConfig]:
+    config: Config, workdir, mesh=None, source: str | os.PathLike | None = None
+) -> RewardModel:
     """A reward model (default: PPO's, ``reward_source``; else a stage or exported directory):
-    its params (sharded), its bias (subtracted from every score so the demonstrations score 0)
-    and its architecture."""
+    its params (sharded), its architecture and its bias (subtracted from every score so the
+    demonstrations score 0)."""
     mesh = mesh or sharding.make_mesh(config.mesh)
     source = Path(source) if source is not None else reward_source(config, workdir)
     if _is_hf_dir(source):
-        from rlhf_jax.hf import load_config
-
-        model = dataclasses.replace(load_config(source, dtype=config.model.dtype), dropout=0.0)
+        model = dataclasses.replace(hf.load_config(source, dtype=config.model.dtype), dropout=0.0)
     else:
         model = stage_model(source) or rm_architecture(config)
     check_same_vocabulary(config, model, f"the reward model of {source}")
     shardings = params_shardings(model, mesh, config.mesh.rules)
     if _is_hf_dir(source):  # an exported RM: its bias is folded into the weights
-        return _hf_params(source, model, shardings), jnp.zeros((), jnp.float32), model
+        return RewardModel(_hf_params(source, model, shardings), model, jnp.zeros((), jnp.float32))
     abstract = abstract_state(model, optax.identity()).params
     target = {
         "params": checkpoint.abstract_with_shardings(abstract, shardings),
         "bias": jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh)),
     }
     exported = stage_params(source, target)
-    return exported["params"], exported["bias"], model
+    return RewardModel(exported["params"], model, exported["bias"])

@@ -26,8 +26,9 @@ import optax
 from rlhf_jax import losses, sharding
 from rlhf_jax.config import Config, ModelConfig
 from rlhf_jax.data import sources
+from rlhf_jax.data.sources import loader
 from rlhf_jax.model import Transformer
-from rlhf_jax.stages.driver import StageRun, drive, jit_step, loader, one_model, preflight
+from rlhf_jax.stages.driver import StageRun, drive, jit_step, one_model, preflight
 from rlhf_jax.stages.lineage import initial_params, start_point
 from rlhf_jax.train_state import TrainState, apply_gradients, state_key
 

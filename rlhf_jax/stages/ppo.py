@@ -1,6 +1,6 @@
 """PPO and PPO-ptx (InstructGPT section 3.5, appendix C.4): one jitted function per iteration.
 
-``make_ppo_iteration`` returns ``iteration(state, prompts, ptx) -> (state, metrics, samples)``:
+``make_ppo_iteration`` returns ``iteration(state, prompts, ptx) -> (state, metrics, episodes)``:
 sample responses with the policy (KV cache, temperature T), score them into a ``Rollout`` (frozen
 reference, value network, RM with its bias; KL-penalised per-token rewards; GAE), then
 ``epochs x minibatches`` updates in a ``lax.scan``, each one optimiser step of the policy on
@@ -25,9 +25,10 @@ import jax.numpy as jnp
 from rlhf_jax import checkpoint, losses, rollout, sharding
 from rlhf_jax.config import Config, ModelConfig, rm_config
 from rlhf_jax.data import sources
+from rlhf_jax.data.sources import loader
 from rlhf_jax.fields import validate
 from rlhf_jax.model import Transformer
-from rlhf_jax.stages.driver import StageRun, drive, loader, preflight
+from rlhf_jax.stages.driver import StageRun, drive, preflight
 from rlhf_jax.stages.lineage import (
     initial_params,
     load_reward_model,
@@ -210,7 +211,7 @@ def make_ppo_iteration(
             kl_coef=kl_coef,
         )
         metrics = _iteration_metrics(ro, stats, state.kl_coef, seq_kl, cfg.ptx_coef, eos_id)
-        return new_state, metrics, (pt, sample.tokens, sample.mask)
+        return new_state, metrics, rollout.Episodes(pt, sample.tokens, sample.mask)
 
     return iteration
 
@@ -339,13 +340,13 @@ def run_ppo(
     stage: str = "ppo",
     *,
     mesh=None,
-    on_log: Callable[[int, Any, tuple], dict] | None = None,
+    on_log: Callable[[int, Any, rollout.Episodes], dict] | None = None,
     reward_fn: Callable | None = None,
 ) -> dict:
     """PPO (``ppo.ptx_coef == 0``) or PPO-ptx into ``<workdir>/<stage>``; resumable.
 
-    ``on_log(iteration, state, samples)`` may return extra metrics to log (the built-in world's
-    pipeline adds the gold reward of the samples and the held-out pretraining NLL).
+    ``on_log(iteration, state, episodes)`` may return extra metrics to log (``rollout.Episodes``;
+    the built-in world's pipeline adds the gold reward of the samples and the held-out NLL).
     ``reward_fn`` replaces the RM's score (``make_ppo_iteration``), as the world's oracle-PPO
     run does with its gold reward.
     """
@@ -379,8 +380,8 @@ def run_ppo(
 
     def start() -> PPOState:
         sft = initial_params(config, workdir, policy_origin, policy_model(config), mesh)
-        reward, bias, _ = load_reward_model(config, workdir, mesh)
-        return init_ppo_state(config, policy_tx, value_tx, shardings, sft, reward, bias)
+        rm = load_reward_model(config, workdir, mesh)
+        return init_ppo_state(config, policy_tx, value_tx, shardings, sft, rm.params, rm.bias)
 
     eos_id, pad_id = sources.special_ids(config, workdir)
     iteration = make_ppo_iteration(
@@ -401,8 +402,8 @@ def run_ppo(
             yield {"prompts": prompts, "ptx": next(iters[1]) if with_ptx else None}
 
     def step_fn(state, batch):
-        state, metrics, samples = step(state, batch["prompts"], batch["ptx"])
-        return state, {**metrics, "_samples": samples}
+        state, metrics, episodes = step(state, batch["prompts"], batch["ptx"])
+        return state, {**metrics, "_samples": episodes}
 
     run = StageRun(
         stage=stage,

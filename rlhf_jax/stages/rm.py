@@ -18,7 +18,10 @@ import numpy as np
 from rlhf_jax import losses, rollout, sharding
 from rlhf_jax.config import Config, ModelConfig
 from rlhf_jax.data import sources
-from rlhf_jax.stages.driver import StageRun, drive, jit_step, loader, one_model, preflight
+from rlhf_jax.data.sources import loader
+from rlhf_jax.evaluate import comparison_metrics
+from rlhf_jax.rollout import RewardModel
+from rlhf_jax.stages.driver import StageRun, drive, jit_step, one_model, preflight
 from rlhf_jax.stages.lineage import initial_reward_params, rm_architecture, start_point
 from rlhf_jax.train_state import TrainState, apply_gradients
 
@@ -59,26 +62,16 @@ def demonstration_scores(
 
 def validation_metrics(params, model: ModelConfig, config: Config, workdir) -> dict[str, float]:
     """The RM's pairwise accuracy, ranking loss and number of pairs on the held-out comparisons
-    (``rm_val``; ``rlhf_jax.evaluate.rm_metrics``)."""
-    from rlhf_jax.evaluate import comparison_scores, rm_metrics
-
-    data = loader(config, workdir, "rm_val", 64, 0, epochs=1, shuffle=False, drop_remainder=False)
-    batches = list(data)
-    cat = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
-    rewards = comparison_scores(
-        params,
-        model,
-        0.0,
-        cat["tokens"],
-        cat["attention_mask"],
-        cat["response_mask"],
+    (``rm_val``; ``rlhf_jax.evaluate.comparison_metrics``), before its bias is fitted."""
+    return comparison_metrics(
+        sources.read_all(config, workdir, "rm_val"),
+        RewardModel(params, model, 0.0),
         prompt_len=config.data.prompt_len,
         batch_size=config.eval.batch_size,
     )
-    return rm_metrics(rewards, cat["ranks"], cat["valid"])
 
 
-def run_rm(config: Config, workdir: str | os.PathLike, *, mesh=None) -> dict:
+def run_rm(config: Config, workdir: str | os.PathLike, stage: str = "rm", *, mesh=None) -> dict:
     """Train the RM on the comparison dataset; resumes its own checkpoint if there is one.
 
     It starts from this run's SFT model, or from ``rm.init_from`` (an HF checkpoint, another
@@ -87,11 +80,11 @@ def run_rm(config: Config, workdir: str | os.PathLike, *, mesh=None) -> dict:
     config.validate()
     cfg, P = config.rm, config.data.prompt_len
     model = rm_architecture(config)
-    start_point(config, workdir, "rm")
+    start_point(config, workdir, stage)
     fingerprints = preflight(
         config,
         workdir,
-        "rm",
+        stage,
         {"rm": (cfg.batch_size, "rm.batch_size"), "sft": (1, "")},
         ((cfg.batch_size, "rm.batch_size"),),
     )
@@ -118,7 +111,7 @@ def run_rm(config: Config, workdir: str | os.PathLike, *, mesh=None) -> dict:
             return {"val/accuracy": metrics["val_accuracy"], "val/loss": metrics["val_loss"]}
 
     run = StageRun(
-        stage="rm",
+        stage=stage,
         model=model,
         fingerprints=fingerprints,
         total=total,
