@@ -112,6 +112,19 @@ MODEL_COMMANDS = {
         "tokenizer pads on the right, never with EOS). The tokenizer and "
         "generation_config.json come along.",
     ),
+    "plan": Command(
+        "compile every stage for a TPU topology and say per chip what fits (nothing runs)",
+        (),
+        ("topology", "json", "completions", "stages"),
+        details="Compiles the jitted step (or RL iteration, with its sampler) of every stage "
+        "the pipeline would run with this config, and the evaluation's sampler, ahead of time "
+        "for the topology (v2-8, v3-8, v4-8, v5e-1/4/8/16/32, v5p-8, v6e-1/4/8: needs libtpu, "
+        'pip install "rlhf_jax[tpu]"; cpu:N: this machine\'s CPU devices), on abstract inputs: '
+        "nothing is allocated or trained. One row per program: per-chip arguments, temporaries "
+        "and outputs against the chip's HBM, FLOPs and a roofline time per step. A program "
+        "that does not fit ends the command with one line saying what would (exit status 1).",
+        fields=("methods",),
+    ),
     "generate": Command(
         "sample responses to text prompts with one stage's policy",
         (),
@@ -163,6 +176,12 @@ FLAG_HELP = {
     "prompt": "--prompt=<text>           a prompt (repeatable; the world has a default)",
     "max_new_tokens": "--max_new_tokens=<n>      response tokens (default: data.response_len)",
     "temperature": "--temperature=<t>         sampling temperature (default: 1; 0: greedy)",
+    "topology": "--topology=<name>         v2-8, v3-8, v4-8, v5e-1 ... v5e-32, v5p-8, v6e-1/4/8, "
+    "or cpu:N (default: v5e-1,\n                            Colab's TPU)",
+    "json": "--json                    the plan as JSON on stdout",
+    "completions": "--completions=<K>         completions ranked per comparison (default: the "
+    "world's most, else 2)",
+    "stages": "--stages=sft,rm,...       only these stages (and eval: the sampler)",
 }
 
 
@@ -195,6 +214,11 @@ def _parser(command: str) -> _Parser:
         p.add_argument("--max_new_tokens", type=int, default=0)
     if "temperature" in flags:
         p.add_argument("--temperature", type=float, default=1.0)
+    if "topology" in flags:
+        p.add_argument("--topology", default="v5e-1")
+        p.add_argument("--json", action="store_true")
+        p.add_argument("--completions", type=int, default=None)
+        p.add_argument("--stages", default="")
     return p
 
 
@@ -316,7 +340,7 @@ def command_help(command: str, config: Any, preset: str) -> str:
 
 
 # Commands whose stdout is their result (JSON lines): progress lines go to stderr instead.
-DATA_ON_STDOUT = ("eval", "generate")
+DATA_ON_STDOUT = ("eval", "generate", "plan")
 
 
 class _Stdout(logging.Handler):
@@ -397,6 +421,9 @@ def start_distributed(args: argparse.Namespace) -> None:
 def run(command: str, args: argparse.Namespace, config: Any) -> None:
     """Run a parsed command. The library's modules are imported here, not at the top, so that
     ``--help`` and a mistyped flag answer at once, without loading JAX and the models."""
+    if command == "plan":
+        _plan(config, args)
+        return
     if "distributed" in commands()[command].flags:
         start_distributed(args)
     from rlhf_jax.accelerator import enable_compilation_cache
@@ -471,6 +498,42 @@ def _generate(config: Any, workdir: Path, args: argparse.Namespace) -> None:
         print(json.dumps({"prompt": prompt, "response": response}))
 
 
+def plan_environment(argv: list[str]) -> None:
+    """Before JAX starts, for ``rlhf-jax plan``: CPU as the backend (a plan compiles for its
+    topology and runs nothing, and libtpu must not claim a TPU it does not have), and
+    ``--topology=cpu:N`` devices."""
+    if not argv or argv[0] != "plan":
+        return
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    for arg in argv:
+        if arg.startswith("--topology=cpu:") and arg[15:].isdigit():
+            flag = f"--xla_force_host_platform_device_count={arg[15:]}"
+            os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+
+
+def _plan(config: Any, args: argparse.Namespace) -> None:
+    import time
+
+    from rlhf_jax import plan
+
+    log = logging.getLogger("rlhf_jax")
+    t0 = time.perf_counter()
+
+    def progress(row):
+        log.info("[plan] %s %s compiled (%.0f s)", row.stage, row.program, time.perf_counter() - t0)
+
+    stages = [s for s in args.stages.split(",") if s]
+    result = plan.make_plan(
+        config, args.topology, completions=args.completions, stages=stages, on_row=progress
+    )
+    print(plan.to_json(result) if args.json else plan.table(result))
+    lines = plan.advice(result, config)
+    for line in lines:
+        print(f"rlhf-jax: plan: {line}", file=sys.stderr)
+    if lines:
+        sys.exit(1)
+
+
 def _seeds(text: str) -> list[int]:
     try:
         return [int(s) for s in text.split(",")]
@@ -481,6 +544,7 @@ def _seeds(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in argv or os.environ.get("RLHF_JAX_VERBOSE", "") not in ("", "0")
+    plan_environment(argv)
     try:
         parsed = parse(argv)
         if isinstance(parsed, str):

@@ -36,11 +36,14 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, Shaped
 
-from rlhf_jax import losses, rollout
+from rlhf_jax import losses, rollout, sharding
+from rlhf_jax.checkpoint import abstract_with_shardings
 from rlhf_jax.config import ModelConfig
 from rlhf_jax.model import Transformer
 from rlhf_jax.rollout import RewardModel
+from rlhf_jax.stage_table import Pass, PlanInputs, Program
 from rlhf_jax.stats import Paired, jsonable, mean_ci95, paired, per_prompt
+from rlhf_jax.train_state import abstract_params, params_shardings
 
 # --------------------------------------------------------------------------------------------------
 # Batching and the jitted model calls (one compilation per config and batch shape)
@@ -155,6 +158,64 @@ def sample_responses(
     arrays = (np.asarray(prompts, np.int32), real_mask(prompts, prompt_mask, pad_id))
     tokens, mask = batched(draw, arrays, batch_size)
     return Responses(tokens.astype(np.int32), mask.astype(np.int32))
+
+
+def sampler_programs(config: Any, mesh, inputs: PlanInputs) -> list[Program]:
+    """The evaluation's sampler (``sample_responses``: ``rollout.sample``'s prefill and decode
+    loop) for a batch of ``eval.batch_size`` prompts, on abstract inputs: what ``rlhf-jax plan``
+    compiles. The params are sharded as ``stages.lineage.load_policy`` places them; the prompts
+    arrive as host arrays, which JAX replicates."""
+    model = dataclasses.replace(config.model, dropout=0.0)
+    params = abstract_with_shardings(
+        abstract_params(model), params_shardings(model, mesh, config.mesh.rules)
+    )
+    B, P, R = config.eval.batch_size, config.data.prompt_len, config.data.response_len
+    rep = sharding.replicated(mesh)
+    prompts = jax.ShapeDtypeStruct((B, P), jnp.int32, sharding=rep)
+    prefill_args = (params, model, prompts, prompts, R, inputs.pad_id)
+    prefill = rollout._prefill_jit.lower(*prefill_args).compile()
+    state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        jax.eval_shape(
+            lambda p, t, m: rollout.prefill(p, model, t, m, R, inputs.pad_id),
+            params,
+            prompts,
+            prompts,
+        ),
+        prefill.output_shardings,
+    )
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
+    decode_args = (params, model, state, key, rollout.Sampler(), inputs.eos_id, inputs.pad_id)
+    prefill_work, decode_work = rollout_work(model, B, P, R)
+    return [
+        Program(
+            "eval prefill",
+            rollout._prefill_jit,
+            prefill_args,
+            B * P,
+            (prefill_work,),
+            "eval.batch_size",
+            compiled=prefill,
+        ),
+        Program(
+            "eval decode",
+            rollout._decode_jit,
+            decode_args,
+            B * R,
+            (decode_work,),
+            "eval.batch_size",
+        ),
+    ]
+
+
+def rollout_work(model: ModelConfig, batch: int, prompt_len: int, new_tokens: int) -> tuple:
+    """The passes of sampling ``new_tokens`` for ``batch`` prompts (``stage_table.Pass``): the
+    prefill over the prompts, then one decode step per new token over the KV cache."""
+    T = prompt_len + new_tokens
+    return (
+        Pass(model, "forward", batch * prompt_len, prompt_len),
+        Pass(model, "decode", batch * new_tokens, T, new_tokens),
+    )
 
 
 def sequence_logprob(

@@ -155,6 +155,19 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map_with_path(put, batch)
 
 
+def abstract_batch(host_batch: Any, mesh: Mesh) -> Any:
+    """``ShapeDtypeStruct`` leaves of a host batch, split as ``shard_batch`` places it (dtypes as
+    JAX converts them: float64 becomes float32): what a planned compile takes for the batch."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(
+            x.shape,
+            jax.dtypes.canonicalize_dtype(np.asarray(x).dtype),
+            sharding=batch_sharding(mesh, np.ndim(x)),
+        ),
+        host_batch,
+    )
+
+
 def initialize_distributed(coordinator: str, num_processes: int, process_id: int) -> None:
     """Multi-process start-up; on CPU the processes talk through gloo collectives."""
     # Must precede backend start-up; it only affects the CPU client.

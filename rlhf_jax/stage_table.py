@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from rlhf_jax.fields import get_value, with_values
 
@@ -48,6 +48,48 @@ def _with_ptx(config: Any) -> bool:
     return config.ppo.ptx_coef > 0
 
 
+class Pass(NamedTuple):
+    """Work one program does with one network, for the roofline (``rlhf_jax.plan``): ``kind``
+    ``forward`` (a teacher-forced pass over ``tokens``), ``train`` (forward and backward, then
+    an Adam update) or ``decode`` (``tokens`` sampled one position at a time); ``context`` the
+    positions each token attends over; ``steps`` how many times the weights are read in turn
+    (the optimiser steps of a scan, the positions of a decode loop)."""
+
+    model: Any  # the network's ModelConfig
+    kind: str
+    tokens: int
+    context: int
+    steps: int = 1
+
+
+class Program(NamedTuple):
+    """One jitted function a stage runs, with the abstract, sharded inputs it is called with:
+    what ``rlhf-jax plan`` compiles for a topology (``rlhf_jax.plan``). A stage's ``programs``
+    function and its runner build the function through one setup function of the stage module,
+    so the plan compiles the very program the stage runs. ``tokens`` is the number of tokens one
+    call processes (trained on, or the episodes' prompt and response tokens of an RL iteration),
+    for the tokens/s ceiling; ``work`` its passes (``Pass``), for the FLOPs and bytes a
+    compiler's cost analysis undercounts (it counts a loop's body once); ``batch`` the config
+    field whose size sets its activations (what a plan suggests lowering)."""
+
+    name: str
+    fn: Any  # jax.jit-wrapped: fn.lower(*args).compile()
+    args: tuple
+    tokens: int
+    work: tuple[Pass, ...]
+    batch: str
+    compiled: Any = None  # already compiled for this mesh (the sampler's prefill)
+
+
+class PlanInputs(NamedTuple):
+    """What a plan assumes of the data, which it does not read: ``completions`` ranked per
+    comparison (K), and the EOS and pad ids (constants of the program, not its size)."""
+
+    completions: int = 2
+    eos_id: int = 1
+    pad_id: int = 0
+
+
 @dataclasses.dataclass(frozen=True)
 class Stage:
     """One stage (see the module docstring).
@@ -62,7 +104,8 @@ class Stage:
     the evaluation. ``summary``, ``details``, ``reads`` (config sections beyond its own) and
     ``fields`` (other dotted fields) are its command's ``--help``, given on the first stage of a
     command; ``how`` is the command line that runs it when that is more than
-    ``rlhf-jax <command>``.
+    ``rlhf-jax <command>``. ``programs(config, name, mesh, inputs)`` returns its jitted
+    programs with abstract inputs (``Program``), what ``rlhf-jax plan`` compiles.
     """
 
     name: str
@@ -82,6 +125,7 @@ class Stage:
     reads: tuple[str, ...] = ()
     fields: tuple[str, ...] = ()
     how: str = ""
+    programs: str | Callable[..., list] | None = None
 
     @property
     def trains(self) -> bool:
@@ -108,11 +152,25 @@ class Stage:
         """Run the stage into ``<workdir>/<name>`` with its settings applied; its metadata."""
         if not self.trains:
             raise ValueError(f"stage {self.name!r} trains nothing (the evaluation makes it)")
-        runner = self.runner
-        if isinstance(runner, str):
-            module, _, function = runner.partition(":")
-            runner = getattr(importlib.import_module(module), function)
+        runner = _resolve(self.runner)
         return runner(with_values(config, dict(self.settings)), workdir, self.name, **hooks)
+
+    def plan(self, config: Any, mesh, inputs: PlanInputs) -> list[Program]:
+        """The jitted programs the stage runs, with abstract inputs on ``mesh`` (its settings
+        applied): what ``rlhf-jax plan`` compiles. Nothing is allocated or read."""
+        if self.programs is None:
+            return []
+        programs = _resolve(self.programs)
+        return programs(with_values(config, dict(self.settings)), self.name, mesh, inputs)
+
+
+def _resolve(ref: str | Callable) -> Callable:
+    """A ``"module:function"`` reference imported (the table never imports the training code
+    itself), or the callable given."""
+    if isinstance(ref, str):
+        module, _, function = ref.partition(":")
+        return getattr(importlib.import_module(module), function)
+    return ref
 
 
 _PPO_INPUTS = {"policy": ("sft",), "reward": ("rm",)}
@@ -123,6 +181,7 @@ STAGES: list[Stage] = [
         section="pretrain",
         command="pretrain",
         runner="rlhf_jax.stages.lm:run_lm_stage",
+        programs="rlhf_jax.stages.lm:lm_programs",
         starts_from={"policy": (INIT_FROM, FRESH)},
         row="base",
         when=_no_init_from,
@@ -135,6 +194,7 @@ STAGES: list[Stage] = [
         section="sft",
         command="sft",
         runner="rlhf_jax.stages.lm:run_lm_stage",
+        programs="rlhf_jax.stages.lm:lm_programs",
         starts_from={"policy": ("pretrain", INIT_FROM, FRESH)},
         summary="supervised fine-tuning on demonstrations: the PPO init and KL reference",
         details="Starts from the pretrain stage of --workdir, else init_from, else a fresh "
@@ -145,6 +205,7 @@ STAGES: list[Stage] = [
         section="rm",
         command="rm",
         runner="rlhf_jax.stages.rm:run_rm",
+        programs="rlhf_jax.stages.rm:rm_programs",
         starts_from={"policy": ("sft",)},
         exports=REWARD,
         summary="train the reward model on ranked comparisons",
@@ -159,6 +220,7 @@ STAGES: list[Stage] = [
         section="ppo",
         command="ppo",
         runner="rlhf_jax.stages.ppo:run_ppo",
+        programs="rlhf_jax.stages.ppo:ppo_programs",
         starts_from=_PPO_INPUTS,
         curves=True,
         settings=(("ppo.ptx_coef", 0.0),),
@@ -174,6 +236,7 @@ STAGES: list[Stage] = [
         section="ppo",
         command="ppo",
         runner="rlhf_jax.stages.ppo:run_ppo",
+        programs="rlhf_jax.stages.ppo:ppo_programs",
         starts_from=_PPO_INPUTS,
         curves=True,
         when=_with_ptx,
@@ -185,6 +248,7 @@ STAGES: list[Stage] = [
         section="dpo",
         command="dpo",
         runner="rlhf_jax.stages.dpo:run_dpo",
+        programs="rlhf_jax.stages.dpo:dpo_programs",
         starts_from={"policy": ("sft",)},
         method=True,
         summary="DPO (or IPO, hinge) from the SFT model on the ranked comparisons; no reward model",
@@ -198,6 +262,7 @@ STAGES: list[Stage] = [
         section="grpo",
         command="grpo",
         runner="rlhf_jax.stages.grpo:run_grpo",
+        programs="rlhf_jax.stages.grpo:grpo_programs",
         starts_from=_PPO_INPUTS,
         method=True,
         curves=True,
@@ -216,6 +281,7 @@ STAGES: list[Stage] = [
         section="grpo",
         command="grpo",
         runner="rlhf_jax.stages.grpo:run_grpo",
+        programs="rlhf_jax.stages.grpo:grpo_programs",
         starts_from=_PPO_INPUTS,
         method=True,
         curves=True,

@@ -12,6 +12,9 @@ import os
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
+# The tests run on the CPU; libtpu (the test extra has it, for `rlhf-jax plan`) must not claim
+# a TPU this machine does not have when JAX starts (the plan compiles for TPUs without one).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

@@ -37,7 +37,7 @@ import grain
 import numpy as np
 
 from rlhf_jax.data.builders import open_source, read_metadata
-from rlhf_jax.data.records import Kind, as_kind, from_storage
+from rlhf_jax.data.records import Kind, as_kind, from_storage, to_storage
 from rlhf_jax.errors import ConfigError
 
 
@@ -130,6 +130,36 @@ def pack_text(
     mask = np.zeros(text_len, np.int32)
     mask[: t.size] = 1
     return {"tokens": tokens, "mask": mask}
+
+
+def placeholder_batch(
+    kind: Kind | str,
+    batch_size: int,
+    *,
+    prompt_len: int = 0,
+    response_len: int = 0,
+    text_len: int = 0,
+    max_completions: int = 0,
+) -> dict[str, np.ndarray]:
+    """A batch of ``batch_size`` one-token records of ``kind``, packed as a loader packs them:
+    the keys, shapes and dtypes of a real batch (what ``rlhf-jax plan`` compiles the stages
+    for, without data)."""
+    one = [1]
+    record = {
+        Kind.DEMONSTRATIONS: {"prompt": one, "response": one},
+        Kind.COMPARISONS: {"prompt": one, "responses": [one] * 2, "ranks": [0, 1]},
+        Kind.PROMPTS: {"prompt": one},
+        Kind.PRETRAINING: {"text": one},
+    }[as_kind(kind)]
+    pack = PackRecord(
+        kind,
+        prompt_len=prompt_len,
+        response_len=response_len,
+        text_len=text_len,
+        max_completions=max_completions,
+    )
+    example = pack(to_storage(as_kind(kind), record))
+    return {k: np.repeat(v[None], batch_size, axis=0) for k, v in example.items()}
 
 
 class PackRecord:

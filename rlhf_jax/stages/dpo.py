@@ -16,21 +16,25 @@ reference, and the checkpoint holds one model.
 from __future__ import annotations
 
 import os
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import losses, sharding
+from rlhf_jax import checkpoint, losses, sharding
 from rlhf_jax.config import Config, DPOConfig, ModelConfig
 from rlhf_jax.data import sources
+from rlhf_jax.data.loaders import placeholder_batch
+from rlhf_jax.data.records import Kind
 from rlhf_jax.data.sources import loader
 from rlhf_jax.model import Transformer
-from rlhf_jax.stages.driver import StageRun, drive, one_model, preflight
+from rlhf_jax.sharding import abstract_batch
+from rlhf_jax.stage_table import Pass, PlanInputs, Program
+from rlhf_jax.stages.driver import PLANNED_STEPS, OneModel, StageRun, drive, one_model, preflight
 from rlhf_jax.stages.lineage import initial_params, policy_model, start_point
-from rlhf_jax.train_state import TrainState, apply_gradients, params_shardings
-
-FIELDS = ("tokens", "attention_mask", "response_mask", "ranks", "valid")
+from rlhf_jax.stages.rm import comparison_batch
+from rlhf_jax.train_state import TrainState, abstract_params, apply_gradients, params_shardings
 
 
 def completion_logprobs(
@@ -109,18 +113,59 @@ def validation_metrics(params, ref_params, model: ModelConfig, config: Config, w
 
     data = loader(config, workdir, "rm_val", 64, 0, epochs=1, shuffle=False, drop_remainder=False)
     total = np.sum(
-        [np.asarray(sums(params, ref_params, {k: b[k] for k in FIELDS}), np.float64) for b in data],
+        [np.asarray(sums(params, ref_params, comparison_batch(b)), np.float64) for b in data],
         axis=0,
     )
     n = max(total[3], 1.0)
     return {"val/loss": total[0] / n, "val/accuracy": total[1] / n, "val/margin": total[2] / n}
 
 
+class DPOSetup(NamedTuple):
+    state: OneModel
+    step: Any  # step(state, batch, ref_params)
+    ref_shardings: Any
+
+
+def dpo_setup(config: Config, total: int, mesh, init=None) -> DPOSetup:
+    """DPO's state, jitted step and the reference's shardings: what ``run_dpo`` drives and
+    ``dpo_programs`` plans."""
+    model = policy_model(config)
+    ref_sh = params_shardings(model, mesh, config.mesh.rules)
+    state = one_model(config, model, config.dpo.optimizer, total, mesh, init)
+    step = make_dpo_step(
+        model, config.dpo, state.tx, state.shardings, mesh, ref_sh, config.data.prompt_len
+    )
+    return DPOSetup(state, step, ref_sh)
+
+
+def dpo_programs(config: Config, stage: str, mesh, inputs: PlanInputs) -> list[Program]:
+    """The DPO step on abstract inputs (``stage_table.Stage.plan``)."""
+    d = config.data
+    batch = comparison_batch(
+        placeholder_batch(
+            Kind.COMPARISONS,
+            config.dpo.batch_size,
+            prompt_len=d.prompt_len,
+            response_len=d.response_len,
+            max_completions=inputs.completions,
+        )
+    )
+    setup = dpo_setup(config, PLANNED_STEPS, mesh)
+    ref = checkpoint.abstract_with_shardings(
+        abstract_params(policy_model(config)), setup.ref_shardings
+    )
+    args = (setup.state.target, abstract_batch(batch, mesh), ref)
+    B, K, T = batch["tokens"].shape
+    model = policy_model(config)
+    work = (Pass(model, "train", B * K * T, T), Pass(model, "forward", B * K * T, T))
+    return [Program(f"{stage} step", setup.step, args, B * K * T, work, "dpo.batch_size")]
+
+
 def run_dpo(config: Config, workdir: str | os.PathLike, stage: str = "dpo", *, mesh=None) -> dict:
     """DPO from this run's SFT model on the comparison dataset, into ``<workdir>/<stage>``;
     resumable. Exports the policy params, as SFT does (``rlhf-jax export --stage=dpo``)."""
     config.validate()
-    cfg, P = config.dpo, config.data.prompt_len
+    cfg = config.dpo
     model = policy_model(config)
     origin = start_point(config, workdir, stage)
     fingerprints = preflight(
@@ -135,15 +180,13 @@ def run_dpo(config: Config, workdir: str | os.PathLike, stage: str = "dpo", *, m
     iters = [iter(data)]
     total = cfg.epochs * (sources.split_size(config, workdir, "rm") // cfg.batch_size)
     reference = initial_params(config, workdir, origin, model, mesh)
-    ref_sh = params_shardings(model, mesh, config.mesh.rules)
     # The policy starts as a copy of the reference: its own buffers, since the state is donated.
     init = lambda: jax.tree.map(jnp.copy, reference)  # noqa: E731
-    state = one_model(config, model, cfg.optimizer, total, mesh, init)
-    step = make_dpo_step(model, cfg, state.tx, state.shardings, mesh, ref_sh, P)
+    state, step, _ = dpo_setup(config, total, mesh, init)
 
     def batches():
         for b in iters[0]:
-            yield {k: b[k] for k in FIELDS}
+            yield comparison_batch(b)
 
     validate = None
     if sources.expected_size(config, workdir, "rm_val"):

@@ -134,10 +134,11 @@ def one_model(
     optimizer: OptimizerConfig,
     total: int,
     mesh,
-    init: Callable[[], Any],
+    init: Callable[[], Any] | None,
 ) -> OneModel:
     """Optimiser, shardings, restore target and fresh start (``init()`` params in a new
-    TrainState with the run's key) of a one-model stage of ``total`` steps."""
+    TrainState with the run's key) of a one-model stage of ``total`` steps. ``init`` is None
+    where nothing starts (a plan)."""
     tx = make_optimizer(optimizer, total)
     shardings = train_state_shardings(model, tx, mesh, config.mesh.rules)
     target = checkpoint.abstract_with_shardings(abstract_state(model, tx), shardings)
@@ -155,6 +156,11 @@ def jit_step(step, shardings: TrainState, mesh):
     return jax.jit(
         step, in_shardings=(shardings, batch_sh), out_shardings=(shardings, None), donate_argnums=0
     )
+
+
+# Steps assumed by a plan, which has no data to count them: the learning-rate schedule's length
+# changes no shape, only constants of the compiled program.
+PLANNED_STEPS = 1000
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,25 +19,37 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax import losses, rollout, sharding, stage_table
+from rlhf_jax import checkpoint, losses, rollout, sharding, stage_table
 from rlhf_jax.config import Config, ModelConfig
 from rlhf_jax.data import sources
+from rlhf_jax.data.loaders import placeholder_batch
+from rlhf_jax.data.records import Kind
 from rlhf_jax.data.sources import loader
+from rlhf_jax.evaluate import rollout_work
 from rlhf_jax.model import Transformer
-from rlhf_jax.stages.driver import StageRun, drive, one_model, preflight
+from rlhf_jax.sharding import abstract_batch
+from rlhf_jax.stage_table import Pass, PlanInputs, Program
+from rlhf_jax.stages.driver import OneModel, StageRun, drive, one_model, preflight
 from rlhf_jax.stages.lineage import (
     initial_params,
     load_reward_model,
     policy_model,
     reward_model_config,
+    rm_architecture,
     start_point,
 )
-from rlhf_jax.train_state import TrainState, apply_gradients, params_shardings, state_key
+from rlhf_jax.train_state import (
+    TrainState,
+    abstract_params,
+    apply_gradients,
+    params_shardings,
+    state_key,
+)
 
 # reward_fn(prompt_tokens [N P], prompt_mask [N P], response_tokens [N R], response_mask [N R])
 # -> scores [N]: a jittable reward in place of the reward model (e.g. a verifier).
@@ -178,6 +190,74 @@ def jit_grpo_iteration(iteration, shardings: TrainState, frozen_shardings: tuple
     )
 
 
+class GRPOSetup(NamedTuple):
+    """What ``run_grpo`` drives and ``grpo_programs`` plans: the policy's state, the jitted
+    iteration ``step(state, prompts, frozen)`` and the shardings of ``frozen``."""
+
+    state: OneModel
+    step: Any
+    frozen_shardings: tuple
+
+
+def grpo_setup(
+    config: Config,
+    mesh,
+    critic: ModelConfig | None,
+    *,
+    eos_id: int,
+    pad_id: int,
+    reward_fn: RewardFn | None = None,
+    init=None,
+) -> GRPOSetup:
+    cfg, model = config.grpo, policy_model(config)
+    rules = config.mesh.rules
+    ref_sh, scalar = params_shardings(model, mesh, rules), sharding.replicated(mesh)
+    reward_sh = params_shardings(critic, mesh, rules) if reward_fn is None else None
+    total = cfg.iterations * steps_per_iteration(config)
+    state = one_model(config, model, cfg.policy_optimizer, total, mesh, init)
+    iteration = make_grpo_iteration(
+        config,
+        state.tx,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        critic=critic if reward_fn is None else None,
+        reward_fn=reward_fn,
+    )
+    frozen_sh = (ref_sh, reward_sh, scalar)
+    step = jit_grpo_iteration(iteration, state.shardings, frozen_sh, mesh)
+    return GRPOSetup(state, step, frozen_sh)
+
+
+def grpo_programs(config: Config, stage: str, mesh, inputs: PlanInputs) -> list[Program]:
+    """The GRPO (or RLOO) iteration, sampler included, on abstract inputs
+    (``stage_table.Stage.plan``)."""
+    cfg, d = config.grpo, config.data
+    critic = rm_architecture(config)
+    setup = grpo_setup(config, mesh, critic, eos_id=inputs.eos_id, pad_id=inputs.pad_id)
+    prompts = placeholder_batch(Kind.PROMPTS, cfg.batch_size, prompt_len=d.prompt_len)
+    ref_sh, reward_sh, scalar = setup.frozen_shardings
+    frozen = (
+        checkpoint.abstract_with_shardings(abstract_params(policy_model(config)), ref_sh),
+        checkpoint.abstract_with_shardings(abstract_params(critic), reward_sh),
+        jax.ShapeDtypeStruct((), jnp.float32, sharding=scalar),
+    )
+    args = (setup.state.target, abstract_batch(grpo_prompts(prompts), mesh), frozen)
+    N, P, R = cfg.batch_size * cfg.group_size, d.prompt_len, cfg.max_new_tokens
+    policy, T = policy_model(config), P + R
+    work = (
+        *rollout_work(policy, N, P, R),
+        Pass(policy, "forward", 2 * N * T, T),  # the sampling policy and the reference
+        Pass(critic, "forward", N * T, T),  # the reward model
+        Pass(policy, "train", cfg.epochs * N * T, T, steps_per_iteration(config)),
+    )
+    return [Program(f"{stage} iteration", setup.step, args, N * T, work, "grpo.minibatch_size")]
+
+
+def grpo_prompts(b: dict) -> dict:
+    """The iteration's prompts from a prompt loader's batch."""
+    return {"prompt_tokens": b["prompt_tokens"], "prompt_mask": b["prompt_mask"]}
+
+
 def run_grpo(
     config: Config,
     workdir: str | os.PathLike,
@@ -209,32 +289,22 @@ def run_grpo(
     per_iteration = steps_per_iteration(config)
     prompts_it = iter(loader(config, workdir, "ppo", cfg.batch_size, config.seed))
     reference = initial_params(config, workdir, policy_origin, model, mesh)
-    ref_sh = params_shardings(model, mesh, config.mesh.rules)
-    scalar = sharding.replicated(mesh)
     if reward_fn is None:
         critic = reward_model_config(config, workdir)
         rm = load_reward_model(config, workdir, mesh)
         frozen = (reference, rm.params, rm.bias)
-        frozen_sh = (ref_sh, params_shardings(critic, mesh, config.mesh.rules), scalar)
     else:
         critic = None
         frozen = (reference, None, jnp.zeros((), jnp.float32))
-        frozen_sh = (ref_sh, None, scalar)
-
     init = lambda: jax.tree.map(jnp.copy, reference)  # noqa: E731  (the state is donated)
-    state = one_model(
-        config, model, cfg.policy_optimizer, cfg.iterations * per_iteration, mesh, init
-    )
     eos_id, pad_id = sources.special_ids(config, workdir)
-    iteration = make_grpo_iteration(
-        config, state.tx, eos_id=eos_id, pad_id=pad_id, critic=critic, reward_fn=reward_fn
+    state, step, _ = grpo_setup(
+        config, mesh, critic, eos_id=eos_id, pad_id=pad_id, reward_fn=reward_fn, init=init
     )
-    step = jit_grpo_iteration(iteration, state.shardings, frozen_sh, mesh)
 
     def batches():
         while True:
-            p = next(prompts_it)
-            yield {"prompt_tokens": p["prompt_tokens"], "prompt_mask": p["prompt_mask"]}
+            yield grpo_prompts(next(prompts_it))
 
     def step_fn(s, batch):
         s, metrics, episodes = step(s, batch, frozen)

@@ -26,10 +26,22 @@ import optax
 from rlhf_jax import losses, sharding
 from rlhf_jax.config import Config, ModelConfig
 from rlhf_jax.data import sources
+from rlhf_jax.data.loaders import placeholder_batch
+from rlhf_jax.data.records import Kind
 from rlhf_jax.data.sources import loader
 from rlhf_jax.model import Transformer
-from rlhf_jax.stages.driver import StageRun, drive, jit_step, one_model, preflight
-from rlhf_jax.stages.lineage import initial_params, start_point
+from rlhf_jax.sharding import abstract_batch
+from rlhf_jax.stage_table import Pass, PlanInputs, Program
+from rlhf_jax.stages.driver import (
+    PLANNED_STEPS,
+    OneModel,
+    StageRun,
+    drive,
+    jit_step,
+    one_model,
+    preflight,
+)
+from rlhf_jax.stages.lineage import initial_params, policy_model, start_point
 from rlhf_jax.train_state import TrainState, apply_gradients, state_key
 
 
@@ -105,6 +117,56 @@ def validation_loss(params, model: ModelConfig, config: Config, workdir) -> floa
     return float(total[0] / total[1])
 
 
+def lm_section(config: Config, stage: str):
+    """The config section of ``stage`` in {"pretrain", "sft"}."""
+    if stage not in ("pretrain", "sft"):
+        raise ValueError(f"stage={stage!r}: expected 'pretrain' or 'sft'")
+    return config.sft if stage == "sft" else config.pretrain
+
+
+def lm_shares(config: Config, stage: str) -> tuple[int, int]:
+    """``(demonstrations, pretraining sequences)`` per batch: SFT mixes ``ptx_fraction`` of each
+    batch from the pretraining corpus (InstructGPT appendix C.3); pretraining is text only."""
+    cfg = lm_section(config, stage)
+    if stage != "sft":
+        return 0, cfg.batch_size
+    n_ptx = round(cfg.batch_size * cfg.ptx_fraction)
+    return cfg.batch_size - n_ptx, n_ptx
+
+
+def lm_batch(config: Config, stage: str, demos: dict | None, text: dict | None) -> dict:
+    """The step's batch from the loaders' batches (demonstrations, pretraining text)."""
+    if stage != "sft":
+        return text_batch(text)
+    b = demo_batch(demos, config.sft.prompt_loss_weight)
+    return concat_batches(b, text_batch(text)) if text is not None else b
+
+
+def lm_setup(config: Config, stage: str, total: int, mesh, init=None) -> tuple[OneModel, Any]:
+    """The stage's state (``OneModel``: optimiser, shardings, restore target, fresh start from
+    ``init()``) and its jitted step: what the runner drives and ``lm_programs`` plans."""
+    cfg = lm_section(config, stage)
+    model = dataclasses.replace(config.model, dropout=cfg.dropout)
+    state = one_model(config, model, cfg.optimizer, total, mesh, init)
+    return state, make_lm_step(model, state.tx, state.shardings, mesh)
+
+
+def lm_programs(config: Config, stage: str, mesh, inputs: PlanInputs) -> list[Program]:
+    """The step of pretraining or SFT on abstract inputs (``stage_table.Stage.plan``)."""
+    d = config.data
+    n_demo, n_text = lm_shares(config, stage)
+    demos = placeholder_batch(
+        Kind.DEMONSTRATIONS, n_demo, prompt_len=d.prompt_len, response_len=d.response_len
+    )
+    text = placeholder_batch(Kind.PRETRAINING, n_text, text_len=d.text_len) if n_text else None
+    batch = lm_batch(config, stage, demos if n_demo else None, text)
+    state, step = lm_setup(config, stage, PLANNED_STEPS, mesh)
+    B, T = batch["tokens"].shape
+    work = (Pass(policy_model(config), "train", B * T, T),)
+    args = (state.target, abstract_batch(batch, mesh))
+    return [Program(f"{stage} step", step, args, B * T, work, f"{stage}.batch_size")]
+
+
 def run_lm_stage(
     config: Config,
     workdir: str | os.PathLike,
@@ -117,15 +179,12 @@ def run_lm_stage(
 
     SFT logs its validation loss after every epoch; ``on_validate(params)`` may return more
     metrics to log there (the built-in world's study adds the gold and RM score per epoch)."""
-    if stage not in ("pretrain", "sft"):
-        raise ValueError(f"stage={stage!r}: expected 'pretrain' or 'sft'")
+    cfg = lm_section(config, stage)
     config.validate()
     is_sft = stage == "sft"
-    cfg = config.sft if is_sft else config.pretrain
     model = dataclasses.replace(config.model, dropout=cfg.dropout)
     origin = start_point(config, workdir, stage)
-    n_ptx = round(cfg.batch_size * cfg.ptx_fraction) if is_sft else 0
-    n_demo = cfg.batch_size - n_ptx
+    n_demo, n_ptx = lm_shares(config, stage) if is_sft else (0, 0)
     if is_sft:
         uses = {"sft": (n_demo, "sft.batch_size")}
         if n_ptx:  # the pretraining share of every batch (InstructGPT appendix C.3)
@@ -154,13 +213,13 @@ def run_lm_stage(
     def batches():
         while True:
             if not is_sft:
-                yield text_batch(next(iters[0]))
-                continue
-            b = demo_batch(next(iters[0]), cfg.prompt_loss_weight)
-            yield concat_batches(b, text_batch(next(iters[1]))) if len(iters) > 1 else b
+                yield lm_batch(config, stage, None, next(iters[0]))
+            else:
+                text = next(iters[1]) if len(iters) > 1 else None
+                yield lm_batch(config, stage, next(iters[0]), text)
 
     init = lambda: initial_params(config, workdir, origin, model, mesh)  # noqa: E731
-    state = one_model(config, model, cfg.optimizer, total, mesh, init)
+    state, step = lm_setup(config, stage, total, mesh, init)
     validate = None
     if is_sft and sources.expected_size(config, workdir, "sft_val"):
         eval_model = dataclasses.replace(model, dropout=0.0)
@@ -176,7 +235,7 @@ def run_lm_stage(
         total=total,
         target=state.target,
         start=state.start,
-        step=make_lm_step(model, state.tx, state.shardings, mesh),
+        step=step,
         iterators=iters,
         batches=batches(),
         export=lambda s: s.params,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,15 +25,21 @@ import jax.numpy as jnp
 from rlhf_jax import checkpoint, losses, rollout, sharding
 from rlhf_jax.config import Config, ModelConfig, rm_config
 from rlhf_jax.data import sources
+from rlhf_jax.data.loaders import placeholder_batch
+from rlhf_jax.data.records import Kind
 from rlhf_jax.data.sources import loader
+from rlhf_jax.evaluate import rollout_work
 from rlhf_jax.fields import validate
 from rlhf_jax.model import Transformer
+from rlhf_jax.sharding import abstract_batch
+from rlhf_jax.stage_table import Pass, PlanInputs, Program
 from rlhf_jax.stages.driver import StageRun, drive, preflight
 from rlhf_jax.stages.lineage import (
     initial_params,
     load_reward_model,
     policy_model,
     reward_model_config,
+    rm_architecture,
     start_point,
 )
 from rlhf_jax.train_state import (
@@ -334,6 +340,85 @@ def jit_ppo_iteration(iteration, shardings: PPOState, mesh, with_ptx: bool):
     )
 
 
+class PPOSetup(NamedTuple):
+    """What ``run_ppo`` drives and ``ppo_programs`` plans: the two optimisers, the state's
+    shardings and restore target, and the jitted iteration ``step(state, prompts, ptx)``."""
+
+    policy_tx: Any
+    value_tx: Any
+    shardings: PPOState
+    target: PPOState
+    step: Any
+
+
+def ppo_setup(
+    config: Config,
+    mesh,
+    critic: ModelConfig,
+    *,
+    eos_id: int,
+    pad_id: int,
+    reward_fn: Callable | None = None,
+) -> PPOSetup:
+    cfg = config.ppo
+    policy_tx = make_optimizer(cfg.policy_optimizer, cfg.iterations)
+    value_tx = make_optimizer(cfg.value_optimizer, cfg.iterations)
+    shardings = ppo_state_shardings(config, policy_tx, value_tx, mesh, critic)
+    iteration = make_ppo_iteration(
+        config,
+        policy_tx,
+        value_tx,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        critic=critic,
+        reward_fn=reward_fn,
+    )
+    target = checkpoint.abstract_with_shardings(
+        abstract_ppo_state(config, policy_tx, value_tx, critic), shardings
+    )
+    step = jit_ppo_iteration(iteration, shardings, mesh, cfg.ptx_coef > 0)
+    return PPOSetup(policy_tx, value_tx, shardings, target, step)
+
+
+def ppo_inputs(prompts: dict, ptx: dict | None) -> tuple[dict, dict | None]:
+    """The iteration's ``(prompts, ptx)`` from the loaders' batches."""
+    return {"prompt_tokens": prompts["prompt_tokens"], "prompt_mask": prompts["prompt_mask"]}, ptx
+
+
+def ptx_rows(config: Config) -> int:
+    """Pretraining sequences per PPO-ptx iteration: ``ptx_per_episode`` per episode and epoch."""
+    cfg = config.ppo
+    return cfg.epochs * cfg.batch_size * cfg.ptx_per_episode
+
+
+def ppo_programs(config: Config, stage: str, mesh, inputs: PlanInputs) -> list[Program]:
+    """The PPO (or PPO-ptx) iteration, sampler included, on abstract inputs
+    (``stage_table.Stage.plan``)."""
+    cfg, d = config.ppo, config.data
+    prompts = placeholder_batch(Kind.PROMPTS, cfg.batch_size, prompt_len=d.prompt_len)
+    ptx = None
+    if cfg.ptx_coef > 0:
+        ptx = placeholder_batch(Kind.PRETRAINING, ptx_rows(config), text_len=d.text_len)
+    prompts, ptx = ppo_inputs(prompts, ptx)
+    setup = ppo_setup(
+        config, mesh, rm_architecture(config), eos_id=inputs.eos_id, pad_id=inputs.pad_id
+    )
+    args = (setup.target, abstract_batch(prompts, mesh), abstract_batch(ptx, mesh))
+    B, P, R = cfg.batch_size, d.prompt_len, cfg.max_new_tokens
+    policy, critic, T = policy_model(config), rm_architecture(config), P + R
+    updates = cfg.epochs * (cfg.batch_size // cfg.minibatch_size)
+    work = (
+        *rollout_work(policy, B, P, R),
+        Pass(policy, "forward", 2 * B * T, T),  # the sampling policy and the reference
+        Pass(critic, "forward", 2 * B * T, T),  # the value network and the reward model
+        Pass(policy, "train", cfg.epochs * B * T, T, updates),
+        Pass(critic, "train", cfg.epochs * B * T, T, updates),
+    )
+    if ptx is not None:
+        work += (Pass(policy, "train", ptx["tokens"].size, d.text_len, updates),)
+    return [Program(f"{stage} iteration", setup.step, args, B * T, work, "ppo.minibatch_size")]
+
+
 def run_ppo(
     config: Config,
     workdir: str | os.PathLike,
@@ -357,8 +442,7 @@ def run_ppo(
     critic = reward_model_config(config, workdir)
     uses = {"ppo": (cfg.batch_size, "ppo.batch_size")}
     if cfg.ptx_coef > 0:
-        ptx = cfg.epochs * cfg.batch_size * cfg.ptx_per_episode
-        uses["pretrain"] = (ptx, "ppo.ptx_per_episode")
+        uses["pretrain"] = (ptx_rows(config), "ppo.ptx_per_episode")
     sharded = (
         (cfg.batch_size, "ppo.batch_size"),
         *([uses["pretrain"]] if cfg.ptx_coef > 0 else []),
@@ -371,38 +455,24 @@ def run_ppo(
     prompts_it = iter(loader(config, workdir, "ppo", cfg.batch_size, config.seed))
     iters = [prompts_it]
     if with_ptx:
-        n_ptx = cfg.epochs * cfg.batch_size * cfg.ptx_per_episode
-        iters.append(iter(loader(config, workdir, "pretrain", n_ptx, config.seed + 3)))
-
-    policy_tx = make_optimizer(cfg.policy_optimizer, cfg.iterations)
-    value_tx = make_optimizer(cfg.value_optimizer, cfg.iterations)
-    shardings = ppo_state_shardings(config, policy_tx, value_tx, mesh, critic)
+        iters.append(iter(loader(config, workdir, "pretrain", ptx_rows(config), config.seed + 3)))
+    eos_id, pad_id = sources.special_ids(config, workdir)
+    setup = ppo_setup(config, mesh, critic, eos_id=eos_id, pad_id=pad_id, reward_fn=reward_fn)
 
     def start() -> PPOState:
         sft = initial_params(config, workdir, policy_origin, policy_model(config), mesh)
         rm = load_reward_model(config, workdir, mesh)
-        return init_ppo_state(config, policy_tx, value_tx, shardings, sft, rm.params, rm.bias)
-
-    eos_id, pad_id = sources.special_ids(config, workdir)
-    iteration = make_ppo_iteration(
-        config,
-        policy_tx,
-        value_tx,
-        eos_id=eos_id,
-        pad_id=pad_id,
-        critic=critic,
-        reward_fn=reward_fn,
-    )
-    step = jit_ppo_iteration(iteration, shardings, mesh, with_ptx)
+        return init_ppo_state(
+            config, setup.policy_tx, setup.value_tx, setup.shardings, sft, rm.params, rm.bias
+        )
 
     def batches():
         while True:
-            p = next(iters[0])
-            prompts = {"prompt_tokens": p["prompt_tokens"], "prompt_mask": p["prompt_mask"]}
-            yield {"prompts": prompts, "ptx": next(iters[1]) if with_ptx else None}
+            prompts, ptx = ppo_inputs(next(iters[0]), next(iters[1]) if with_ptx else None)
+            yield {"prompts": prompts, "ptx": ptx}
 
     def step_fn(state, batch):
-        state, metrics, episodes = step(state, batch["prompts"], batch["ptx"])
+        state, metrics, episodes = setup.step(state, batch["prompts"], batch["ptx"])
         return state, {**metrics, "_samples": episodes}
 
     run = StageRun(
@@ -410,9 +480,7 @@ def run_ppo(
         model=policy_model(config),
         fingerprints=fingerprints,
         total=cfg.iterations,
-        target=checkpoint.abstract_with_shardings(
-            abstract_ppo_state(config, policy_tx, value_tx, critic), shardings
-        ),
+        target=setup.target,
         start=start,
         step=step_fn,
         iterators=iters,

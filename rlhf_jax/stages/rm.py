@@ -10,6 +10,7 @@ the RM scores.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,10 +19,22 @@ import numpy as np
 from rlhf_jax import losses, rollout, sharding
 from rlhf_jax.config import Config, ModelConfig
 from rlhf_jax.data import sources
+from rlhf_jax.data.loaders import placeholder_batch
+from rlhf_jax.data.records import Kind
 from rlhf_jax.data.sources import loader
 from rlhf_jax.evaluate import comparison_metrics
 from rlhf_jax.rollout import RewardModel
-from rlhf_jax.stages.driver import StageRun, drive, jit_step, one_model, preflight
+from rlhf_jax.sharding import abstract_batch
+from rlhf_jax.stage_table import Pass, PlanInputs, Program
+from rlhf_jax.stages.driver import (
+    PLANNED_STEPS,
+    OneModel,
+    StageRun,
+    drive,
+    jit_step,
+    one_model,
+    preflight,
+)
 from rlhf_jax.stages.lineage import initial_reward_params, rm_architecture, start_point
 from rlhf_jax.train_state import TrainState, apply_gradients
 
@@ -71,6 +84,41 @@ def validation_metrics(params, model: ModelConfig, config: Config, workdir) -> d
     )
 
 
+COMPARISON_FIELDS = ("tokens", "attention_mask", "response_mask", "ranks", "valid")
+
+
+def comparison_batch(b: dict) -> dict:
+    """The step's batch from a comparison loader's batch (RM and DPO)."""
+    return {k: b[k] for k in COMPARISON_FIELDS}
+
+
+def rm_setup(config: Config, total: int, mesh, init=None) -> tuple[OneModel, Any]:
+    """The RM's state (``OneModel``) and jitted step: what ``run_rm`` drives and
+    ``rm_programs`` plans."""
+    model = rm_architecture(config)
+    state = one_model(config, model, config.rm.optimizer, total, mesh, init)
+    return state, make_rm_step(model, state.tx, state.shardings, mesh, config.data.prompt_len)
+
+
+def rm_programs(config: Config, stage: str, mesh, inputs: PlanInputs) -> list[Program]:
+    """The RM step on abstract inputs (``stage_table.Stage.plan``)."""
+    d = config.data
+    batch = comparison_batch(
+        placeholder_batch(
+            Kind.COMPARISONS,
+            config.rm.batch_size,
+            prompt_len=d.prompt_len,
+            response_len=d.response_len,
+            max_completions=inputs.completions,
+        )
+    )
+    state, step = rm_setup(config, PLANNED_STEPS, mesh)
+    B, K, T = batch["tokens"].shape
+    work = (Pass(rm_architecture(config), "train", B * K * T, T),)
+    args = (state.target, abstract_batch(batch, mesh))
+    return [Program(f"{stage} step", step, args, B * K * T, work, "rm.batch_size")]
+
+
 def run_rm(config: Config, workdir: str | os.PathLike, stage: str = "rm", *, mesh=None) -> dict:
     """Train the RM on the comparison dataset; resumes its own checkpoint if there is one.
 
@@ -78,7 +126,7 @@ def run_rm(config: Config, workdir: str | os.PathLike, stage: str = "rm", *, mes
     run's stage, or a named size): the RM may be larger than the policy, as InstructGPT's 6B RM
     was for every policy size (``stages.lineage``)."""
     config.validate()
-    cfg, P = config.rm, config.data.prompt_len
+    cfg = config.rm
     model = rm_architecture(config)
     start_point(config, workdir, stage)
     fingerprints = preflight(
@@ -93,11 +141,11 @@ def run_rm(config: Config, workdir: str | os.PathLike, stage: str = "rm", *, mes
     iters = [iter(data)]
     total = cfg.epochs * (sources.split_size(config, workdir, "rm") // cfg.batch_size)
     init = lambda: initial_reward_params(config, workdir, model, mesh)  # noqa: E731
-    state = one_model(config, model, cfg.optimizer, total, mesh, init)
+    state, step = rm_setup(config, total, mesh, init)
 
     def batches():
         for b in iters[0]:
-            yield {k: b[k] for k in ("tokens", "attention_mask", "response_mask", "ranks", "valid")}
+            yield comparison_batch(b)
 
     def export(s: TrainState):
         scores = demonstration_scores(s.params, model, config, workdir)
@@ -117,7 +165,7 @@ def run_rm(config: Config, workdir: str | os.PathLike, stage: str = "rm", *, mes
         total=total,
         target=state.target,
         start=state.start,
-        step=make_rm_step(model, state.tx, state.shardings, mesh, P),
+        step=step,
         iterators=iters,
         batches=batches(),
         export=export,

@@ -1,0 +1,496 @@
+"""``rlhf-jax plan``: compile every stage for a TPU topology (or CPU devices) and say what fits.
+
+For every stage the config would run (``rlhf_jax.stage_table``: each stage's ``programs``), and
+the evaluation's sampler, the very jitted function the stage runs is lowered on abstract, sharded
+inputs (``jax.ShapeDtypeStruct``) and compiled ahead of time for the named topology, with no
+chip present: libtpu (``pip install "rlhf_jax[tpu]"``) compiles for a TPU topology from any
+machine (``jax.experimental.topologies.get_topology_desc``), as MaxText's ``train_compile.py``
+does. Nothing is allocated, read or trained.
+
+Each row gives, per chip (per JAX device: a core of v2/v3, a chip from v4 on), what the compiler
+says the program holds: arguments (weights, optimiser state, batch), outputs not aliased to
+donated arguments, and temporaries, against the chip's HBM; whether it fits and by how much; and
+a roofline lower bound of the step's time: the larger of its FLOPs over the chip's peak bf16
+FLOP/s and the weight bytes it must read over the HBM bandwidth (``CHIPS``, with the published
+source of each figure). The FLOPs and bytes are counted from the program's passes
+(``stage_table.Pass``: 2 FLOPs per multiply-add of every matmul and attention product, times 3
+for a backward pass; every weight read once per pass, per decode position and per optimiser
+step, plus Adam's reads and writes), not from the compiler's cost analysis, which counts a loop's
+body once (a PPO iteration's minibatch scan and its decode loop); the compiler's figure is kept
+in ``--json`` as ``compiler_flops``. A compile the TPU compiler refuses for want of HBM becomes
+a "does not fit" row with the compiler's figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from jax.experimental.topologies import get_topology_desc
+
+from rlhf_jax import sharding, stage_table
+from rlhf_jax.config import Config, ModelConfig, methods
+from rlhf_jax.errors import ConfigError
+from rlhf_jax.evaluate import sampler_programs
+from rlhf_jax.model import abstract_params
+from rlhf_jax.stage_table import Pass, PlanInputs, Program
+
+GIB = 1024**3
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """One JAX device of a TPU generation: HBM, peak bf16 FLOP/s and HBM bandwidth per device
+    (v2 and v3 show each of a chip's two cores as a device: half the chip's figures)."""
+
+    name: str
+    hbm_bytes: int
+    peak_flops: float
+    hbm_bandwidth: float  # bytes/s
+    source: str
+
+
+GB = 1e9
+CHIPS = {
+    "v2": Chip("TPU v2 core", 8 * GIB, 45e12 / 2, 600 * GB / 2, "https://cloud.google.com/tpu/docs/v2"),
+    "v3": Chip("TPU v3 core", 16 * GIB, 123e12 / 2, 900 * GB / 2, "https://cloud.google.com/tpu/docs/v3"),
+    "v4": Chip("TPU v4", 32 * GIB, 275e12, 1200 * GB, "https://cloud.google.com/tpu/docs/v4"),
+    "v5e": Chip("TPU v5e", 16 * GIB, 197e12, 819 * GB, "https://cloud.google.com/tpu/docs/v5e"),
+    "v5p": Chip("TPU v5p", 95 * GIB, 459e12, 2765 * GB, "https://cloud.google.com/tpu/docs/v5p"),
+    "v6e": Chip("TPU v6e", 32 * GIB, 918e12, 1640 * GB, "https://cloud.google.com/tpu/docs/v6e"),
+}  # fmt: skip
+
+
+class Topology(NamedTuple):
+    """A slice as users name it (``v5e-8``) and how libtpu names it."""
+
+    chip: str
+    libtpu_name: str  # get_topology_desc's topology_name
+    chips_per_host: tuple[int, int, int]
+    chip_config: str = "default"  # "megacore": one device per v4 chip
+
+
+TOPOLOGIES = {
+    "v2-8": Topology("v2", "v2:2x2", (2, 2, 1)),
+    "v3-8": Topology("v3", "v3:2x2", (2, 2, 1)),
+    "v4-8": Topology("v4", "v4:2x2x1", (2, 2, 1), "megacore"),
+    "v5e-1": Topology("v5e", "v5e:1x1", (1, 1, 1)),
+    "v5e-4": Topology("v5e", "v5e:2x2", (2, 2, 1)),
+    "v5e-8": Topology("v5e", "v5e:2x4", (2, 4, 1)),
+    "v5e-16": Topology("v5e", "v5e:4x4", (2, 2, 1)),  # 4 hosts of 4 chips
+    "v5e-32": Topology("v5e", "v5e:4x8", (2, 2, 1)),  # 8 hosts of 4 chips
+    "v5p-8": Topology("v5p", "v5p:2x2x1", (2, 2, 1)),
+    "v6e-1": Topology("v6e", "v6e:1x1", (1, 1, 1)),
+    "v6e-4": Topology("v6e", "v6e:2x2", (2, 2, 1)),
+    "v6e-8": Topology("v6e", "v6e:2x4", (2, 4, 1)),
+}
+# What the plan names GPUs would need: jax 0.10.2 compiles for a GPU only with its CUDA plugin
+# installed and a GPU to query (docs/design.md, "Will it fit?").
+GPU_NAMES = ("t4", "a100", "h100")
+INSTALL_TPU = 'pip install "rlhf_jax[tpu]"  (libtpu: compiles for a TPU topology on any machine)'
+
+
+def topology_names() -> str:
+    return ", ".join([*TOPOLOGIES, "cpu:N"])
+
+
+def devices_of(topology: str) -> tuple[list, Chip | None]:
+    """The devices of ``topology`` (abstract TPU devices, or this machine's CPU devices) and the
+    chip's figures (None for CPU devices)."""
+    name = topology.lower()
+    if name.startswith("cpu:"):
+        try:
+            n = int(name[4:])
+        except ValueError:
+            raise ConfigError(f"--topology={topology}: expected cpu:<number of devices>") from None
+        cpus = jax.devices("cpu")
+        if n < 1 or n > len(cpus):
+            raise ConfigError(
+                f"--topology={topology}: this process has {len(cpus)} CPU devices; start it with "
+                f"XLA_FLAGS=--xla_force_host_platform_device_count={max(n, 1)} (rlhf-jax plan "
+                "sets it when it starts JAX)"
+            )
+        return cpus[:n], None
+    if name in GPU_NAMES:
+        raise ConfigError(
+            f"--topology={topology}: jax {jax.__version__} compiles for a GPU only on a machine "
+            "with that GPU and jax's CUDA plugin (no deviceless GPU target); plan a TPU topology "
+            f"({', '.join(TOPOLOGIES)}) or run the stage there"
+        )
+    if name not in TOPOLOGIES:
+        raise ConfigError(f"--topology={topology}: expected one of {topology_names()}")
+    top = TOPOLOGIES[name]
+    # Deviceless compilation: libtpu must not look for a TPU VM's metadata server or hosts.
+    for key, value in (
+        ("TPU_SKIP_MDS_QUERY", "1"),
+        ("TPU_WORKER_HOSTNAMES", "localhost"),
+        ("TPU_ACCELERATOR_TYPE", "v5litepod-4"),
+    ):
+        os.environ.setdefault(key, value)
+    try:
+        desc = get_topology_desc(
+            platform="tpu",
+            topology_name=top.libtpu_name,
+            chip_config_name=top.chip_config,
+            chips_per_host_bounds=top.chips_per_host,
+            num_slices=1,
+        )
+    except Exception as e:  # noqa: BLE001  (libtpu missing or refusing: one line, how to fix)
+        if "libtpu" in str(e).lower() or "tpu" in str(e).lower() and "not" in str(e).lower():
+            raise ConfigError(
+                f"--topology={topology}: compiling for a TPU needs libtpu: {INSTALL_TPU}"
+            ) from None
+        raise ConfigError(f"--topology={topology}: libtpu could not describe it: {e}") from None
+    return list(desc.devices), CHIPS[top.chip]
+
+
+# --------------------------------------------------------------------------------------------------
+# FLOPs and bytes of a program's passes
+
+
+def matmul_params(model: ModelConfig) -> int:
+    """Weights that multiply every token: the blocks' projections and the output head."""
+    D, H, G, E, F = (
+        model.d_model,
+        model.n_heads,
+        model.n_kv_heads,
+        model.resolved_head_dim,
+        model.mlp_dim,
+    )
+    per_layer = D * E * (2 * H + 2 * G) + (3 if model.family == "llama" else 2) * D * F
+    head = model.vocab_size * D if model.head == "lm" else D
+    return model.n_layers * per_layer + head
+
+
+def param_bytes(model: ModelConfig) -> int:
+    leaves = jax.tree.leaves(abstract_params(model))
+    return sum(
+        math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.map(_unbox, leaves)
+    )
+
+
+def _unbox(x):
+    return getattr(x, "value", x)
+
+
+def pass_flops(p: Pass) -> float:
+    """2 FLOPs per multiply-add of the matmuls and of attention's two products (every context
+    position, as the dense causal attention computes them), times 3 with the backward pass."""
+    m = p.model
+    attention = 2 * m.n_layers * m.n_heads * m.resolved_head_dim * p.context
+    forward = 2 * p.tokens * (matmul_params(m) + attention)
+    return float(3 * forward if p.kind == "train" else forward)
+
+
+def pass_bytes(p: Pass, tensor: int) -> float:
+    """The weight bytes one chip reads: every weight once per step of a forward or decode pass
+    (FSDP gathers them whole; tensor parallelism splits them), three times per training step
+    (forward, backward, gradient) plus Adam's reads and writes of the float32 moments."""
+    weights = param_bytes(p.model) / tensor
+    adam = 6 * 4 * matmul_params(p.model) / tensor  # read and write params, mu, nu (float32)
+    per_step = weights if p.kind != "train" else 3 * weights + adam
+    return float(p.steps * per_step)
+
+
+# --------------------------------------------------------------------------------------------------
+# The plan
+
+
+class Row(NamedTuple):
+    """One compiled program on one chip (bytes per chip; seconds and FLOPs per call)."""
+
+    stage: str
+    program: str
+    arguments: int
+    outputs: int
+    temporaries: int
+    total: int
+    hbm: float | None
+    fits: bool
+    flops: float
+    weight_bytes: float
+    roofline_s: float | None
+    tokens: int
+    tokens_per_s: float | None
+    compiler_flops: float | None
+    batch: str
+    error: str = ""
+
+    @property
+    def headroom(self) -> float | None:
+        return None if self.hbm is None else self.hbm - self.total
+
+
+class Plan(NamedTuple):
+    topology: str
+    device: str
+    devices: int
+    hosts: int
+    mesh: dict[str, int]
+    dtype: str
+    rows: list[Row]
+    source: str
+
+    @property
+    def fits(self) -> bool:
+        return all(r.fits for r in self.rows)
+
+
+OOM = re.compile(
+    r"required for HLO temporaries \(([\d.]+)([KMGT]?)\) "
+    r"exceeds available HBM \(([\d.]+)([KMGT]?)\)"
+)
+_UNIT = {"": 1, "K": 1024, "M": 1024**2, "G": GIB, "T": 1024 * GIB}
+
+
+def argument_bytes(args: Any) -> int:
+    """Bytes per device of the abstract arguments (each leaf's shard), as counted by hand."""
+    total = 0
+    for x in jax.tree.leaves(args):
+        if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None:
+            shard = x.sharding.shard_shape(x.shape)
+            total += math.prod(shard) * np.dtype(x.dtype).itemsize
+    return total
+
+
+def compile_row(stage: str, program: Program, chip: Chip | None, devices: int, tensor: int) -> Row:
+    """Compile ``program`` and read its per-chip memory and cost; a refusal for want of HBM is
+    a row that does not fit, with the compiler's figures."""
+    flops = sum(pass_flops(p) for p in program.work) / devices
+    weight_bytes = sum(pass_bytes(p, tensor) for p in program.work)
+    roofline = None
+    if chip is not None:
+        roofline = max(flops / chip.peak_flops, weight_bytes / chip.hbm_bandwidth)
+    hbm = float(chip.hbm_bytes) if chip else None
+    common = dict(
+        stage=stage,
+        program=program.name,
+        hbm=hbm,
+        flops=flops,
+        weight_bytes=weight_bytes,
+        roofline_s=roofline,
+        tokens=program.tokens,
+        tokens_per_s=program.tokens / roofline if roofline else None,
+        batch=program.batch,
+    )
+    try:
+        compiled = program.compiled or program.fn.lower(*program.args).compile()
+    except Exception as e:  # noqa: BLE001  (the TPU compiler's out-of-memory refusal)
+        found = OOM.search(str(e))
+        if not found:
+            raise
+        need = float(found.group(1)) * _UNIT[found.group(2)]
+        have = float(found.group(3)) * _UNIT[found.group(4)]
+        args = argument_bytes(program.args)
+        return Row(
+            arguments=args, outputs=0, temporaries=int(need), total=args + int(need), fits=False,
+            compiler_flops=None, error=f"the TPU compiler refuses it: {need / GIB:.2f} GiB of "
+            f"temporaries beside {args / GIB:.2f} GiB of arguments, {have / GIB:.2f} GiB of HBM "
+            "available", **{**common, "hbm": have},
+        )  # fmt: skip
+    mem = compiled.memory_analysis()
+    args, out, alias, temp = (
+        mem.argument_size_in_bytes,
+        mem.output_size_in_bytes,
+        mem.alias_size_in_bytes,
+        mem.temp_size_in_bytes,
+    )
+    total = args + out - alias + temp + mem.generated_code_size_in_bytes
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return Row(
+        arguments=args,
+        outputs=out - alias,
+        temporaries=temp,
+        total=total,
+        fits=hbm is None or total <= hbm,
+        compiler_flops=(cost or {}).get("flops"),
+        **common,
+    )
+
+
+def planned_stages(config: Config) -> list[stage_table.Stage]:
+    """The stages the pipeline would train with this config (``pipeline.planned`` without a
+    work directory: pretraining runs when the config has pretraining text or the built-in world)."""
+    asked = methods(config)
+    has_text = config.data.source != "files" or bool(config.data.pretraining)
+    return [
+        s
+        for s in stage_table.STAGES
+        if s.trains
+        and s.programs is not None
+        and (not s.method or s.name in asked)
+        and (s.when is None or s.when(config))
+        and (has_text or "pretrain" not in s.needs)
+    ]
+
+
+def plan_inputs(config: Config, completions: int | None) -> PlanInputs:
+    """K ranked completions per comparison: ``completions``, else the world's most, else 2."""
+    if completions is None:
+        world = getattr(config, "world", None)
+        completions = world.rm_k_max if world is not None else 2
+    if completions < 2:
+        raise ConfigError(f"--completions={completions}: a comparison ranks at least 2")
+    return PlanInputs(completions=completions)
+
+
+def make_plan(
+    config: Config,
+    topology: str,
+    *,
+    completions: int | None = None,
+    stages: Sequence[str] | None = None,
+    on_row=None,
+) -> Plan:
+    """Compile every planned stage (or ``stages``) and the evaluation sampler for ``topology``.
+    ``on_row(row)`` is called as each row is done (compiles take minutes at real sizes)."""
+    devices, chip = devices_of(topology)
+    mesh = sharding.make_mesh(config.mesh, devices=devices)
+    inputs = plan_inputs(config, completions)
+    chosen = planned_stages(config)
+    if stages:
+        known = {s.name: s for s in stage_table.STAGES if s.programs is not None}
+        unknown = [s for s in stages if s not in known and s != "eval"]
+        if unknown:
+            raise ConfigError(
+                f"--stages={','.join(stages)}: no stage {unknown[0]!r}; stages: "
+                f"{', '.join([*known, 'eval'])}"
+            )
+        chosen = [known[s] for s in stages if s in known]
+    tensor = mesh.shape["tensor"]
+    rows = []
+    for stage in chosen:
+        for program in stage.plan(config, mesh, inputs):
+            rows.append(compile_row(stage.name, program, chip, len(devices), tensor))
+            if on_row:
+                on_row(rows[-1])
+    if not stages or "eval" in stages:
+        for program in sampler_programs(config, mesh, inputs):
+            rows.append(compile_row("eval", program, chip, len(devices), tensor))
+            if on_row:
+                on_row(rows[-1])
+    return Plan(
+        topology=topology,
+        device=chip.name if chip else devices[0].device_kind,
+        devices=len(devices),
+        hosts=len({d.process_index for d in devices}),
+        mesh=dict(mesh.shape),
+        dtype=f"{config.model.param_dtype} weights, {config.model.dtype} compute",
+        rows=rows,
+        source=chip.source if chip else "",
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# What it prints
+
+
+def _gib(x: float | int | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x / GIB:.2f}" if abs(x) >= 0.1 * GIB else f"{x / GIB:.2g}"
+
+
+def _time(s: float | None) -> str:
+    if s is None:
+        return "-"
+    if s < 1e-3:
+        return f"{s * 1e6:.3g} us"
+    return f"{s * 1e3:.3g} ms" if s < 1 else f"{s:.3g} s"
+
+
+def header(plan: Plan) -> str:
+    hosts = f" on {plan.hosts} hosts" if plan.hosts > 1 else ""
+    mesh = " x ".join(f"{k} {v}" for k, v in plan.mesh.items())
+    return (
+        f"plan for {plan.topology}: {plan.devices} x {plan.device}{hosts}; mesh {mesh}; "
+        f"{plan.dtype}"
+    )
+
+
+def table(plan: Plan) -> str:
+    """One row per compiled program (GiB per chip)."""
+    cols = ("stage", "program", "args", "temp", "out", "total", "HBM", "fits", "FLOPs",
+            "roofline", "tokens/s")  # fmt: skip
+    lines = [cols]
+    for r in plan.rows:
+        fits = "yes" if r.fits else "NO"
+        if r.headroom is not None:
+            fits += f" ({'+' if r.headroom >= 0 else '-'}{abs(r.headroom) / GIB:.2f})"
+        lines.append((
+            r.stage, r.program, _gib(r.arguments), _gib(r.temporaries), _gib(r.outputs),
+            _gib(r.total), _gib(r.hbm), fits, f"{r.flops:.2e}", _time(r.roofline_s),
+            "-" if r.tokens_per_s is None else f"{r.tokens_per_s:,.0f}",
+        ))  # fmt: skip
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(cols))]
+    out = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
+    notes = [
+        "GiB per chip: arguments (weights, optimiser state, batch), temporaries, outputs not "
+        "aliased to donated arguments; fits: HBM left (+) or missing (-).",
+        "FLOPs per call per chip; roofline: a lower bound per call, max(FLOPs / peak bf16, weight "
+        f"bytes read / HBM bandwidth){'; chip figures: ' + plan.source if plan.source else ''}.",
+    ]
+    return "\n".join([header(plan), "", *out, "", *notes])
+
+
+def advice(plan: Plan, config: Config) -> list[str]:
+    """One line per program that does not fit: the overflow and what would fit, in
+    ``--config.*`` terms."""
+    lines = []
+    n = plan.devices
+    mesh = plan.mesh
+    for r in plan.rows:
+        if r.fits:
+            continue
+        over = -(r.headroom or 0.0)
+        what = r.error or (
+            f"{_gib(r.total)} GiB per chip ({_gib(r.arguments)} arguments, "
+            f"{_gib(r.temporaries)} temporaries) in {_gib(r.hbm)} GiB of HBM"
+        )
+        fixes = []
+        sharded = mesh["fsdp"] * mesh["tensor"]
+        if sharded < n:
+            fixes.append("--config.mesh.data=1 --config.mesh.fsdp=-1 (shard weights and optimiser "
+                         f"state over all {n} chips)")  # fmt: skip
+        if r.hbm and r.arguments > r.hbm:
+            chips = math.ceil(r.arguments * sharded / (0.8 * r.hbm))
+            fixes.append(f"a topology of at least {chips} chips with --config.mesh.fsdp=-1 (the "
+                         "weights and optimiser state alone overflow a chip)")  # fmt: skip
+        else:
+            if not config.model.remat and r.program.endswith(("step", "iteration")):
+                fixes.append("--config.model.remat=True (recompute activations in the backward "
+                             "pass)")  # fmt: skip
+            value = _field(config, r.batch)
+            if value is not None and value > 1:
+                fixes.append(f"--config.{r.batch}={max(value // 2, 1)} (half the batch)")
+        lines.append(
+            f"{r.stage} ({r.program}) does not fit: {what}, {over / GIB:.2f} GiB over; try "
+            + ", or ".join(fixes)
+        )
+    return lines
+
+
+def _field(config: Any, path: str) -> int | None:
+    obj = config
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+    return obj if isinstance(obj, int) else None
+
+
+def to_json(plan: Plan) -> str:
+    return json.dumps(
+        {
+            **{k: v for k, v in plan._asdict().items() if k != "rows"},
+            "fits": plan.fits,
+            "rows": [{**r._asdict(), "headroom": r.headroom} for r in plan.rows],
+        },
+        indent=2,
+    )

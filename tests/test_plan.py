@@ -1,0 +1,147 @@
+"""``rlhf-jax plan``: every stage compiled ahead of time for a TPU topology (libtpu, no TPU), the
+per-chip bytes against a hand count, and the refusal of a config that does not fit.
+
+The TPU compiles run in this process through the CLI's ``main`` (no training, no process), but
+take minutes on 2 cores for the whole tiny recipe, so those are ``e2e``.
+"""
+
+import json
+import math
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from rlhf_jax import cli, plan, stage_table
+from rlhf_jax.configs import tiny
+from rlhf_jax.model import abstract_params
+
+GIB = 1024**3
+EVERY_METHOD = "--config.methods=dpo,grpo,rloo,best_of_n"
+
+
+def run_plan(capsys, *args: str) -> tuple[int, str, str]:
+    """``(exit status, stdout, stderr)`` of ``rlhf-jax plan *args`` in this process."""
+    code = 0
+    try:
+        cli.main(["plan", *args])
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def tiny_plan(capsys, topology: str, *overrides: str) -> dict:
+    code, out, err = run_plan(
+        capsys, "--config=tiny", f"--topology={topology}", "--json", EVERY_METHOD, *overrides
+    )
+    assert code == 0, err[-3000:]
+    return json.loads(out)
+
+
+def expected_programs() -> set[tuple[str, str]]:
+    """Every training stage of the table (the tiny world has pretraining text and PPO-ptx)
+    with its program, and the evaluation's sampler."""
+    programs = {
+        (s.name, f"{s.name} {'iteration' if s.curves else 'step'}")
+        for s in stage_table.STAGES
+        if s.trains
+    }
+    return programs | {("eval", "eval prefill"), ("eval", "eval decode")}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    "mesh",
+    [
+        ("--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.mesh.tensor=1"),
+        ("--config.mesh.data=2", "--config.mesh.fsdp=1", "--config.mesh.tensor=2"),
+    ],
+    ids=["fsdp4", "data2xtensor2"],
+)
+def test_every_tiny_stage_compiles_for_v5e_4(capsys, mesh):
+    result = tiny_plan(capsys, "v5e-4", *mesh)
+    sizes = dict(flag.removeprefix("--config.mesh.").split("=") for flag in mesh)
+    expect_mesh = {k: (4 if v == "-1" else int(v)) for k, v in sizes.items()}
+    assert result["mesh"] == expect_mesh and result["devices"] == 4
+    assert result["device"] == "TPU v5e" and result["fits"]
+    rows = result["rows"]
+    assert {(r["stage"], r["program"]) for r in rows} == expected_programs()
+    for r in rows:
+        assert r["hbm"] == 16 * GIB and r["fits"] and not r["error"], r
+        assert r["arguments"] > 0 and r["temporaries"] >= 0 and r["total"] >= r["arguments"], r
+        assert r["flops"] > 0 and r["roofline_s"] > 0 and r["tokens_per_s"] > 0, r
+        assert r["compiler_flops"] and r["compiler_flops"] > 0, r
+    # A PPO-ptx iteration does PPO's work and more; a step holds its optimiser state.
+    by = {r["program"]: r for r in rows}
+    assert by["ppo_ptx iteration"]["flops"] > by["ppo iteration"]["flops"]
+    assert by["sft step"]["arguments"] > by["eval prefill"]["arguments"]
+
+
+def test_argument_bytes_match_a_hand_count(capsys):
+    """The SFT step's arguments per device are its float32 params, two Adam moments of each,
+    the step counter and key, and the batch (tokens, attention and loss masks), counted here
+    from the parameter shapes; on one CPU device (no TPU tiling pads small arrays)."""
+    code, out, err = run_plan(capsys, "--config=tiny", "--topology=cpu:1", "--json", "--stages=sft")
+    assert code == 0, err
+    (row,) = json.loads(out)["rows"]
+    config = tiny.get_config()
+    shapes = jax.tree.leaves(nn.meta.unbox(abstract_params(config.model)))
+    params = sum(math.prod(x.shape) for x in shapes)
+    d = config.data
+    tokens = config.sft.batch_size * max(d.prompt_len + d.response_len, d.text_len)
+    by_hand = 4 * (3 * params) + 3 * 4 * tokens  # params + mu + nu; three int32/f32 batch arrays
+    assert row["arguments"] == pytest.approx(by_hand, rel=0.01)
+    assert row["hbm"] is None and row["fits"]
+
+
+def test_a_config_that_does_not_fit_ends_in_one_line_per_program(capsys):
+    """On one v5e chip (16 GiB): an SFT batch whose float32 logits over a 262,144-token vocabulary
+    overflow (the weights fit), then two blocks of width 8192 (1.6e9 params: float32 weights and
+    Adam moments alone are 19 GB). Each ends in one line saying what would fit."""
+    common = ("--config=tiny", "--topology=v5e-1", "--stages=sft")
+    cases = [
+        (("--config.model.vocab_size=262144", "--config.sft.batch_size=1024"),
+         ("--config.model.remat=True", "--config.sft.batch_size=512")),
+        (("--config.model.d_model=8192", "--config.model.mlp_dim=32768"),
+         ("a topology of at least 2 chips with --config.mesh.fsdp=-1",)),
+    ]  # fmt: skip
+    for overrides, fixes in cases:
+        code, out, err = run_plan(capsys, *common, *overrides)
+        assert code == 1, err[-3000:]
+        lines = [line for line in err.strip().splitlines() if line.startswith("rlhf-jax: plan:")]
+        assert len(lines) == 1, err[-3000:]
+        assert "sft (sft step) does not fit" in lines[0] and "GiB over" in lines[0]
+        assert all(fix in lines[0] for fix in fixes), lines[0]
+        assert "Traceback" not in err
+        assert "NO (-" in out  # the table says so too
+
+
+def test_bad_topologies_are_one_line(capsys):
+    for topology, says in [
+        ("v9-8", "expected one of v2-8"),
+        ("h100", "compiles for a GPU only"),
+        ("cpu:99", "xla_force_host_platform_device_count=99"),
+    ]:
+        code, _, err = run_plan(capsys, "--config=tiny", f"--topology={topology}")
+        assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_roofline_counts_every_loop_pass():
+    """The FLOPs of a decode pass grow with its positions and a train pass is three forwards;
+    the weight bytes of a decode are read once per position (the compiler's cost analysis
+    counts a loop's body once)."""
+    model = tiny.get_config().model
+    fwd = stage_table.Pass(model, "forward", 100, 10)
+    train = stage_table.Pass(model, "train", 100, 10)
+    decode = stage_table.Pass(model, "decode", 100, 10, steps=5)
+    assert plan.pass_flops(train) == 3 * plan.pass_flops(fwd)
+    assert plan.pass_bytes(decode, 1) == 5 * plan.pass_bytes(fwd, 1)
+    assert plan.pass_bytes(fwd, 2) == plan.pass_bytes(fwd, 1) / 2
+    # The matmul weights of a GPT-2 block by hand: 4 D^2 attention + 2 D F MLP, plus the head.
+    D, F, V, L = model.d_model, model.mlp_dim, model.vocab_size, model.n_layers
+    assert plan.matmul_params(model) == L * (4 * D * D + 2 * D * F) + V * D
+    assert plan.param_bytes(model) == 4 * sum(
+        np.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(abstract_params(model)))
+    )
