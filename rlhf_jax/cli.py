@@ -119,7 +119,8 @@ MODEL_COMMANDS = {
         details="Compiles the jitted step (or RL iteration, with its sampler) of every stage "
         "the pipeline would run with this config, and the evaluation's sampler, ahead of time "
         "for the topology (v2-8, v3-8, v4-8, v5e-1/4/8/16/32, v5p-8, v6e-1/4/8: needs libtpu, "
-        'pip install "rlhf_jax[tpu]"; cpu:N: this machine\'s CPU devices), on abstract inputs: '
+        'pip install "rlhf_jax[tpu]"; t4, a100, h100, h100-8: needs jax-cuda12-plugin; cpu:N: '
+        "this machine's CPU devices), with no such device present, on abstract inputs: "
         "nothing is allocated or trained. One row per program: per-chip arguments, temporaries "
         "and outputs against the chip's HBM, FLOPs and a roofline time per step. A program "
         "that does not fit ends the command with one line saying what would (exit status 1).",
@@ -177,7 +178,8 @@ FLAG_HELP = {
     "max_new_tokens": "--max_new_tokens=<n>      response tokens (default: data.response_len)",
     "temperature": "--temperature=<t>         sampling temperature (default: 1; 0: greedy)",
     "topology": "--topology=<name>         v2-8, v3-8, v4-8, v5e-1 ... v5e-32, v5p-8, v6e-1/4/8, "
-    "or cpu:N (default: v5e-1,\n                            Colab's TPU)",
+    "t4, a100[-N],\n                            h100[-N], or cpu:N (default: v5e-1, Colab's "
+    "TPU)",
     "json": "--json                    the plan as JSON on stdout",
     "completions": "--completions=<K>         completions ranked per comparison (default: the "
     "world's most, else 2)",

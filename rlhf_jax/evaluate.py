@@ -173,7 +173,7 @@ def sampler_programs(config: Any, mesh, inputs: PlanInputs) -> list[Program]:
     rep = sharding.replicated(mesh)
     prompts = jax.ShapeDtypeStruct((B, P), jnp.int32, sharding=rep)
     prefill_args = (params, model, prompts, prompts, R, inputs.pad_id)
-    prefill = rollout._prefill_jit.lower(*prefill_args).compile()
+    prefill = inputs.compile(rollout._prefill_jit.lower(*prefill_args))
     state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         jax.eval_shape(

@@ -1,4 +1,5 @@
-"""``rlhf-jax plan``: compile every stage for a TPU topology (or CPU devices) and say what fits.
+"""``rlhf-jax plan``: compile every stage for a TPU topology or a GPU, with none present, and say
+what fits.
 
 For every stage the config would run (``rlhf_jax.stage_table``: each stage's ``programs``), and
 the evaluation's sampler, the very jitted function the stage runs is lowered on abstract, sharded
@@ -10,9 +11,14 @@ does. Nothing is allocated, read or trained.
 Each row gives, per chip (per JAX device: a core of v2/v3, a chip from v4 on), what the compiler
 says the program holds: arguments (weights, optimiser state, batch), outputs not aliased to
 donated arguments, and temporaries, against the chip's HBM; whether it fits and by how much; and
-a roofline lower bound of the step's time: the larger of its FLOPs over the chip's peak bf16
-FLOP/s and the weight bytes it must read over the HBM bandwidth (``CHIPS``, with the published
-source of each figure). The FLOPs and bytes are counted from the program's passes
+a roofline lower bound of the step's time: the larger of its FLOPs over the chip's matmul peak
+at the compute dtype and the weight bytes it must read over the HBM bandwidth (``CHIPS`` and
+``GPUS``, with the published source of each figure). NVIDIA GPUs (``t4``, ``a100``, ``h100``,
+``h100-8``) compile the same way through jax's CUDA plugin, which needs no GPU and no CUDA when
+it is given the GPU's description (``Gpu.target_config``); Triton's GEMMs are swapped for cuBLAS
+calls there, as their tiles cannot be tuned without the GPU.
+
+The FLOPs and bytes are counted from the program's passes
 (``stage_table.Pass``: 2 FLOPs per multiply-add of every matmul and attention product, times 3
 for a backward pass; every weight read once per pass, per decode position and per optimiser
 step, plus Adam's reads and writes), not from the compiler's cost analysis, which counts a loop's
@@ -47,14 +53,20 @@ GIB = 1024**3
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-    """One JAX device of a TPU generation: HBM, peak bf16 FLOP/s and HBM bandwidth per device
-    (v2 and v3 show each of a chip's two cores as a device: half the chip's figures)."""
+    """One JAX device: HBM, peak matmul FLOP/s in bfloat16 and in float32 (a TPU multiplies
+    float32 in bfloat16 passes at JAX's default precision; an A100 or H100 in TF32; a T4 has no
+    bfloat16 tensor cores, so its bfloat16 figure is its float16 one) and HBM bandwidth, per
+    device (v2 and v3 show each of a chip's two cores as a device: half the chip's figures)."""
 
     name: str
     hbm_bytes: int
     peak_flops: float
     hbm_bandwidth: float  # bytes/s
     source: str
+    peak_f32: float = 0.0  # 0: as peak_flops
+
+    def peak(self, dtype: str) -> float:
+        return self.peak_f32 if dtype == "float32" and self.peak_f32 else self.peak_flops
 
 
 GB = 1e9
@@ -91,14 +103,95 @@ TOPOLOGIES = {
     "v6e-4": Topology("v6e", "v6e:2x2", (2, 2, 1)),
     "v6e-8": Topology("v6e", "v6e:2x4", (2, 4, 1)),
 }
-# What the plan names GPUs would need: jax 0.10.2 compiles for a GPU only with its CUDA plugin
-# installed and a GPU to query (docs/design.md, "Will it fit?").
-GPU_NAMES = ("t4", "a100", "h100")
 INSTALL_TPU = 'pip install "rlhf_jax[tpu]"  (libtpu: compiles for a TPU topology on any machine)'
+INSTALL_GPU = (
+    "pip install jax-cuda12-plugin  (jax's CUDA plugin, 180 MB: compiles for a GPU on any "
+    'machine, no CUDA needed; or "rlhf_jax[cuda]" on the GPU machine)'
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Gpu:
+    """What XLA needs to compile for an NVIDIA GPU it cannot see (a ``GpuTargetConfigProto``),
+    from the vendor's figures, and the ``Chip`` the plan measures against."""
+
+    chip: Chip
+    compute_capability: tuple[int, int]
+    sms: int
+    l2_bytes: int
+    clock_ghz: float
+    shared_per_sm: int
+    shared_per_block_optin: int
+    threads_per_sm: int
+    fpus_per_sm: int
+
+    def target_config(self) -> str:
+        major, minor = self.compute_capability
+        c = self.chip
+        return f"""gpu_device_info {{
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: {self.shared_per_sm}
+  threads_per_core_limit: {self.threads_per_sm}
+  core_count: {self.sms}
+  fpus_per_core: {self.fpus_per_sm}
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: {int(c.hbm_bandwidth)}
+  l2_cache_size: {self.l2_bytes}
+  clock_rate_ghz: {self.clock_ghz}
+  device_memory_size: {c.hbm_bytes}
+  shared_memory_per_block_optin: {self.shared_per_block_optin}
+  cuda_compute_capability {{ major: {major} minor: {minor} }}
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+  thread_dim_limit_x: 1024
+  thread_dim_limit_y: 1024
+  thread_dim_limit_z: 64
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 1 }}
+device_description_str: "{c.name}"
+"""
+
+
+# Data sheets: the memory a device reports (nvidia-smi), its bandwidth, its dense matmul peak.
+GPUS = {
+    "t4": Gpu(Chip("Tesla T4", 15360 * 1024**2, 65e12, 320 * GB,
+                   "https://www.nvidia.com/en-us/data-center/tesla-t4/", 8.1e12),
+              (7, 5), 40, 4 * 1024**2, 1.59, 65536, 65536, 1024, 64),
+    "a100": Gpu(Chip("A100 80GB", 79_050_250_240, 312e12, 2039 * GB,
+                     "https://www.nvidia.com/en-us/data-center/a100/", 156e12),
+                (8, 0), 108, 40 * 1024**2, 1.41, 167936, 166912, 2048, 64),
+    "h100": Gpu(Chip("H100 80GB HBM3", 84_942_979_072, 989e12, 3352 * GB,
+                     "https://www.nvidia.com/en-us/data-center/h100/", 495e12),
+                (9, 0), 132, 50 * 1024**2, 1.98, 233472, 232448, 2048, 128),
+}  # fmt: skip
 
 
 def topology_names() -> str:
-    return ", ".join([*TOPOLOGIES, "cpu:N"])
+    return ", ".join([*TOPOLOGIES, *(f"{g}[-N]" for g in GPUS), "cpu:N"])
+
+
+def gpu_devices(topology: str, gpu: Gpu, count: str) -> tuple[list, Chip]:
+    """``count`` GPUs of one host, described to jax's CUDA plugin by a target config: no GPU
+    and no CUDA driver needed."""
+    if not count.isdigit() or int(count) < 1:
+        raise ConfigError(f"--topology={topology}: expected <gpu>-<number of GPUs>, e.g. h100-8")
+    try:
+        desc = get_topology_desc(
+            platform="cuda",
+            topology_name=topology,
+            target_config=gpu.target_config(),
+            topology=f"1x1x{count}",
+        )
+    except NotImplementedError:
+        raise ConfigError(
+            f"--topology={topology}: compiling for a GPU needs {INSTALL_GPU}"
+        ) from None
+    return list(desc.devices), gpu.chip
 
 
 def devices_of(topology: str) -> tuple[list, Chip | None]:
@@ -118,12 +211,9 @@ def devices_of(topology: str) -> tuple[list, Chip | None]:
                 "sets it when it starts JAX)"
             )
         return cpus[:n], None
-    if name in GPU_NAMES:
-        raise ConfigError(
-            f"--topology={topology}: jax {jax.__version__} compiles for a GPU only on a machine "
-            "with that GPU and jax's CUDA plugin (no deviceless GPU target); plan a TPU topology "
-            f"({', '.join(TOPOLOGIES)}) or run the stage there"
-        )
+    gpu, _, count = name.partition("-")
+    if gpu in GPUS:
+        return gpu_devices(topology, GPUS[gpu], count or "1")
     if name not in TOPOLOGIES:
         raise ConfigError(f"--topology={topology}: expected one of {topology_names()}")
     top = TOPOLOGIES[name]
@@ -260,14 +350,23 @@ def argument_bytes(args: Any) -> int:
     return total
 
 
-def compile_row(stage: str, program: Program, chip: Chip | None, devices: int, tensor: int) -> Row:
-    """Compile ``program`` and read its per-chip memory and cost; a refusal for want of HBM is
-    a row that does not fit, with the compiler's figures."""
+def compile_row(
+    stage: str,
+    program: Program,
+    chip: Chip | None,
+    devices: int,
+    tensor: int,
+    dtype: str,
+    inputs: PlanInputs,
+) -> Row:
+    """Compile ``program`` and read its per-chip memory and cost (matmuls at the peak of the
+    compute ``dtype``); a refusal for want of HBM is a row that does not fit, with the
+    compiler's figures."""
     flops = sum(pass_flops(p) for p in program.work) / devices
     weight_bytes = sum(pass_bytes(p, tensor) for p in program.work)
     roofline = None
     if chip is not None:
-        roofline = max(flops / chip.peak_flops, weight_bytes / chip.hbm_bandwidth)
+        roofline = max(flops / chip.peak(dtype), weight_bytes / chip.hbm_bandwidth)
     hbm = float(chip.hbm_bytes) if chip else None
     common = dict(
         stage=stage,
@@ -281,7 +380,7 @@ def compile_row(stage: str, program: Program, chip: Chip | None, devices: int, t
         batch=program.batch,
     )
     try:
-        compiled = program.compiled or program.fn.lower(*program.args).compile()
+        compiled = program.compiled or inputs.compile(program.fn.lower(*program.args))
     except Exception as e:  # noqa: BLE001  (the TPU compiler's out-of-memory refusal)
         found = OOM.search(str(e))
         if not found:
@@ -355,6 +454,9 @@ def make_plan(
     devices, chip = devices_of(topology)
     mesh = sharding.make_mesh(config.mesh, devices=devices)
     inputs = plan_inputs(config, completions)
+    if devices[0].platform in ("gpu", "cuda"):
+        # No GPU to autotune Triton's GEMM tiles on: cuBLAS instead (it needs no tuning).
+        inputs = inputs._replace(compiler_options=(("xla_gpu_enable_triton_gemm", False),))
     chosen = planned_stages(config)
     if stages:
         known = {s.name: s for s in stage_table.STAGES if s.programs is not None}
@@ -365,16 +467,16 @@ def make_plan(
                 f"{', '.join([*known, 'eval'])}"
             )
         chosen = [known[s] for s in stages if s in known]
-    tensor = mesh.shape["tensor"]
+    tensor, dtype = mesh.shape["tensor"], config.model.dtype
     rows = []
     for stage in chosen:
         for program in stage.plan(config, mesh, inputs):
-            rows.append(compile_row(stage.name, program, chip, len(devices), tensor))
+            rows.append(compile_row(stage.name, program, chip, len(devices), tensor, dtype, inputs))
             if on_row:
                 on_row(rows[-1])
     if not stages or "eval" in stages:
         for program in sampler_programs(config, mesh, inputs):
-            rows.append(compile_row("eval", program, chip, len(devices), tensor))
+            rows.append(compile_row("eval", program, chip, len(devices), tensor, dtype, inputs))
             if on_row:
                 on_row(rows[-1])
     return Plan(
@@ -435,8 +537,9 @@ def table(plan: Plan) -> str:
     notes = [
         "GiB per chip: arguments (weights, optimiser state, batch), temporaries, outputs not "
         "aliased to donated arguments; fits: HBM left (+) or missing (-).",
-        "FLOPs per call per chip; roofline: a lower bound per call, max(FLOPs / peak bf16, weight "
-        f"bytes read / HBM bandwidth){'; chip figures: ' + plan.source if plan.source else ''}.",
+        "FLOPs per call per chip; roofline: a lower bound per call, max(FLOPs / the chip's matmul "
+        "peak at the compute dtype, weight bytes read / HBM bandwidth)"
+        f"{'; chip figures: ' + plan.source if plan.source else ''}.",
     ]
     return "\n".join([header(plan), "", *out, "", *notes])
 
@@ -460,11 +563,11 @@ def advice(plan: Plan, config: Config) -> list[str]:
         if sharded < n:
             fixes.append("--config.mesh.data=1 --config.mesh.fsdp=-1 (shard weights and optimiser "
                          f"state over all {n} chips)")  # fmt: skip
-        if r.hbm and r.arguments > r.hbm:
-            chips = math.ceil(r.arguments * sharded / (0.8 * r.hbm))
+        chips = math.ceil(r.arguments * sharded / (0.8 * r.hbm)) if r.hbm else 0
+        if r.hbm and r.arguments > r.hbm and (chips > n or sharded == n):
             fixes.append(f"a topology of at least {chips} chips with --config.mesh.fsdp=-1 (the "
                          "weights and optimiser state alone overflow a chip)")  # fmt: skip
-        else:
+        elif r.hbm is None or r.arguments <= r.hbm:
             if not config.model.remat and r.program.endswith(("step", "iteration")):
                 fixes.append("--config.model.remat=True (recompute activations in the backward "
                              "pass)")  # fmt: skip

@@ -83,11 +83,16 @@ class Program(NamedTuple):
 
 class PlanInputs(NamedTuple):
     """What a plan assumes of the data, which it does not read: ``completions`` ranked per
-    comparison (K), and the EOS and pad ids (constants of the program, not its size)."""
+    comparison (K), and the EOS and pad ids (constants of the program, not its size); and the
+    compiler options a deviceless compile for its target needs."""
 
     completions: int = 2
     eos_id: int = 1
     pad_id: int = 0
+    compiler_options: tuple[tuple[str, Any], ...] = ()
+
+    def compile(self, lowered) -> Any:
+        return lowered.compile(compiler_options=dict(self.compiler_options) or None)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -121,7 +121,7 @@ def test_a_config_that_does_not_fit_ends_in_one_line_per_program(capsys):
 def test_bad_topologies_are_one_line(capsys):
     for topology, says in [
         ("v9-8", "expected one of v2-8"),
-        ("h100", "compiles for a GPU only"),
+        ("h100-x", "expected <gpu>-<number of GPUs>"),
         ("cpu:99", "xla_force_host_platform_device_count=99"),
     ]:
         code, _, err = run_plan(capsys, "--config=tiny", f"--topology={topology}")
@@ -145,3 +145,21 @@ def test_roofline_counts_every_loop_pass():
     assert plan.param_bytes(model) == 4 * sum(
         np.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(abstract_params(model)))
     )
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    "topology,mesh",
+    [("t4", ()), ("a100-8", ("--config.mesh.data=1", "--config.mesh.fsdp=-1"))],
+    ids=["t4", "a100-8-fsdp"],
+)
+def test_every_tiny_stage_compiles_for_gpus(capsys, topology, mesh):
+    """Through jax's CUDA plugin, described by the data sheet's figures: no GPU, no CUDA."""
+    pytest.importorskip("jax_plugins.xla_cuda12", reason="needs jax-cuda12-plugin (test extra)")
+    result = tiny_plan(capsys, topology, *mesh)
+    rows = result["rows"]
+    assert {(r["stage"], r["program"]) for r in rows} == expected_programs()
+    assert result["devices"] == int(topology.partition("-")[2] or 1) and result["fits"]
+    for r in rows:
+        assert r["hbm"] == plan.GPUS[topology.partition("-")[0]].chip.hbm_bytes, r
+        assert r["fits"] and r["arguments"] > 0 and r["roofline_s"] > 0, r
