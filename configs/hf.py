@@ -15,9 +15,10 @@ The pipeline runs SFT, RM, PPO (and PPO-ptx with pretraining text), evaluates by
 exports the policy and the RM under ``<workdir>/export/``.
 
 Sizes are for a model of about 125M parameters (GPT-2 small, SmolLM2-135M) on one accelerator
-with 16 GB or more: PPO holds four such models and two optimisers' state, and the SFT step's
-logits alone are 1.6 GB, about 11-13 GB in all by estimate (not yet measured on one).
-``colab/your_data.ipynb`` halves the batches and turns on ``model.remat`` to fit Colab's free T4.
+with 16 GB: ``rlhf-jax plan --config=hf:<gpt2> --topology=v5e-1 --config.model.dtype=bfloat16``
+(every stage compiled for the chip, no chip needed) puts the SFT step at 6.0 GiB per chip, the RM
+step at 3.9 and the PPO iteration at 7.4. ``colab/your_data.ipynb`` halves the batches and turns
+on ``model.remat`` for Colab's free T4, where the plan puts PPO at 10.4 GiB of 15 (float32).
 Learning rates follow InstructGPT appendix C for its 1.3B model (SFT 9.65e-6, RM 9e-6, value
 9e-6; the policy LR inside its sweep). On a 2-core CPU, give a tiny checkpoint or much smaller
 sizes.

@@ -13,9 +13,11 @@ import jax
 import numpy as np
 import pytest
 
-from rlhf_jax import cli, plan, stage_table
+from rlhf_jax import cli, plan, sharding, stage_table
 from rlhf_jax.configs import tiny
+from rlhf_jax.data import sources
 from rlhf_jax.model import abstract_params
+from rlhf_jax.stages import grpo, lm, ppo, rm
 
 GIB = 1024**3
 EVERY_METHOD = "--config.methods=dpo,grpo,rloo,best_of_n"
@@ -53,18 +55,22 @@ def expected_programs() -> set[tuple[str, str]]:
 
 @pytest.mark.e2e
 @pytest.mark.parametrize(
-    "mesh",
+    "topology,mesh",
     [
-        ("--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.mesh.tensor=1"),
-        ("--config.mesh.data=2", "--config.mesh.fsdp=1", "--config.mesh.tensor=2"),
+        ("v5e-4", ("--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.mesh.tensor=1")),
+        ("v5e-4", ("--config.mesh.data=2", "--config.mesh.fsdp=1", "--config.mesh.tensor=2")),
+        ("v5e-8", ("--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2")),
     ],
-    ids=["fsdp4", "data2xtensor2"],
+    ids=["v5e-4-fsdp4", "v5e-4-data2xtensor2", "v5e-8-data2xfsdp2xtensor2"],
 )
-def test_every_tiny_stage_compiles_for_v5e_4(capsys, mesh):
-    result = tiny_plan(capsys, "v5e-4", *mesh)
+def test_every_tiny_stage_compiles_for_v5e(capsys, topology, mesh):
+    """Every stage of the tiny recipe (every method too) and the evaluation's sampler compile
+    for TPU v5e chips on fsdp, data x tensor and data x fsdp x tensor meshes, and fit."""
+    result = tiny_plan(capsys, topology, *mesh)
+    chips = int(topology.split("-")[1])
     sizes = dict(flag.removeprefix("--config.mesh.").split("=") for flag in mesh)
-    expect_mesh = {k: (4 if v == "-1" else int(v)) for k, v in sizes.items()}
-    assert result["mesh"] == expect_mesh and result["devices"] == 4
+    expect_mesh = {k: (chips if v == "-1" else int(v)) for k, v in sizes.items()}
+    assert result["mesh"] == expect_mesh and result["devices"] == chips
     assert result["device"] == "TPU v5e" and result["fits"]
     rows = result["rows"]
     assert {(r["stage"], r["program"]) for r in rows} == expected_programs()
@@ -163,3 +169,48 @@ def test_every_tiny_stage_compiles_for_gpus(capsys, topology, mesh):
     for r in rows:
         assert r["hbm"] == plan.GPUS[topology.partition("-")[0]].chip.hbm_bytes, r
         assert r["fits"] and r["arguments"] > 0 and r["roofline_s"] > 0, r
+
+
+def test_a_multi_host_slice_compiles_the_multi_process_program(capsys):
+    """v5e-16 is four hosts of four chips: one program over the 16 devices of 4 processes."""
+    code, out, err = run_plan(
+        capsys,
+        "--config=tiny",
+        "--topology=v5e-16",
+        "--stages=sft",
+        "--config.mesh.data=1",
+        "--config.mesh.fsdp=-1",
+        "--json",
+    )
+    assert code == 0, err[-3000:]
+    result = json.loads(out)
+    assert (result["devices"], result["hosts"], result["mesh"]["fsdp"]) == (16, 4, 16)
+    assert result["rows"][0]["fits"] and result["rows"][0]["arguments"] > 0
+
+
+@pytest.mark.e2e
+def test_planned_batches_are_the_batches_a_stage_reads(tiny_run):
+    """What a plan compiles for is what runs: each stage's planned batch has the keys, shapes
+    and dtypes of the batch its runner builds from the data (the shared tiny run's datasets; K
+    set to the comparisons' own), for SFT with its pretraining share, the RM, DPO, PPO-ptx and
+    GRPO."""
+    config, workdir = tiny_run.config, tiny_run.workdir
+    mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+    read = lambda use, n: next(iter(sources.loader(config, workdir, use, n, 0)))  # noqa: E731
+    K = read("rm", 1)["tokens"].shape[1]
+    inputs = stage_table.PlanInputs(completions=K)
+    n_demo, n_text = lm.lm_shares(config, "sft")
+    real = {
+        "sft": lm.lm_batch(config, "sft", read("sft", n_demo), read("pretrain", n_text)),
+        "rm": rm.comparison_batch(read("rm", config.rm.batch_size)),
+        "dpo": rm.comparison_batch(read("rm", config.dpo.batch_size)),
+        "ppo_ptx": ppo.ppo_inputs(
+            read("ppo", config.ppo.batch_size), read("pretrain", ppo.ptx_rows(config))
+        ),
+        "grpo": grpo.grpo_prompts(read("ppo", config.grpo.batch_size)),
+    }  # fmt: skip
+    for name, batch in real.items():
+        (program,) = stage_table.get(name).plan(config, mesh, inputs)
+        planned = program.args[1:3] if name == "ppo_ptx" else program.args[1]
+        describe = lambda tree: jax.tree.map(lambda x: (x.shape, np.dtype(x.dtype)), tree)  # noqa: E731
+        assert describe(sharding.abstract_batch(batch, mesh)) == describe(planned), name

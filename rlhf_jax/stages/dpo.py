@@ -25,15 +25,13 @@ import numpy as np
 from rlhf_jax import checkpoint, losses, sharding
 from rlhf_jax.config import Config, DPOConfig, ModelConfig
 from rlhf_jax.data import sources
-from rlhf_jax.data.loaders import placeholder_batch
-from rlhf_jax.data.records import Kind
 from rlhf_jax.data.sources import loader
 from rlhf_jax.model import Transformer
 from rlhf_jax.sharding import abstract_batch
 from rlhf_jax.stage_table import Pass, PlanInputs, Program
 from rlhf_jax.stages.driver import PLANNED_STEPS, OneModel, StageRun, drive, one_model, preflight
 from rlhf_jax.stages.lineage import initial_params, policy_model, start_point
-from rlhf_jax.stages.rm import comparison_batch
+from rlhf_jax.stages.rm import comparison_batch, planned_comparisons
 from rlhf_jax.train_state import TrainState, abstract_params, apply_gradients, params_shardings
 
 
@@ -140,16 +138,7 @@ def dpo_setup(config: Config, total: int, mesh, init=None) -> DPOSetup:
 
 def dpo_programs(config: Config, stage: str, mesh, inputs: PlanInputs) -> list[Program]:
     """The DPO step on abstract inputs (``stage_table.Stage.plan``)."""
-    d = config.data
-    batch = comparison_batch(
-        placeholder_batch(
-            Kind.COMPARISONS,
-            config.dpo.batch_size,
-            prompt_len=d.prompt_len,
-            response_len=d.response_len,
-            max_completions=inputs.completions,
-        )
-    )
+    batch = planned_comparisons(config, config.dpo.batch_size, inputs)
     setup = dpo_setup(config, PLANNED_STEPS, mesh)
     ref = checkpoint.abstract_with_shardings(
         abstract_params(policy_model(config)), setup.ref_shardings

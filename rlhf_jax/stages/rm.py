@@ -92,6 +92,21 @@ def comparison_batch(b: dict) -> dict:
     return {k: b[k] for k in COMPARISON_FIELDS}
 
 
+def planned_comparisons(config: Config, batch_size: int, inputs: PlanInputs) -> dict:
+    """A comparison batch as a plan assumes it (K = ``inputs.completions``), packed as the
+    loader packs one (RM and DPO)."""
+    d = config.data
+    return comparison_batch(
+        placeholder_batch(
+            Kind.COMPARISONS,
+            batch_size,
+            prompt_len=d.prompt_len,
+            response_len=d.response_len,
+            max_completions=inputs.completions,
+        )
+    )
+
+
 def rm_setup(config: Config, total: int, mesh, init=None) -> tuple[OneModel, Any]:
     """The RM's state (``OneModel``) and jitted step: what ``run_rm`` drives and
     ``rm_programs`` plans."""
@@ -102,16 +117,7 @@ def rm_setup(config: Config, total: int, mesh, init=None) -> tuple[OneModel, Any
 
 def rm_programs(config: Config, stage: str, mesh, inputs: PlanInputs) -> list[Program]:
     """The RM step on abstract inputs (``stage_table.Stage.plan``)."""
-    d = config.data
-    batch = comparison_batch(
-        placeholder_batch(
-            Kind.COMPARISONS,
-            config.rm.batch_size,
-            prompt_len=d.prompt_len,
-            response_len=d.response_len,
-            max_completions=inputs.completions,
-        )
-    )
+    batch = planned_comparisons(config, config.rm.batch_size, inputs)
     state, step = rm_setup(config, PLANNED_STEPS, mesh)
     B, K, T = batch["tokens"].shape
     work = (Pass(rm_architecture(config), "train", B * K * T, T),)
