@@ -113,7 +113,7 @@ MODEL_COMMANDS = {
         "generation_config.json come along.",
     ),
     "plan": Command(
-        "compile every stage for a TPU topology and say per chip what fits (nothing runs)",
+        "compile every stage for a TPU topology or a GPU and say per chip what fits (nothing runs)",
         (),
         ("topology", "json", "completions", "stages"),
         details="Compiles the jitted step (or RL iteration, with its sampler) of every stage "
@@ -154,7 +154,12 @@ def commands() -> dict[str, Command]:
         )
         for name, c in RUN_COMMANDS.items()
     }
-    return {**pipelines, **stages, **MODEL_COMMANDS}
+    # A plan compiles every stage, so it reads every stage's section, as the pipelines do.
+    model_commands = {
+        name: dataclasses.replace(c, sections=sections) if name == "plan" else c
+        for name, c in MODEL_COMMANDS.items()
+    }
+    return {**pipelines, **stages, **model_commands}
 
 
 EXAMPLES = """\
