@@ -58,13 +58,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoints", type=Path, help="directory with one checkpoint per shape")
     p.add_argument("--timeout", type=int, default=1200, help="seconds per plan")
+    p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated")
+    p.add_argument("--topologies", default=",".join(TOPOLOGIES), help="comma-separated")
     args = p.parse_args()
     lines = [
         "| model | topology | SFT step | RM step | PPO iteration | plan took |",
         "|---|---|---|---|---|---|",
     ]
-    for shape in SHAPES:
-        for topology in TOPOLOGIES:
+    for shape in args.shapes.split(","):
+        for topology in args.topologies.split(","):
             result, seconds, error = plan(args.checkpoints / shape, topology, args.timeout)
             if result is None:
                 cells = [error] * len(STAGES)
