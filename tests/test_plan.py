@@ -161,7 +161,7 @@ def test_roofline_counts_every_loop_pass():
 )
 def test_every_tiny_stage_compiles_for_gpus(capsys, topology, mesh):
     """Through jax's CUDA plugin, described by the data sheet's figures: no GPU, no CUDA."""
-    pytest.importorskip("jax_plugins.xla_cuda12", reason="needs jax-cuda12-plugin (test extra)")
+    pytest.importorskip("jax_plugins.xla_cuda12", reason="needs `pip install jax-cuda12-plugin`")
     result = tiny_plan(capsys, topology, *mesh)
     rows = result["rows"]
     assert {(r["stage"], r["program"]) for r in rows} == expected_programs()
