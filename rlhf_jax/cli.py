@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import sys
+import time
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -512,15 +513,15 @@ def plan_environment(argv: list[str]) -> None:
     if not argv or argv[0] != "plan":
         return
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    for arg in argv:
-        if arg.startswith("--topology=cpu:") and arg[15:].isdigit():
-            flag = f"--xla_force_host_platform_device_count={arg[15:]}"
+    for arg, after in zip(argv, [*argv[1:], ""]):
+        value = arg[len("--topology=") :] if arg.startswith("--topology=") else ""
+        value = after if arg == "--topology" else value
+        if value.startswith("cpu:") and value[4:].isdigit():
+            flag = f"--xla_force_host_platform_device_count={value[4:]}"
             os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
 
 
 def _plan(config: Any, args: argparse.Namespace) -> None:
-    import time
-
     from rlhf_jax import plan
 
     log = logging.getLogger("rlhf_jax")

@@ -45,19 +45,10 @@ def build_datasets(config: Config, workdir, uses) -> dict:
 
 
 def planned(config: Config, workdir) -> list[stage_table.Stage]:
-    """The stages the pipeline trains, in table order: every stage that trains, but the
-    ``methods`` the config does not name, those whose ``when`` fails (pretraining under
-    ``init_from``, PPO-ptx at ``ppo.ptx_coef = 0``) and those whose data is absent (pretraining
-    text)."""
-    asked = methods(config)
-    return [
-        s
-        for s in stage_table.STAGES
-        if s.trains
-        and (not s.method or s.name in asked)
-        and (s.when is None or s.when(config))
-        and all(sources.available(config, workdir, use) for use in s.needs)
-    ]
+    """The stages the pipeline trains (``stage_table.to_train``): those the config asks for whose
+    data is there (pretraining text)."""
+    available = lambda use: sources.available(config, workdir, use)  # noqa: E731
+    return stage_table.to_train(config, methods(config), available)
 
 
 def train(

@@ -38,6 +38,7 @@ import re
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.experimental.topologies import get_topology_desc
@@ -46,6 +47,7 @@ from rlhf_jax import sharding, stage_table
 from rlhf_jax.config import Config, ModelConfig, methods
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.evaluate import sampler_programs
+from rlhf_jax.fields import get_value
 from rlhf_jax.model import abstract_params
 from rlhf_jax.stage_table import Pass, PlanInputs, Program
 
@@ -261,14 +263,8 @@ def matmul_params(model: ModelConfig) -> int:
 
 
 def param_bytes(model: ModelConfig) -> int:
-    leaves = jax.tree.leaves(abstract_params(model))
-    return sum(
-        math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.map(_unbox, leaves)
-    )
-
-
-def _unbox(x):
-    return getattr(x, "value", x)
+    leaves = jax.tree.leaves(nn.meta.unbox(abstract_params(model)))
+    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in leaves)
 
 
 def pass_flops(p: Pass) -> float:
@@ -419,17 +415,10 @@ def compile_row(
 def planned_stages(config: Config) -> list[stage_table.Stage]:
     """The stages the pipeline would train with this config (``pipeline.planned`` without a
     work directory: pretraining runs when the config has pretraining text or the built-in world)."""
-    asked = methods(config)
     has_text = config.data.source != "files" or bool(config.data.pretraining)
-    return [
-        s
-        for s in stage_table.STAGES
-        if s.trains
-        and s.programs is not None
-        and (not s.method or s.name in asked)
-        and (s.when is None or s.when(config))
-        and (has_text or "pretrain" not in s.needs)
-    ]
+    available = lambda use: has_text or use != "pretrain"  # noqa: E731
+    stages = stage_table.to_train(config, methods(config), available)
+    return [s for s in stages if s.programs is not None]
 
 
 def plan_inputs(config: Config, completions: int | None) -> PlanInputs:
@@ -572,21 +561,14 @@ def advice(plan: Plan, config: Config) -> list[str]:
             if not config.model.remat and r.program.endswith(("step", "iteration")):
                 fixes.append("--config.model.remat=True (recompute activations in the backward "
                              "pass)")  # fmt: skip
-            value = _field(config, r.batch)
-            if value is not None and value > 1:
+            value = get_value(config, r.batch)
+            if isinstance(value, int) and value > 1:
                 fixes.append(f"--config.{r.batch}={max(value // 2, 1)} (half the batch)")
         lines.append(
             f"{r.stage} ({r.program}) does not fit: {what}, {over / GIB:.2f} GiB over; try "
             + ", or ".join(fixes)
         )
     return lines
-
-
-def _field(config: Any, path: str) -> int | None:
-    obj = config
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-    return obj if isinstance(obj, int) else None
 
 
 def to_json(plan: Plan) -> str:

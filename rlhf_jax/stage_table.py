@@ -350,6 +350,20 @@ def for_command(command: str, config: Any) -> Stage:
     return next((s for s in stages if s.runs_with(config)), stages[-1])
 
 
+def to_train(config: Any, asked: tuple[str, ...], available: Callable[[str], bool]) -> list[Stage]:
+    """The stages a pipeline trains, in table order: every stage that trains, but the methods
+    not ``asked`` for, those whose ``when`` fails (pretraining under ``init_from``, PPO-ptx at
+    ``ppo.ptx_coef = 0``) and those with a data use in ``needs`` that is not ``available``."""
+    return [
+        s
+        for s in STAGES
+        if s.trains
+        and (not s.method or s.name in asked)
+        and (s.when is None or s.when(config))
+        and all(available(use) for use in s.needs)
+    ]
+
+
 def report_rows() -> tuple[str, ...]:
     """The report's model rows, in table order."""
     return tuple(s.report_row for s in STAGES if s.report_row)

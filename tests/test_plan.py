@@ -16,8 +16,9 @@ import pytest
 from rlhf_jax import cli, plan, sharding, stage_table
 from rlhf_jax.configs import tiny
 from rlhf_jax.data import sources
+from rlhf_jax.data.loaders import prompt_batch
 from rlhf_jax.model import abstract_params
-from rlhf_jax.stages import grpo, lm, ppo, rm
+from rlhf_jax.stages import lm, ppo, rm
 
 GIB = 1024**3
 EVERY_METHOD = "--config.methods=dpo,grpo,rloo,best_of_n"
@@ -204,10 +205,11 @@ def test_planned_batches_are_the_batches_a_stage_reads(tiny_run):
         "sft": lm.lm_batch(config, "sft", read("sft", n_demo), read("pretrain", n_text)),
         "rm": rm.comparison_batch(read("rm", config.rm.batch_size)),
         "dpo": rm.comparison_batch(read("rm", config.dpo.batch_size)),
-        "ppo_ptx": ppo.ppo_inputs(
-            read("ppo", config.ppo.batch_size), read("pretrain", ppo.ptx_rows(config))
+        "ppo_ptx": (
+            prompt_batch(read("ppo", config.ppo.batch_size)),
+            read("pretrain", ppo.ptx_rows(config)),
         ),
-        "grpo": grpo.grpo_prompts(read("ppo", config.grpo.batch_size)),
+        "grpo": prompt_batch(read("ppo", config.grpo.batch_size)),
     }  # fmt: skip
     for name, batch in real.items():
         (program,) = stage_table.get(name).plan(config, mesh, inputs)

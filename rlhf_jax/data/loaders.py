@@ -61,6 +61,12 @@ def pack_prompt(
     return {"prompt_tokens": tokens, "prompt_mask": mask}
 
 
+def prompt_batch(b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The prompts of a prompt loader's batch (``pack_prompt``'s fields): what the RL
+    iterations take."""
+    return {"prompt_tokens": b["prompt_tokens"], "prompt_mask": b["prompt_mask"]}
+
+
 def pack_demonstration(
     prompt: Sequence[int] | np.ndarray,
     response: Sequence[int] | np.ndarray,

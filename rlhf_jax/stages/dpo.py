@@ -139,13 +139,10 @@ def dpo_setup(config: Config, total: int, mesh, init=None) -> DPOSetup:
 def dpo_programs(config: Config, stage: str, mesh, inputs: PlanInputs) -> list[Program]:
     """The DPO step on abstract inputs (``stage_table.Stage.plan``)."""
     batch = planned_comparisons(config, config.dpo.batch_size, inputs)
-    setup = dpo_setup(config, PLANNED_STEPS, mesh)
-    ref = checkpoint.abstract_with_shardings(
-        abstract_params(policy_model(config)), setup.ref_shardings
-    )
+    setup, model = dpo_setup(config, PLANNED_STEPS, mesh), policy_model(config)
+    ref = checkpoint.abstract_with_shardings(abstract_params(model), setup.ref_shardings)
     args = (setup.state.target, abstract_batch(batch, mesh), ref)
     B, K, T = batch["tokens"].shape
-    model = policy_model(config)
     work = (Pass(model, "train", B * K * T, T), Pass(model, "forward", B * K * T, T))
     return [Program(f"{stage} step", setup.step, args, B * K * T, work, "dpo.batch_size")]
 

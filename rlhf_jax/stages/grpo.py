@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from rlhf_jax import checkpoint, losses, rollout, sharding, stage_table
 from rlhf_jax.config import Config, ModelConfig
 from rlhf_jax.data import sources
-from rlhf_jax.data.loaders import placeholder_batch
+from rlhf_jax.data.loaders import placeholder_batch, prompt_batch
 from rlhf_jax.data.records import Kind
 from rlhf_jax.data.sources import loader
 from rlhf_jax.evaluate import rollout_work
@@ -241,7 +241,7 @@ def grpo_programs(config: Config, stage: str, mesh, inputs: PlanInputs) -> list[
         checkpoint.abstract_with_shardings(abstract_params(critic), reward_sh),
         jax.ShapeDtypeStruct((), jnp.float32, sharding=scalar),
     )
-    args = (setup.state.target, abstract_batch(grpo_prompts(prompts), mesh), frozen)
+    args = (setup.state.target, abstract_batch(prompt_batch(prompts), mesh), frozen)
     N, P, R = cfg.batch_size * cfg.group_size, d.prompt_len, cfg.max_new_tokens
     policy, T = policy_model(config), P + R
     work = (
@@ -251,11 +251,6 @@ def grpo_programs(config: Config, stage: str, mesh, inputs: PlanInputs) -> list[
         Pass(policy, "train", cfg.epochs * N * T, T, steps_per_iteration(config)),
     )
     return [Program(f"{stage} iteration", setup.step, args, N * T, work, "grpo.minibatch_size")]
-
-
-def grpo_prompts(b: dict) -> dict:
-    """The iteration's prompts from a prompt loader's batch."""
-    return {"prompt_tokens": b["prompt_tokens"], "prompt_mask": b["prompt_mask"]}
 
 
 def run_grpo(
@@ -304,7 +299,7 @@ def run_grpo(
 
     def batches():
         while True:
-            yield grpo_prompts(next(prompts_it))
+            yield prompt_batch(next(prompts_it))
 
     def step_fn(s, batch):
         s, metrics, episodes = step(s, batch, frozen)

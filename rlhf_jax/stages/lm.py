@@ -155,11 +155,14 @@ def lm_programs(config: Config, stage: str, mesh, inputs: PlanInputs) -> list[Pr
     """The step of pretraining or SFT on abstract inputs (``stage_table.Stage.plan``)."""
     d = config.data
     n_demo, n_text = lm_shares(config, stage)
-    demos = placeholder_batch(
-        Kind.DEMONSTRATIONS, n_demo, prompt_len=d.prompt_len, response_len=d.response_len
-    )
-    text = placeholder_batch(Kind.PRETRAINING, n_text, text_len=d.text_len) if n_text else None
-    batch = lm_batch(config, stage, demos if n_demo else None, text)
+    demos = text = None
+    if n_demo:
+        demos = placeholder_batch(
+            Kind.DEMONSTRATIONS, n_demo, prompt_len=d.prompt_len, response_len=d.response_len
+        )
+    if n_text:
+        text = placeholder_batch(Kind.PRETRAINING, n_text, text_len=d.text_len)
+    batch = lm_batch(config, stage, demos, text)
     state, step = lm_setup(config, stage, PLANNED_STEPS, mesh)
     B, T = batch["tokens"].shape
     work = (Pass(policy_model(config), "train", B * T, T),)

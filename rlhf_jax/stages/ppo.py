@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from rlhf_jax import checkpoint, losses, rollout, sharding
 from rlhf_jax.config import Config, ModelConfig, rm_config
 from rlhf_jax.data import sources
-from rlhf_jax.data.loaders import placeholder_batch
+from rlhf_jax.data.loaders import placeholder_batch, prompt_batch
 from rlhf_jax.data.records import Kind
 from rlhf_jax.data.sources import loader
 from rlhf_jax.evaluate import rollout_work
@@ -380,11 +380,6 @@ def ppo_setup(
     return PPOSetup(policy_tx, value_tx, shardings, target, step)
 
 
-def ppo_inputs(prompts: dict, ptx: dict | None) -> tuple[dict, dict | None]:
-    """The iteration's ``(prompts, ptx)`` from the loaders' batches."""
-    return {"prompt_tokens": prompts["prompt_tokens"], "prompt_mask": prompts["prompt_mask"]}, ptx
-
-
 def ptx_rows(config: Config) -> int:
     """Pretraining sequences per PPO-ptx iteration: ``ptx_per_episode`` per episode and epoch."""
     cfg = config.ppo
@@ -399,7 +394,7 @@ def ppo_programs(config: Config, stage: str, mesh, inputs: PlanInputs) -> list[P
     ptx = None
     if cfg.ptx_coef > 0:
         ptx = placeholder_batch(Kind.PRETRAINING, ptx_rows(config), text_len=d.text_len)
-    prompts, ptx = ppo_inputs(prompts, ptx)
+    prompts = prompt_batch(prompts)
     setup = ppo_setup(
         config, mesh, rm_architecture(config), eos_id=inputs.eos_id, pad_id=inputs.pad_id
     )
@@ -468,8 +463,8 @@ def run_ppo(
 
     def batches():
         while True:
-            prompts, ptx = ppo_inputs(next(iters[0]), next(iters[1]) if with_ptx else None)
-            yield {"prompts": prompts, "ptx": ptx}
+            ptx = next(iters[1]) if with_ptx else None
+            yield {"prompts": prompt_batch(next(iters[0])), "ptx": ptx}
 
     def step_fn(state, batch):
         state, metrics, episodes = setup.step(state, batch["prompts"], batch["ptx"])
