@@ -93,7 +93,7 @@ def run_ours(size: dict, iterations: int) -> dict:
     shardings = ppo_state_shardings(config, policy_tx, value_tx, mesh, critic)
     sft = init_model_params(model, jax.random.key(0), mesh, rules)
     reward = init_model_params(critic, jax.random.key(1), mesh, rules)
-    state = init_ppo_state(config, policy_tx, value_tx, shardings, sft, reward, 0.0)
+    state = init_ppo_state(config, policy_tx, value_tx, shardings, sft, reward, 0.0).state
     # EOS outside the vocabulary: never sampled, so every response has 32 tokens, as in TRL.
     iteration = make_ppo_iteration(
         config, policy_tx, value_tx, eos_id=VOCAB, pad_id=0, critic=critic
@@ -107,7 +107,7 @@ def run_ours(size: dict, iterations: int) -> dict:
     times, cpu = [], []
     for _ in range(iterations + 1):
         start, start_cpu = time.perf_counter(), time.process_time()
-        state, metrics, _ = step(state, prompts, None)
+        state, metrics, _ = step(state, None, prompts, None)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)

@@ -144,6 +144,7 @@ class StageCheckpointer:
         data_state: dict | None = None,
         metadata: dict | None = None,
         export_params: Any = None,
+        adapters: Any = None,
     ) -> None:
         """Write step ``step`` and return once it is committed; drops steps beyond ``keep``.
 
@@ -164,6 +165,8 @@ class StageCheckpointer:
             items["data"] = ocp.args.JsonSave(_jsonable(data_state))
         if export_params is not None:
             items["params"] = ocp.args.StandardSave(export_params)
+        if adapters is not None:  # a LoRA stage's adapters, beside the merged params
+            items["adapters"] = ocp.args.StandardSave(adapters)
         # force=True: the caller decides when to save; Orbax's save policy would skip silently.
         self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
         self._mngr.wait_until_finished()
@@ -201,6 +204,14 @@ class StageCheckpointer:
         _check_abstract(abstract_params)
         args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
         return self._mngr.restore(step, args=args)["params"]
+
+    def restore_adapters(self) -> Any:
+        """The ``adapters`` item a LoRA stage saved with its final step, as host arrays."""
+        steps = [s for s in self.all_steps() if self.has_item(s, "adapters")]
+        if not steps:
+            raise FileNotFoundError(f"no adapters under {self.directory}")
+        args = ocp.args.Composite(adapters=ocp.args.StandardRestore())
+        return self._mngr.restore(max(steps), args=args)["adapters"]
 
     def read_metadata(self, step: int | None = None) -> dict:
         step = self._require_step(step)

@@ -106,12 +106,14 @@ MODEL_COMMANDS = {
     "export": Command(
         "write one stage as a Hugging Face directory that transformers loads",
         (),
-        ("stage", "out"),
+        ("stage", "out", "adapters"),
         details="A policy stage loads with AutoModelForCausalLM (PPO stages export their EMA "
         "weights); the rm stage with AutoModelForSequenceClassification (num_labels=1, its "
         "normalising bias folded in, scoring a text at its last token: end it with EOS; its "
         "tokenizer pads on the right, never with EOS). The tokenizer and "
-        "generation_config.json come along.",
+        "generation_config.json come along. A LoRA stage (model.lora.rank > 0) exports its "
+        "adapters merged into the weights; with --adapters, a policy stage's adapters alone, as "
+        "a PEFT directory that peft.PeftModel.from_pretrained loads onto the export of its base.",
     ),
     "plan": Command(
         "compile every stage for a TPU topology or a GPU and say per chip what fits (nothing runs)",
@@ -176,6 +178,8 @@ FLAG_HELP = {
     "seeds": "--seeds=0,1,2             the seeds to run",
     "stage": "--stage=<stage>           which stage (default: ppo)",
     "out": "--out=<dir>               the new directory to write",
+    "adapters": "--adapters                a LoRA stage's adapters as a PEFT directory "
+    "(default: merged weights)",
     "distributed": "--distributed             one process of a multi-host run: "
     "jax.distributed.initialize() finds the\n"
     "                            coordinator (Cloud TPU), or give --coordinator=<host:port> "
@@ -211,6 +215,8 @@ def _parser(command: str) -> _Parser:
         p.add_argument("--stage", default="ppo")
     if "out" in flags:
         p.add_argument("--out", default=None)
+    if "adapters" in flags:
+        p.add_argument("--adapters", action="store_true")
     if "distributed" in flags:
         p.add_argument("--distributed", action="store_true")
         p.add_argument("--coordinator", default=None)
@@ -465,11 +471,11 @@ def run(command: str, args: argparse.Namespace, config: Any) -> None:
         evaluator = GoldEvaluator if world else Evaluator
         print(json.dumps(evaluate_stage(config, workdir, args.stage, evaluator), indent=2))
     elif command == "export":
-        from rlhf_jax.export import export_stage
+        from rlhf_jax.export import export_adapters, export_stage
 
         if not args.out:
             raise ConfigError("rlhf-jax export: give --out=<new directory>")
-        export_stage(config, workdir, args.stage, args.out)
+        (export_adapters if args.adapters else export_stage)(config, workdir, args.stage, args.out)
     else:
         _generate(config, workdir, args)
 

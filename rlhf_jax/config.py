@@ -40,6 +40,56 @@ DTYPES = ("float32", "bfloat16", "float16")
 TOO_LONG = ("error", "drop")
 
 
+# The Dense layers LoRA can adapt (model.py names them so): attention q, k, v, o; the MLP's fc
+# (GPT-2), gate and up (Llama) and down.
+LORA_TARGETS = ("q", "k", "v", "o", "fc", "gate", "up", "down")
+
+
+@dataclasses.dataclass(unsafe_hash=True)
+class LoraConfig:
+    """Low-rank adapters (Hu et al. 2021) on the model's Dense layers: ``W x + (alpha / rank) B A
+    x`` with A [in, rank] random and B [rank, out] zero, so an adapted model starts as its base.
+    Only the adapters (and a scalar head, where there is one) are trained; the base is frozen and
+    shared (PPO's reference is the policy's base with the adapters off)."""
+
+    rank: int = field(0, "adapter rank r; 0: train every weight (no LoRA)", ge=0)
+    alpha: float = field(32.0, "scale numerator: the update is (alpha / rank) B A x", gt=0)
+    dropout: float = field(0.0, "dropout on an adapter's input while training", ge=0, lt=1)
+    targets: str = field(
+        "all", "comma-separated Dense layers to adapt, any of " + ", ".join(LORA_TARGETS)
+        + "; all: every one the family has"
+    )  # fmt: skip
+    stages: str = field(
+        "sft,rm,ppo,ppo_ptx,dpo,grpo,rloo",
+        "comma-separated stages that train adapters (pretraining always trains every weight)",
+    )
+
+    def target_set(self) -> frozenset[str]:
+        if self.targets.strip() == "all":
+            return frozenset(LORA_TARGETS)
+        return frozenset(t.strip() for t in self.targets.split(",") if t.strip())
+
+    def stage_set(self) -> frozenset[str]:
+        return frozenset(s.strip() for s in self.stages.split(",") if s.strip())
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        unknown = sorted(self.target_set() - set(LORA_TARGETS))
+        if unknown or not self.target_set():
+            out.append(("targets", f"unknown {', '.join(unknown) or 'none given'}; expected "
+                        f"'all' or any of {', '.join(LORA_TARGETS)}"))  # fmt: skip
+        known = set(stage_table.names())
+        odd = sorted(self.stage_set() - known)
+        if odd:
+            out.append(("stages", f"unknown {', '.join(odd)}; expected any of {sorted(known)}"))
+        if "pretrain" in self.stage_set():
+            out.append(("stages", "pretrain trains every weight: leave it out"))
+        return out
+
+
+NO_LORA = LoraConfig()
+
+
 @dataclasses.dataclass(unsafe_hash=True)
 class ModelConfig:
     """A decoder-only transformer of the GPT-2 or the Llama family.
@@ -71,6 +121,10 @@ class ModelConfig:
         "lm", "output head: next-token logits or one scalar", choices=("lm", "scalar")
     )
     remat: bool = field(False, "recompute each block in the backward pass (saves memory)")
+    lora: LoraConfig = field(NO_LORA, "low-rank adapters (rank 0: off)")
+    frozen_dtype: str = field(
+        "", "LoRA: dtype of the frozen base weights ('': param_dtype)", choices=("", *DTYPES)
+    )
 
     @property
     def resolved_head_dim(self) -> int:
@@ -80,6 +134,24 @@ class ModelConfig:
     @property
     def compute_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.dtype)
+
+    @property
+    def adapted(self) -> bool:
+        """Whether this model trains low-rank adapters over a frozen base."""
+        return self.lora.rank > 0
+
+    @property
+    def base_dtype(self) -> str:
+        """The dtype the frozen base is held in (LoRA): ``frozen_dtype``, or ``param_dtype``."""
+        return self.frozen_dtype or self.param_dtype
+
+    def plain(self) -> ModelConfig:
+        """This architecture without adapters: what a LoRA stage exports (adapters merged)."""
+        return dataclasses.replace(self, lora=NO_LORA, frozen_dtype="")
+
+    def for_stage(self, stage: str) -> ModelConfig:
+        """The model ``stage`` trains: with the adapters when ``lora.stages`` names it."""
+        return self if stage in self.lora.stage_set() else self.plain()
 
     def problems(self) -> list[tuple[str, str]]:
         out = []
@@ -180,6 +252,12 @@ class OptimizerConfig:
     grad_clip: float = field(0.0, "global-norm gradient clip; 0: off (the paper states none)", ge=0)
 
 
+def _accum_problem(batch: int, accum: int, batch_field: str) -> list[tuple[str, str]]:
+    if batch % accum:
+        return [("grad_accum", f"{batch_field}={batch} does not split into {accum} micro-batches")]
+    return []
+
+
 @dataclasses.dataclass(unsafe_hash=True)
 class PretrainConfig:
     """Language-model pretraining of the base model on the pretraining text."""
@@ -204,11 +282,15 @@ class SFTConfig:
         0.1, "share of each batch drawn from the pretraining text (P C.3: 10%)", ge=0, lt=1
     )
     dropout: float = field(0.1, "residual dropout", ge=0, lt=1)
+    grad_accum: int = field(
+        1, "micro-batches per optimiser step: memory follows the micro-batch", ge=1
+    )
 
     def problems(self) -> list[tuple[str, str]]:
+        out = _accum_problem(self.batch_size, self.grad_accum, "batch_size")
         if self.batch_size - round(self.batch_size * self.ptx_fraction) < 1:
-            return [("ptx_fraction", f"leaves no demonstration in a batch of {self.batch_size}")]
-        return []
+            out.append(("ptx_fraction", f"leaves no demonstration in a batch of {self.batch_size}"))
+        return out
 
 
 @dataclasses.dataclass(unsafe_hash=True)
@@ -221,6 +303,12 @@ class RMConfig:
     )
     batch_size: int = field(64, "prompts per step, each with all its C(K,2) pairs (global)", ge=1)
     optimizer: OptimizerConfig = field(OptimizerConfig(lr=1e-4), "optimiser")
+    grad_accum: int = field(
+        1, "micro-batches per optimiser step: memory follows the micro-batch", ge=1
+    )
+
+    def problems(self) -> list[tuple[str, str]]:
+        return _accum_problem(self.batch_size, self.grad_accum, "batch_size")
 
 
 @dataclasses.dataclass(unsafe_hash=True)
@@ -242,11 +330,16 @@ class DPOConfig:
         False, "compare length-averaged log-probs (usual for ipo) instead of sums"
     )
     optimizer: OptimizerConfig = field(OptimizerConfig(lr=1e-5), "optimiser")
+    grad_accum: int = field(
+        1, "micro-batches per optimiser step: memory follows the micro-batch", ge=1
+    )
 
     def problems(self) -> list[tuple[str, str]]:
+        out = _accum_problem(self.batch_size, self.grad_accum, "batch_size")
         if self.label_smoothing and self.loss_type != "sigmoid":
-            return [("label_smoothing", f"applies to loss_type='sigmoid', not {self.loss_type!r}")]
-        return []
+            why = f"applies to loss_type='sigmoid', not {self.loss_type!r}"
+            out.append(("label_smoothing", why))
+        return out
 
 
 @dataclasses.dataclass(unsafe_hash=True)
@@ -279,12 +372,16 @@ class GRPOConfig:
     policy_optimizer: OptimizerConfig = field(
         OptimizerConfig(lr=1e-5, schedule="constant"), "policy optimiser"
     )
+    grad_accum: int = field(
+        1, "micro-batches per optimiser step: memory follows the micro-batch", ge=1
+    )
 
     def problems(self) -> list[tuple[str, str]]:
+        out = _accum_problem(self.minibatch_size, self.grad_accum, "minibatch_size")
         n = self.batch_size * self.group_size
         if n % self.minibatch_size:
-            return [("minibatch_size", f"batch_size x group_size = {n} is not a multiple of it")]
-        return []
+            out.append(("minibatch_size", f"batch_size x group_size = {n} is not a multiple of it"))
+        return out
 
 
 @dataclasses.dataclass(unsafe_hash=True)
@@ -324,11 +421,15 @@ class PPOConfig:
     reward_from: str = field(
         "", "'' (this run's rm), another run's rm stage directory, or an exported RM directory"
     )
+    grad_accum: int = field(
+        1, "micro-batches per optimiser step: memory follows the micro-batch", ge=1
+    )
 
     def problems(self) -> list[tuple[str, str]]:
+        out = _accum_problem(self.minibatch_size, self.grad_accum, "minibatch_size")
         if self.batch_size % self.minibatch_size:
-            return [("minibatch_size", f"batch_size={self.batch_size} is not a multiple of it")]
-        return []
+            out.append(("minibatch_size", f"batch_size={self.batch_size} is not a multiple of it"))
+        return out
 
 
 @dataclasses.dataclass(unsafe_hash=True)

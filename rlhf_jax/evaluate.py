@@ -39,7 +39,7 @@ from jaxtyping import Array, Bool, Float, Int, Shaped
 from rlhf_jax import losses, rollout, sharding
 from rlhf_jax.checkpoint import abstract_with_shardings
 from rlhf_jax.config import ModelConfig
-from rlhf_jax.model import Transformer
+from rlhf_jax.model import predicted_logprobs
 from rlhf_jax.rollout import RewardModel
 from rlhf_jax.stage_table import Pass, PlanInputs, Program
 from rlhf_jax.stats import Paired, jsonable, mean_ci95, paired, per_prompt
@@ -77,9 +77,8 @@ def _sequence_logprob_jit(
 
 @functools.partial(jax.jit, static_argnums=(1,))
 def _nll_rows_jit(params, config, docs, real):
-    logits = Transformer(config).apply({"params": params}, docs, real)
-    # sft_loss convention: logits[:, t] predicts docs[:, t + 1]; nothing predicts the first token.
-    logp = losses.token_logprobs(logits[:, :-1], docs[:, 1:])
+    # sft_loss convention: position t predicts docs[:, t + 1]; nothing predicts the first token.
+    logp = predicted_logprobs(params, config, docs, real, 1).logprobs
     target = real[:, 1:] > 0
     return -jnp.sum(jnp.where(target, logp, 0.0), axis=1), jnp.sum(target, axis=1)
 

@@ -32,8 +32,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from transformers import GenerationConfig
 
-from rlhf_jax import hf, stage_table
-from rlhf_jax.config import Config, ModelConfig
+from rlhf_jax import checkpoint, hf, stage_table
+from rlhf_jax.config import Config, LoraConfig, ModelConfig
 from rlhf_jax.data import sources
 from rlhf_jax.data.builders import swap_into_place
 from rlhf_jax.errors import ConfigError
@@ -116,6 +116,58 @@ def export_stage(config: Config, workdir: str | os.PathLike, stage: str, out: st
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         log.info("[export] %s -> %s", run.stage(stage), out)
+    return out
+
+
+def export_adapters(
+    config: Config, workdir: str | os.PathLike, stage: str, out: str | os.PathLike
+) -> Path:
+    """Write the adapters a LoRA policy stage trained as a PEFT adapter directory ``out``
+    (``hf.save_adapters``), with its tokenizer; returns its path. ``peft`` loads it onto the HF
+    export of the stage's base: its ``init_from`` checkpoint, or the stage it started from
+    (``rlhf-jax export --stage=<that stage>``), as the log line says."""
+    run = RunDir(workdir)
+    policies = stage_table.names(exports=stage_table.POLICY)
+    if stage not in policies:
+        raise ConfigError(
+            f"--stage={stage} --adapters: adapters are exported for a policy stage ("
+            f"{', '.join(policies)}); export a reward model merged, without --adapters"
+        )
+    if not run.has(stage):
+        raise ConfigError(f"--stage={stage}: no such stage in {workdir}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out={out} exists and is not empty: give a new directory")
+    meta = checkpoint.read_metadata(workdir, stage)
+    if "lora" not in meta:
+        raise ConfigError(
+            f"--stage={stage} --adapters: the stage trained every weight (no model.lora.rank), so "
+            "it has no adapters: export it without --adapters"
+        )
+    lora = dict(meta["lora"])
+    base = lora.pop("base", "")
+    model = run.model(stage) or policy_model(config)
+    model = dataclasses.replace(model, lora=LoraConfig(**lora))
+    with checkpoint.StageCheckpointer(workdir, stage, read_only=True) as reader:
+        adapters = _on_host(reader.restore_adapters())
+    if jax.process_index() == 0:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+        try:
+            on_disk = "" if base.startswith("stage:") or base == "fresh" else base
+            hf.save_adapters(tmp, model, adapters, base=on_disk)
+            sources.load_tokenizer(config, workdir).save_pretrained(tmp)
+            if out.exists():
+                out.rmdir()
+            tmp.rename(out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if base.startswith("stage:"):
+            where = (f"the export of stage '{base[6:]}' (rlhf-jax export --stage={base[6:]} "
+                     "--out=<dir>)")  # fmt: skip
+        else:
+            where = base
+        log.info("[export] %s adapters -> %s; load them onto %s", stage, out, where)
     return out
 
 

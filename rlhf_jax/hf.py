@@ -490,6 +490,87 @@ def save_checkpoint(
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def save_adapters(
+    path: str | os.PathLike, config: ModelConfig, adapters: Any, *, base: str = ""
+) -> list[str]:
+    """Write a LoRA model's adapters as a PEFT adapter directory (``adapter_config.json`` +
+    ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained(base_model, path)``
+    loads onto the HF export of its base. Returns the adapted HF modules.
+
+    Each of our adapted Dense layers is a torch module of the family's table: ``lora_A.weight``
+    is our ``lora_a`` [*in, r] as [r, in], ``lora_B.weight`` our ``lora_b`` [r, *out] as [out, r].
+    GPT-2's fused ``c_attn`` (q|k|v in one ``Conv1D``) gets one adapter of rank n r over the n
+    adapted parts, A stacked and B block-diagonal, which is the same update exactly; PEFT's
+    ``rank_pattern`` and ``alpha_pattern`` give it that rank and the same scale alpha / r.
+    ``base`` is written as ``base_model_name_or_path``."""
+    lora = config.lora
+    flat = {
+        k: np.asarray(v, np.float32)
+        for k, v in traverse_util.flatten_dict(jax.device_get(adapters), sep="/").items()
+    }
+    shapes = _param_shapes(config)
+    tensors, modules, ranks, alphas = {}, [], {}, {}
+    for row in _rows(config.plain(), {k: v for k, v in shapes.items() if "lora_" not in k}):
+        if _is_vector(row.ours[0]) or row.ours[0].startswith(("embed", "pos_embed", "lm_head")):
+            continue
+        parts = [p.rsplit("/", 1)[0] for p in row.ours]  # the Dense modules of this tensor
+        present = [m for m in parts if f"{m}/lora_a" in flat]
+        if not present:
+            continue
+        module = row.hf.rsplit(".", 1)[0]
+        a_parts, b_blocks, r = [], [], lora.rank
+        for m in parts:
+            out = math.prod(shapes[f"{m}/kernel"][row.n_in :])
+            if m in present:
+                a_parts.append(flat[f"{m}/lora_a"].reshape(-1, r))  # [in, r]
+                b_blocks.append((flat[f"{m}/lora_b"].reshape(r, out), out))
+            else:
+                b_blocks.append((None, out))
+        a = np.concatenate(a_parts, axis=1)  # [in, n r]
+        n = len(present)
+        b = np.zeros((n * r, sum(out for _, out in b_blocks)), np.float32)
+        col, k = 0, 0
+        for block, out in b_blocks:
+            if block is not None:
+                b[k * r : (k + 1) * r, col : col + out] = block
+                k += 1
+            col += out
+        tensors[f"base_model.model.{module}.lora_A.weight"] = np.ascontiguousarray(a.T)
+        tensors[f"base_model.model.{module}.lora_B.weight"] = np.ascontiguousarray(b.T)
+        modules.append(module)
+        if n > 1:
+            ranks[module], alphas[module] = n * r, n * lora.alpha
+    if not modules:
+        raise CheckpointError("no adapters to write: the params hold no lora_a/lora_b leaves")
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM" if config.head == "lm" else "SEQ_CLS",
+        "base_model_name_or_path": base,
+        "r": lora.rank,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "target_modules": modules,
+        "rank_pattern": ranks,
+        "alpha_pattern": alphas,
+        "fan_in_fan_out": config.family == "gpt2",  # GPT-2's Conv1D stores weights [in, out]
+        "bias": "none",
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+    }
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2))
+    save_file(tensors, path / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    return modules
+
+
 def load_tokenizer(path: str | os.PathLike) -> Any:
     """The tokenizer saved in a local directory (never downloads), padding on the left, the side
     prompts must be padded on for generation (``rollout.sample``)."""

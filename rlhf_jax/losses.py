@@ -78,6 +78,7 @@ __all__ = [
     "sft_loss",
     "token_logprobs",
     "token_aggregate",
+    "token_entropy",
     "value_loss",
 ]
 
@@ -765,10 +766,15 @@ def entropy(logits: Float[Array, "B T V"], mask: Shaped[Array, "B T"]) -> Float[
     Returns:
       Scalar float32, in nats; 0 for an empty mask.
     """
+    return masked_mean(token_entropy(logits), mask)
+
+
+def token_entropy(logits: Float[Array, "B T V"]) -> Float[Array, "B T"]:
+    """The entropy ``-sum_v pi(v) log pi(v)`` of each position's distribution (apply any
+    temperature first), in nats, float32."""
     logp = _log_softmax(logits)
     p = jnp.exp(logp)
-    per_token = -jnp.sum(p * jnp.where(p > 0, logp, 0.0), axis=-1)
-    return masked_mean(per_token, mask)
+    return -jnp.sum(p * jnp.where(p > 0, logp, 0.0), axis=-1)
 
 
 def adaptive_kl_coef(

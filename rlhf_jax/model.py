@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, Shaped
 
+from rlhf_jax import losses
 from rlhf_jax.config import ModelConfig
 
 
@@ -79,7 +80,13 @@ class Norm(nn.Module):
 
 
 class Dense(nn.Module):
-    """``x @ kernel (+ bias)`` contracting the last ``len(in_axes)`` dims of x."""
+    """``x @ kernel (+ bias)`` contracting the last ``len(in_axes)`` dims of x.
+
+    With LoRA (``config.lora.rank > 0`` and this layer's name in its targets), adds
+    ``(alpha / rank) * (dropout(x) @ lora_a) @ lora_b``: ``lora_a`` [*in, r] drawn like a
+    PyTorch Linear's weight (peft's default), ``lora_b`` [r, *out] zero, so at initialisation the
+    layer is its base exactly. A params tree without the two leaves (the frozen base alone) runs
+    the base layer: PPO's reference is the policy's base with its adapters off."""
 
     features: tuple[int, ...]
     in_axes: tuple[str, ...]
@@ -87,6 +94,7 @@ class Dense(nn.Module):
     config: ModelConfig
     use_bias: bool = False
     init_std: float = 0.02
+    deterministic: bool = True
 
     @nn.compact
     def __call__(self, x):
@@ -113,7 +121,40 @@ class Dense(nn.Module):
                 jnp.dtype(cfg.param_dtype),
             )
             y = y + bias.astype(cfg.compute_dtype)
+        lora = cfg.lora
+        adapted = lora.rank > 0 and self.name in lora.target_set()
+        if adapted and (self.is_initializing() or self.has_variable("params", "lora_a")):
+            fan_in = int(np.prod(in_shape))
+            a = _param(
+                self,
+                "lora_a",
+                (*in_shape, lora.rank),
+                (*self.in_axes, "lora"),
+                _symmetric_uniform(fan_in**-0.5),
+                jnp.dtype(cfg.param_dtype),
+            )
+            b = _param(
+                self,
+                "lora_b",
+                (lora.rank, *self.features),
+                ("lora", *self.out_axes),
+                nn.initializers.zeros,
+                jnp.dtype(cfg.param_dtype),
+            )
+            h = nn.Dropout(lora.dropout, deterministic=self.deterministic)(x) if lora.dropout else x
+            h = jax.lax.dot_general(h, a.astype(cfg.compute_dtype), (dims, ((), ())))
+            h = jnp.tensordot(h, b.astype(cfg.compute_dtype), axes=1)
+            y = y + (lora.alpha / lora.rank) * h
         return y
+
+
+def _symmetric_uniform(bound: float):
+    """U(-bound, bound): PyTorch's Linear init with a = sqrt(5), which peft gives ``lora_A``."""
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
 
 
 def rope(x: Float[Array, "B T N E"], positions: Int[Array, "B T"], theta: float):
@@ -129,6 +170,7 @@ def rope(x: Float[Array, "B T N E"], positions: Int[Array, "B T"], theta: float)
 
 class Attention(nn.Module):
     config: ModelConfig
+    deterministic: bool = True
 
     @nn.compact
     def __call__(self, x, positions, key_mask, query_offset, layer_cache):
@@ -136,9 +178,10 @@ class Attention(nn.Module):
         cfg = self.config
         H, G, E = cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
         bias = cfg.use_bias or cfg.qkv_bias
-        q = Dense((H, E), ("embed",), ("heads", "head_dim"), cfg, bias, name="q")(x)
-        k = Dense((G, E), ("embed",), ("kv_heads", "head_dim"), cfg, bias, name="k")(x)
-        v = Dense((G, E), ("embed",), ("kv_heads", "head_dim"), cfg, bias, name="v")(x)
+        det = dict(deterministic=self.deterministic)
+        q = Dense((H, E), ("embed",), ("heads", "head_dim"), cfg, bias, name="q", **det)(x)
+        k = Dense((G, E), ("embed",), ("kv_heads", "head_dim"), cfg, bias, name="k", **det)(x)
+        v = Dense((G, E), ("embed",), ("kv_heads", "head_dim"), cfg, bias, name="v", **det)(x)
         if cfg.family == "llama":
             q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
         k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)  # [B G T E], the cache's layout
@@ -155,25 +198,27 @@ class Attention(nn.Module):
         scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bgrts,bgse->btgre", probs, v).reshape(B, T, H, E)
-        out = Dense((cfg.d_model,), ("heads", "head_dim"), ("embed",), cfg, cfg.use_bias, name="o")(
-            out
-        )
+        out = Dense(
+            (cfg.d_model,), ("heads", "head_dim"), ("embed",), cfg, cfg.use_bias, name="o", **det
+        )(out)
         return out, (k, v)
 
 
 class MLP(nn.Module):
     config: ModelConfig
+    deterministic: bool = True
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        F, b = cfg.mlp_dim, cfg.use_bias
+        F, b, det = cfg.mlp_dim, cfg.use_bias, dict(deterministic=self.deterministic)
         if cfg.family == "gpt2":
-            h = nn.gelu(Dense((F,), ("embed",), ("mlp",), cfg, b, name="fc")(x), approximate=True)
+            h = Dense((F,), ("embed",), ("mlp",), cfg, b, name="fc", **det)(x)
+            h = nn.gelu(h, approximate=True)
         else:
-            gate = Dense((F,), ("embed",), ("mlp",), cfg, b, name="gate")(x)
-            h = nn.silu(gate) * Dense((F,), ("embed",), ("mlp",), cfg, b, name="up")(x)
-        return Dense((cfg.d_model,), ("mlp",), ("embed",), cfg, b, name="down")(h)
+            gate = Dense((F,), ("embed",), ("mlp",), cfg, b, name="gate", **det)(x)
+            h = nn.silu(gate) * Dense((F,), ("embed",), ("mlp",), cfg, b, name="up", **det)(x)
+        return Dense((cfg.d_model,), ("mlp",), ("embed",), cfg, b, name="down", **det)(h)
 
 
 class Block(nn.Module):
@@ -182,11 +227,12 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, positions, key_mask, query_offset, layer_cache, deterministic):
         drop = nn.Dropout(self.config.dropout, deterministic=deterministic)
-        h, kv = Attention(self.config, name="attn")(
+        h, kv = Attention(self.config, deterministic, name="attn")(
             Norm(self.config, name="attn_norm")(x), positions, key_mask, query_offset, layer_cache
         )
         x = x + drop(h)
-        x = x + drop(MLP(self.config, name="mlp")(Norm(self.config, name="mlp_norm")(x)))
+        mlp = MLP(self.config, deterministic, name="mlp")
+        x = x + drop(mlp(Norm(self.config, name="mlp_norm")(x)))
         return x, kv
 
 
@@ -239,7 +285,9 @@ class Transformer(nn.Module):
 
     ``apply({"params": p}, tokens, attention_mask)`` -> logits [B T V] float32 (scalar head: [B T]);
     with ``cache=`` it returns ``(logits, cache)``. Dropout is active only with
-    ``deterministic=False`` and a ``"dropout"`` rng.
+    ``deterministic=False`` and a ``"dropout"`` rng. ``hidden=True`` returns the final hidden
+    states [B T D] instead of the logits (``unembed`` turns any slice of them into logits;
+    ``predicted_logprobs`` does so a chunk of tokens at a time).
     """
 
     config: ModelConfig
@@ -252,6 +300,7 @@ class Transformer(nn.Module):
         *,
         cache: KVCache | None = None,
         deterministic: bool = True,
+        hidden: bool = False,
     ):
         cfg = self.config
         pdt = jnp.dtype(cfg.param_dtype)
@@ -309,7 +358,9 @@ class Transformer(nn.Module):
             new_v.append(v)
         x = Norm(cfg, name="final_norm")(x)
 
-        if cfg.head == "scalar":
+        if hidden:  # the final hidden states; ``unembed`` makes logits of any slice of them
+            out = x
+        elif cfg.head == "scalar":
             out = _score_head(cfg)(x)[..., 0].astype(jnp.float32)
         elif cfg.tie_embeddings:
             out = jnp.einsum("btd,vd->btv", x, embedding.astype(cfg.compute_dtype))
@@ -347,3 +398,101 @@ def init_score_head(config: ModelConfig, rng: jax.Array):
 def logical_axes(config: ModelConfig):
     """A pytree like the params whose leaves are ``PartitionSpec``s of logical axis names."""
     return nn.get_partition_spec(abstract_params(config))
+
+
+def unembed(params, config: ModelConfig, x: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
+    """The LM head of ``Transformer`` on final hidden states (``hidden=True``): float32 logits,
+    computed exactly as the full forward computes them."""
+    if config.tie_embeddings:
+        out = jnp.einsum("btd,vd->btv", x, params["embed"].astype(config.compute_dtype))
+    else:
+        kernel = params["lm_head"]["kernel"].astype(config.compute_dtype)
+        out = jax.lax.dot_general(x, kernel, (((2,), (0,)), ((), ())))
+    return out.astype(jnp.float32)
+
+
+# Float32 logits of at most this many bytes exist at once in ``predicted_logprobs`` (per batch:
+# under data parallelism each device holds its rows' share). A [64 x 512 x 128256] block would be
+# 16.8 GB; 256 MiB is a few percent of any accelerator's memory and costs nothing in FLOPs.
+LOGITS_CHUNK_BYTES = 1 << 28
+
+
+class TokenLogprobs(NamedTuple):
+    """Per-token log-probabilities of the predicted tokens [B N], and the entropy of each
+    predicting distribution [B N] (None unless asked for)."""
+
+    logprobs: Float[Array, "B N"]
+    entropy: Float[Array, "B N"] | None
+
+
+def predicted_logprobs(
+    params,
+    config: ModelConfig,
+    tokens: Int[Array | np.ndarray, "B T"],
+    attention_mask,
+    first: int,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    deterministic: bool = True,
+    rngs: dict | None = None,
+    chunk_bytes: int = LOGITS_CHUNK_BYTES,
+) -> TokenLogprobs:
+    """``log pi_T(tokens[:, t] | tokens[:, <t])`` for ``t = first .. T-1`` (teacher forcing).
+
+    The logits are made from the hidden states a chunk of tokens at a time, each chunk
+    recomputed in the backward pass (``jax.checkpoint``), so float32 logits of the whole
+    [B, T, V] never exist: at most ``chunk_bytes`` of them do. When the whole block is within
+    that, it is one chunk, computed as ``losses.token_logprobs`` of the full forward would be."""
+    tokens = jnp.asarray(tokens)
+    h = Transformer(config).apply(
+        {"params": params},
+        tokens,
+        attention_mask,
+        deterministic=deterministic,
+        hidden=True,
+        rngs=rngs or {},
+    )
+    return chunked_logprobs(
+        lambda x: unembed(params, config, x),
+        h[:, first - 1 : -1],
+        tokens[:, first:],
+        vocab=config.vocab_size,
+        temperature=temperature,
+        with_entropy=with_entropy,
+        chunk_bytes=chunk_bytes,
+    )
+
+
+def chunked_logprobs(
+    head,
+    h: Float[Array, "B N D"],
+    targets: Int[Array | np.ndarray, "B N"],
+    *,
+    vocab: int,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_bytes: int = LOGITS_CHUNK_BYTES,
+) -> TokenLogprobs:
+    """``predicted_logprobs`` on given hidden states: ``head(h)`` [B n V] logits for chunks of
+    ``n`` positions, the most whose float32 logits fit in ``chunk_bytes``."""
+    B, N = targets.shape
+
+    def piece(hc, tc):
+        logits = head(hc)
+        logp = losses.token_logprobs(logits, tc, temperature=temperature)
+        ent = losses.token_entropy(logits / temperature) if with_entropy else None
+        return logp, ent
+
+    per = max(1, chunk_bytes // max(1, B * vocab * 4))
+    if per >= N:
+        return TokenLogprobs(*piece(h, targets))
+    n = -(-N // per)
+    extra = n * per - N
+    hp = jnp.pad(h, ((0, 0), (0, extra), (0, 0)))
+    tp = jnp.pad(targets, ((0, 0), (0, extra)))
+    hs = hp.reshape(B, n, per, h.shape[-1]).swapaxes(0, 1)
+    ts = tp.reshape(B, n, per).swapaxes(0, 1)
+    logp, ent = jax.lax.map(jax.checkpoint(lambda xs: piece(*xs)), (hs, ts))
+    unchunk = lambda x: x.swapaxes(0, 1).reshape(B, n * per)[:, :N]  # noqa: E731
+    return TokenLogprobs(unchunk(logp), unchunk(ent) if with_entropy else None)

@@ -43,12 +43,11 @@ import jax
 import numpy as np
 from jax.experimental.topologies import get_topology_desc
 
-from rlhf_jax import sharding, stage_table
+from rlhf_jax import lora, sharding, stage_table
 from rlhf_jax.config import Config, ModelConfig, methods
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.evaluate import sampler_programs
 from rlhf_jax.fields import get_value
-from rlhf_jax.model import abstract_params
 from rlhf_jax.stage_table import Pass, PlanInputs, Program
 
 GIB = 1024**3
@@ -263,26 +262,39 @@ def matmul_params(model: ModelConfig) -> int:
 
 
 def param_bytes(model: ModelConfig) -> int:
-    leaves = jax.tree.leaves(nn.meta.unbox(abstract_params(model)))
+    """The bytes of a model's weights (a LoRA model's frozen base in its ``base_dtype``)."""
+    parts = lora.abstract_split(model)
+    leaves = jax.tree.leaves(nn.meta.unbox(parts.trainable))
+    if parts.frozen is not None:
+        leaves += jax.tree.leaves(nn.meta.unbox(parts.frozen))
     return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in leaves)
 
 
 def pass_flops(p: Pass) -> float:
     """2 FLOPs per multiply-add of the matmuls and of attention's two products (every context
-    position, as the dense causal attention computes them), times 3 with the backward pass."""
+    position, as the dense causal attention computes them), times 3 with the backward pass
+    (times 2 for a LoRA model: no gradient of the frozen weights; the adapters' own matmuls are
+    a rank-r sliver, left out)."""
     m = p.model
     attention = 2 * m.n_layers * m.n_heads * m.resolved_head_dim * p.context
     forward = 2 * p.tokens * (matmul_params(m) + attention)
-    return float(3 * forward if p.kind == "train" else forward)
+    if p.kind != "train":
+        return float(forward)
+    return float((2 if m.adapted else 3) * forward)
 
 
 def pass_bytes(p: Pass, tensor: int) -> float:
     """The weight bytes one chip reads: every weight once per step of a forward or decode pass
     (FSDP gathers them whole; tensor parallelism splits them), three times per training step
-    (forward, backward, gradient) plus Adam's reads and writes of the float32 moments."""
+    (forward, backward, gradient) plus Adam's reads and writes of the float32 moments; a LoRA
+    model's frozen weights twice (forward, backward), its adapters' moments left out."""
     weights = param_bytes(p.model) / tensor
-    adam = 6 * 4 * matmul_params(p.model) / tensor  # read and write params, mu, nu (float32)
-    per_step = weights if p.kind != "train" else 3 * weights + adam
+    if p.kind != "train":
+        per_step = weights
+    elif p.model.adapted:
+        per_step = 2 * weights
+    else:  # read and write params, mu, nu (float32)
+        per_step = 3 * weights + 6 * 4 * matmul_params(p.model) / tensor
     return float(p.steps * per_step)
 
 
@@ -475,7 +487,7 @@ def make_plan(
         devices=len(devices),
         hosts=len({d.process_index for d in devices}),
         mesh=dict(mesh.shape),
-        dtype=f"{config.model.param_dtype} weights, {config.model.dtype} compute",
+        dtype=_dtypes(config),
         rows=rows,
         source=chip.source if chip else "",
     )
@@ -534,6 +546,23 @@ def table(plan: Plan) -> str:
     return "\n".join([header(plan), "", *out, "", *notes])
 
 
+def _dtypes(config: Config) -> str:
+    m = config.model
+    out = f"{m.param_dtype} weights, {m.dtype} compute"
+    if m.adapted:
+        out += (f"; LoRA rank {m.lora.rank} ({m.lora.targets}) over {m.base_dtype} frozen "
+                f"weights in {m.lora.stages}")  # fmt: skip
+    return out
+
+
+def _setting(config: Config, path: str):
+    """The value of a dotted config field, or None where the config has no such field."""
+    try:
+        return get_value(config, path)
+    except (ConfigError, AttributeError, KeyError):
+        return None
+
+
 def advice(plan: Plan, config: Config) -> list[str]:
     """One line per program that does not fit: the overflow and what would fit, in
     ``--config.*`` terms."""
@@ -554,14 +583,24 @@ def advice(plan: Plan, config: Config) -> list[str]:
             fixes.append("--config.mesh.data=1 --config.mesh.fsdp=-1 (shard weights and optimiser "
                          f"state over all {n} chips)")  # fmt: skip
         chips = math.ceil(r.arguments * sharded / (0.8 * r.hbm)) if r.hbm else 0
+        trains = r.program.endswith(("step", "iteration"))
         if r.hbm and r.arguments > r.hbm and (chips > n or sharded == n):
+            if trains and not config.model.lora.rank and r.stage != "pretrain":
+                fixes.append("--config.model.lora.rank=16 --config.model.frozen_dtype=bfloat16 "
+                             "(train low-rank adapters over a frozen bfloat16 base)")  # fmt: skip
             fixes.append(f"a topology of at least {chips} chips with --config.mesh.fsdp=-1 (the "
                          "weights and optimiser state alone overflow a chip)")  # fmt: skip
         elif r.hbm is None or r.arguments <= r.hbm:
-            if not config.model.remat and r.program.endswith(("step", "iteration")):
+            if not config.model.remat and trains:
                 fixes.append("--config.model.remat=True (recompute activations in the backward "
                              "pass)")  # fmt: skip
             value = get_value(config, r.batch)
+            accum_field = r.batch.split(".")[0] + ".grad_accum"
+            accum = _setting(config, accum_field)
+            if trains and isinstance(accum, int) and isinstance(value, int) and \
+                    value % (2 * accum) == 0:  # fmt: skip
+                fixes.append(f"--config.{accum_field}={2 * accum} (the same updates from "
+                             "micro-batches half the size)")  # fmt: skip
             if isinstance(value, int) and value > 1:
                 fixes.append(f"--config.{r.batch}={max(value // 2, 1)} (half the batch)")
         lines.append(

@@ -26,7 +26,7 @@ from jaxtyping import Array, Bool, Float, Int, Shaped
 from rlhf_jax import losses
 from rlhf_jax.config import ModelConfig
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.model import KVCache, Transformer, init_cache
+from rlhf_jax.model import KVCache, Transformer, init_cache, predicted_logprobs, unembed
 
 # --------------------------------------------------------------------------------------------------
 # Sampling
@@ -83,9 +83,12 @@ def prefill(
     """Run the prompt through the model into a fresh cache of length P + R."""
     B, P = prompt_tokens.shape
     cache = init_cache(config, B, P + max_new_tokens)
-    logits, cache = Transformer(config).apply(
-        {"params": params}, prompt_tokens, prompt_mask, cache=cache
+    # Only the last position's logits are needed: [B, P, V] float32 would be 8 GB for 64
+    # prompts of 256 tokens over a 128k vocabulary.
+    hidden, cache = Transformer(config).apply(
+        {"params": params}, prompt_tokens, prompt_mask, cache=cache, hidden=True
     )
+    logits = unembed(params, config, hidden[:, -1:])
     return SamplingState(
         step=jnp.zeros((), jnp.int32),
         tokens=jnp.full((B, max_new_tokens), pad_id, jnp.int32),
@@ -235,11 +238,11 @@ def response_logprobs(
     *,
     temperature: float = 1.0,
 ) -> Float[Array, "B R"]:
-    """Teacher-forced log pi_T of each response token (positions ``P..T-1``)."""
-    logits = Transformer(config).apply({"params": params}, tokens, mask)
-    return losses.token_logprobs(
-        logits[:, prompt_len - 1 : -1], tokens[:, prompt_len:], temperature=temperature
-    )
+    """Teacher-forced log pi_T of each response token (positions ``P..T-1``), the logits made a
+    chunk of tokens at a time (``model.predicted_logprobs``)."""
+    return predicted_logprobs(
+        params, config, tokens, mask, prompt_len, temperature=temperature
+    ).logprobs
 
 
 def response_values(

@@ -44,6 +44,9 @@ SUMMARY_FILE = "summary.json"
 SHARED_SETTINGS = ("seed", "init_from", "model.", "data.prompt_len", "data.response_len",
                    "data.text_len")  # fmt: skip
 FREE_SETTINGS = ("model.remat",)  # recomputation changes no number
+LORA_SETTINGS = ("model.lora.", "model.frozen_dtype")
+# ModelConfig fields of how a model is trained, not of what a stage hands on (model.json).
+TRAINING_FIELDS = ("lora", "frozen_dtype")
 
 
 def barrier(name: str) -> None:
@@ -72,6 +75,10 @@ def stage_settings(config: dict, stage: str) -> dict[str, Any]:
     ``data_fingerprints``) that bind a stage's checkpoints: its own section, the shared ones
     (``SHARED_SETTINGS``) and its data fingerprints."""
     flat = flat_settings({k: v for k, v in config.items() if k != "data_fingerprints"})
+    lora = config.get("model", {}).get("lora", {})
+    if stage not in {s.strip() for s in lora.get("stages", "").split(",")}:
+        # The adapter settings bind only the stages that train adapters.
+        flat = {k: v for k, v in flat.items() if not k.startswith(LORA_SETTINGS)}
     own = section_of(stage) + "."
     keep = {
         k: v
@@ -145,7 +152,10 @@ class RunDir(os.PathLike):
             directory = self.stage(stage)
             directory.mkdir(parents=True, exist_ok=True)
             tmp = directory / (MODEL_FILE + ".tmp")
-            tmp.write_text(json.dumps(dataclasses.asdict(model), indent=2, sort_keys=True))
+            # The architecture alone: what a stage hands on has no adapters (they are folded in).
+            fields = dataclasses.asdict(model)
+            fields = {k: v for k, v in fields.items() if k not in TRAINING_FIELDS}
+            tmp.write_text(json.dumps(fields, indent=2, sort_keys=True))
             tmp.replace(directory / MODEL_FILE)
 
     def model(self, stage: str) -> ModelConfig | None:
@@ -189,7 +199,8 @@ def stage_model(stage_dir: str | os.PathLike) -> ModelConfig | None:
     if not path.is_file():
         return None
     fields = json.loads(path.read_text())
-    return ModelConfig(**{k: v for k, v in fields.items() if k in ModelConfig.__dataclass_fields__})
+    known = set(ModelConfig.__dataclass_fields__) - set(TRAINING_FIELDS)
+    return ModelConfig(**{k: v for k, v in fields.items() if k in known})
 
 
 def is_stage_dir(path: str | os.PathLike) -> bool:

@@ -18,8 +18,9 @@ CLI, the evaluation, the export and the report then pick it up as they do the bu
 A runner is called as ``runner(config, workdir, stage_name, **hooks)`` with the config's
 ``settings`` applied (the pipeline's plain PPO runs with ``ppo.ptx_coef=0``) and returns the
 stage's metadata (a dict; ``{"reused": True, ...}`` when it had already finished). The hooks
-are ``mesh`` for every stage, ``on_log(step, state, samples)`` for stages that log RL curves
-and ``on_validate(params)`` for SFT.
+are ``mesh`` for every stage, ``on_log(step, policy_params, samples)`` for stages that log RL
+curves (the current policy as a plain model: adapters folded in) and ``on_validate(params)`` for
+SFT.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ plain arrays that Orbax saves and restores on any mesh; ``state_key`` wraps them
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -15,7 +15,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from rlhf_jax import sharding
+from rlhf_jax import checkpoint, lora, sharding
 from rlhf_jax.config import ModelConfig, OptimizerConfig
 from rlhf_jax.model import Transformer, abstract_params, init_score_head
 
@@ -96,10 +96,80 @@ def apply_gradients(tx: optax.GradientTransformation, state: TrainState, grads) 
 
 
 def train_state_shardings(model: ModelConfig, tx, mesh: Mesh, rules) -> TrainState:
-    """NamedShardings of a whole TrainState (optimiser moments follow their parameters)."""
-    boxed = abstract_params(model)
+    """NamedShardings of a whole TrainState (optimiser moments follow their parameters); with
+    LoRA, of the trainable part only (``lora.split``)."""
+    boxed = lora.abstract_split(model).trainable
     abstract = jax.eval_shape(lambda: new_train_state(boxed, tx, key_data(0)))
     return sharding.tree_shardings(abstract, mesh, rules)
+
+
+def frozen_shardings(model: ModelConfig, mesh: Mesh, rules):
+    """NamedShardings of a LoRA model's frozen base (None without LoRA)."""
+    frozen = lora.abstract_split(model).frozen
+    return None if frozen is None else sharding.tree_shardings(frozen, mesh, rules)
+
+
+def abstract_frozen(model: ModelConfig, mesh: Mesh, rules):
+    """The frozen base of a LoRA model as abstract values with shardings (None without LoRA)."""
+    frozen = lora.abstract_split(model).frozen
+    if frozen is None:
+        return None
+    return checkpoint.abstract_with_shardings(frozen, sharding.tree_shardings(frozen, mesh, rules))
+
+
+def adapt(params, model: ModelConfig, rng: jax.Array) -> lora.Split:
+    """A LoRA stage's start from plain ``params``: the frozen base (in ``model.base_dtype``) and
+    the trainable part (fresh adapters, and the params' scalar head if it has one). Without LoRA:
+    no frozen part, all of ``params`` trainable."""
+    if not model.adapted:
+        return lora.Split(None, params)
+    parts = lora.split(lora.merge(params, lora.fresh_adapters(model, rng)), model)
+    return lora.Split(lora.to_base_dtype(parts.frozen, model), parts.trainable)
+
+
+class Accumulated(NamedTuple):
+    """A minibatch's loss, its statistics and its gradient, from its micro-batches."""
+
+    loss: Any
+    stats: Any
+    grads: Any
+
+
+def accumulate(loss_fn, params, batch, micro: int, weight_fn) -> Accumulated:
+    """``value_and_grad(loss_fn, has_aux=True)(params, batch)`` computed over ``micro``
+    micro-batches (gradient accumulation): memory follows a micro-batch, the numbers the batch.
+
+    ``loss_fn(params, b) -> (loss, stats)`` is a mean over some units of ``b`` (tokens, pairs,
+    rows), and ``weight_fn(b)`` counts those units in ``b``. The batch's mean is the weighted
+    mean of the micro-batches' means, so its loss and gradient are ``sum_i (n_i / N) L_i`` and
+    ``sum_i (n_i / N) g_i``: equal to the whole batch's within float32 rounding. Statistics (a
+    dict) are averaged the same way; ``*_max`` ones take the max and ``*_sum`` ones the sum.
+    Micro-batch ``i`` is rows ``i, i + m, i + 2m, ...``, so each device's share of a
+    data-parallel batch splits without moving rows. With ``micro == 1`` this is exactly
+    ``value_and_grad``."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if micro == 1:
+        (loss, stats), grads = grad_fn(params, batch)
+        return Accumulated(loss, stats, grads)
+    parts = jax.tree.map(
+        lambda x: x.reshape(x.shape[0] // micro, micro, *x.shape[1:]).swapaxes(0, 1), batch
+    )
+    weights = jax.vmap(weight_fn)(parts).astype(jnp.float32)
+    total = jnp.sum(weights)
+    shares = jnp.where(total > 0, weights / jnp.where(total > 0, total, 1.0), 1.0 / micro)
+
+    def body(acc, xs):
+        part, share = xs
+        (loss, stats), grads = grad_fn(params, part)
+        acc = jax.tree.map(lambda a, g: a + share * g.astype(a.dtype), acc, grads)
+        return acc, (loss, stats)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, (losses_, stats) = jax.lax.scan(body, zeros, (parts, shares))
+    mean = lambda x: jnp.sum(shares.reshape(-1, *[1] * (x.ndim - 1)) * x, axis=0)  # noqa: E731
+    pool = {"_max": lambda v: v.max(axis=0), "_sum": lambda v: v.sum(axis=0)}
+    stats = {k: pool.get(k[-4:], mean)(v) for k, v in stats.items()}
+    return Accumulated(mean(losses_), stats, grads)
 
 
 def create_train_state(params, tx, rng: jax.Array, shardings: TrainState) -> TrainState:
@@ -149,6 +219,7 @@ def ema_update(ema, params, decay: float):
 
 
 def abstract_state(model: ModelConfig, tx) -> TrainState:
-    """Shapes and dtypes of a TrainState (add shardings: ``checkpoint.abstract_with_shardings``)."""
-    params = nn.meta.unbox(abstract_params(model))
+    """Shapes and dtypes of a TrainState (add shardings: ``checkpoint.abstract_with_shardings``);
+    with LoRA, of the trainable part only."""
+    params = nn.meta.unbox(lora.abstract_split(model).trainable)
     return jax.eval_shape(lambda: new_train_state(params, tx, key_data(0)))

@@ -27,6 +27,7 @@ import dataclasses  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import re  # noqa: E402
+import shutil  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -37,7 +38,7 @@ import pytest  # noqa: E402
 from filelock import FileLock  # noqa: E402
 
 # Fixtures that train stages or start processes: a test using one is e2e.
-E2E_FIXTURES = ("tiny_run", "rlhf_jax_cli", "two_processes", "subprocess_env")
+E2E_FIXTURES = ("tiny_run", "rm_run", "rlhf_jax_cli", "two_processes", "subprocess_env")
 # Every method beside PPO, so the shared run has every stage of the stage table.
 METHODS = ("dpo", "grpo", "rloo", "best_of_n")
 
@@ -119,6 +120,16 @@ def tiny_run(tmp_path_factory) -> TinyRun:
     workdir = root / "seed0"
     summary = json.loads((workdir / "summary.json").read_text())
     return TinyRun(config, workdir, summary, json.loads((root / "compiles.json").read_text()))
+
+
+@pytest.fixture(scope="session")
+def rm_run(tiny_run, tmp_path_factory):
+    """pretrain, sft and rm of the tiny world: the session's shared run (``tiny_run``) without
+    its RL stages; each test copies it."""
+    workdir = tmp_path_factory.mktemp("rm_run") / "base"
+    for part in ("data", "pretrain", "sft", "rm"):
+        shutil.copytree(tiny_run.workdir / part, workdir / part)
+    return workdir
 
 
 @pytest.fixture

@@ -32,16 +32,6 @@ def _config(**grpo):
     )
 
 
-@pytest.fixture(scope="module")
-def rm_run(tiny_run, tmp_path_factory):
-    """pretrain, sft and rm of the tiny world: the session's shared run (conftest's
-    ``tiny_run``) without its RL stages; each test copies it."""
-    workdir = tmp_path_factory.mktemp("grpo") / "base"
-    for part in ("data", "pretrain", "sft", "rm"):
-        shutil.copytree(tiny_run.workdir / part, workdir / part)
-    return workdir
-
-
 def _rows(config, workdir):
     """The stage's metric rows by step (``grpo``, or ``rloo`` under its baseline)."""
     return {r["step"]: r for r in read_metrics(workdir, stage_name(config))}

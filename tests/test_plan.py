@@ -104,15 +104,18 @@ def test_argument_bytes_match_a_hand_count(capsys):
 
 
 def test_a_config_that_does_not_fit_ends_in_one_line_per_program(capsys):
-    """On one v5e chip (16 GiB): an SFT batch whose float32 logits over a 262,144-token vocabulary
-    overflow (the weights fit), then two blocks of width 8192 (1.6e9 params: float32 weights and
-    Adam moments alone are 19 GB). Each ends in one line saying what would fit."""
+    """On one v5e chip (16 GiB): an SFT batch of 4096 sequences whose MLP activations of width
+    65,536 (26 GB each) overflow while the weights fit (logits are made in chunks, so a large
+    vocabulary alone no longer does), then two blocks of width 8192 (1.6e9 params: float32
+    weights and Adam moments alone are 19 GB). Each ends in one line saying what would fit."""
     common = ("--config=tiny", "--topology=v5e-1", "--stages=sft")
     cases = [
-        (("--config.model.vocab_size=262144", "--config.sft.batch_size=1024"),
-         ("--config.model.remat=True", "--config.sft.batch_size=512")),
+        (("--config.model.mlp_dim=65536", "--config.sft.batch_size=4096"),
+         ("--config.model.remat=True", "--config.sft.grad_accum=2",
+          "--config.sft.batch_size=2048")),
         (("--config.model.d_model=8192", "--config.model.mlp_dim=32768"),
-         ("a topology of at least 2 chips with --config.mesh.fsdp=-1",)),
+         ("--config.model.lora.rank=16 --config.model.frozen_dtype=bfloat16",
+          "a topology of at least 2 chips with --config.mesh.fsdp=-1")),
     ]  # fmt: skip
     for overrides, fixes in cases:
         code, out, err = run_plan(capsys, *common, *overrides)

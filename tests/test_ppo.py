@@ -10,6 +10,7 @@ import pytest
 from rlhf_jax import sharding
 from rlhf_jax.config import (
     Config,
+    LoraConfig,
     MeshConfig,
     OptimizerConfig,
     PPOConfig,
@@ -18,9 +19,11 @@ from rlhf_jax.config import (
 )
 from rlhf_jax.model import Transformer, init_params
 from rlhf_jax.stages.ppo import (
+    abstract_ppo_frozen,
     init_ppo_state,
     jit_ppo_iteration,
     make_ppo_iteration,
+    ppo_models,
     ppo_state_shardings,
 )
 from rlhf_jax.train_state import make_optimizer
@@ -34,23 +37,29 @@ def _config(model, **ppo):
     return Config(name="test", model=model, ppo=ppo, mesh=MeshConfig())
 
 
-def _build(config, sft=None, reward=None, with_ptx=None):
+def _build(config, sft=None, reward=None, with_ptx=None, keep=None):
+    """Mesh, state at iteration 0 and ``step(state, prompts, ptx)``; with LoRA in
+    ``config.model`` the policy and value network are adapters over frozen bases (``keep``,
+    a list, receives the ``PPOStart``)."""
     mesh = sharding.make_mesh(config.mesh)
     cfg = config.ppo
+    models = ppo_models(config, "ppo")
     policy_tx = make_optimizer(cfg.policy_optimizer, cfg.iterations)
     value_tx = make_optimizer(cfg.value_optimizer, cfg.iterations)
-    shardings = ppo_state_shardings(config, policy_tx, value_tx, mesh)
-    sft = init_params(config.model, jax.random.key(0)) if sft is None else sft
-    reward = init_params(rm_config(config), jax.random.key(1)) if reward is None else reward
-    state = init_ppo_state(config, policy_tx, value_tx, shardings, sft, reward, 0.25)
+    shardings = ppo_state_shardings(config, policy_tx, value_tx, mesh, models=models)
+    plain = models.policy.plain()
+    sft = init_params(plain, jax.random.key(0)) if sft is None else sft
+    reward = init_params(rm_config(config).plain(), jax.random.key(1)) if reward is None else reward
+    start = init_ppo_state(config, policy_tx, value_tx, shardings, sft, reward, 0.25, models)
+    if keep is not None:
+        keep.append(start)
     with_ptx = cfg.ptx_coef > 0 if with_ptx is None else with_ptx
-    step = jit_ppo_iteration(
-        make_ppo_iteration(config, policy_tx, value_tx, eos_id=2, pad_id=0),
-        shardings,
-        mesh,
-        with_ptx,
+    iteration = make_ppo_iteration(
+        config, policy_tx, value_tx, eos_id=2, pad_id=0, critic=models.critic, policy=models.policy
     )
-    return mesh, state, step
+    frozen = abstract_ppo_frozen(models, mesh, config.mesh.rules)
+    jitted = jit_ppo_iteration(iteration, shardings, mesh, with_ptx, frozen)
+    return mesh, start.state, lambda s, prompts, ptx: jitted(s, start.frozen, prompts, ptx)
 
 
 def _prompts(mesh, n, vocab, length=6, seed=0):
@@ -192,3 +201,56 @@ def test_bandit_moves_probability_onto_the_rewarded_response():
     assert p_good(jax.device_get(state.policy.params)) > 0.95
     # Scores are logged after the reward bias (0.25, set in _build): 1 - 0.25 for the good token.
     assert float(metrics["objective/score"]) > 0.9 - 0.25
+
+
+def _with(config, **ppo):
+    return dataclasses.replace(config, ppo=dataclasses.replace(config.ppo, **ppo))
+
+
+def test_accumulated_micro_batches_give_the_update_of_the_whole_minibatch():
+    """PPO-ptx with ``grad_accum=4`` (micro-batches of 2 episodes and 4 text rows) against the
+    whole minibatch of 8: the same policy, value and EMA after an iteration of two updates,
+    within float32 rounding, and the same losses."""
+    lr = OptimizerConfig(lr=1e-3, schedule="constant")
+    config = _with(_config(MODEL), ptx_coef=0.5, policy_optimizer=lr, value_optimizer=lr)
+    runs = []
+    for accum in (1, 4):
+        mesh, state, step = _build(_with(config, grad_accum=accum))
+        before = _host(state.policy.params)
+        state, metrics, _ = step(state, _prompts(mesh, 16, 32), _ptx(mesh, 16, 32))
+        runs.append((before, _host((state.policy.params, state.value.params, state.ema_params)),
+                     {k: float(v) for k, v in metrics.items()}))  # fmt: skip
+    (before, whole, m1), (_, parts, m4) = runs
+    moved = max(float(np.max(np.abs(a - b))) for a, b in
+                zip(jax.tree.leaves(whole[0]), jax.tree.leaves(before)))  # fmt: skip
+    assert moved > 1e-4  # the updates are not negligible next to the tolerance
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(parts)):
+        np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5)
+    for k in ("ppo/loss/policy", "ppo/loss/value", "ppo/loss/ptx", "ppo/policy/entropy"):
+        assert m4[k] == pytest.approx(m1[k], rel=1e-5, abs=1e-6), k
+
+
+def test_lora_ppo_starts_as_full_ppo_with_one_copy_of_each_frozen_base():
+    """LoRA PPO (rank 4 on every Dense, bfloat16 bases): no reference or RM trunk in the state
+    (the policy's base is the reference, the RM's trunk sits under value and reward); the first
+    iteration samples and scores exactly what full PPO does (adapters start as no-ops, the
+    bases in float32 here); the bases never change."""
+    full = _config(MODEL)
+    adapted = dataclasses.replace(full, model=dataclasses.replace(MODEL, lora=LoraConfig(rank=4)))
+    first = {}
+    for name, config in (("full", full), ("lora", adapted)):
+        kept = []
+        mesh, state, step = _build(config, keep=kept)
+        state, metrics, _ = step(state, _prompts(mesh, 16, 32), None)
+        first[name] = {k: float(v) for k, v in metrics.items()}
+    assert state.ref_params is None and set(state.reward_params) == {"score_head"}
+    n_state = sum(x.size for x in jax.tree.leaves(state.policy.params))
+    n_base = sum(x.size for x in jax.tree.leaves(kept[0].frozen.policy))
+    assert n_state < n_base / 4
+    for k in ("objective/score", "objective/kl", "objective/response_length", "ppo/returns/mean"):
+        assert first["lora"][k] == first["full"][k], k
+    assert first["lora"]["ppo/policy/first_approxkl"] < 1e-10
+    bases = _host(kept[0].frozen)
+    state, metrics, _ = step(state, _prompts(mesh, 16, 32, seed=1), None)
+    assert float(metrics["objective/kl"]) != 0.0  # the adapters moved the policy
+    jax.tree.map(np.testing.assert_array_equal, _host(kept[0].frozen), bases)

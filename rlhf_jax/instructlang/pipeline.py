@@ -41,11 +41,9 @@ def curve_callback(config: InstructLangConfig, heldout: np.ndarray):
     w, model = datasets.world(config), policy_model(config)
     docs = heldout[:CURVE_DOCS]
 
-    def on_log(step, state, episodes: Episodes):
+    def on_log(step, params, episodes: Episodes):
         prompts, tokens = np.asarray(episodes.prompt_tokens), np.asarray(episodes.response_tokens)
         gold = lang.gold_rewards(prompts, tokens, world=w)
-        # PPO's state holds the policy beside the value network; GRPO's is the policy's own.
-        params = state.policy.params if hasattr(state, "policy") else state.params
         nll = ev.heldout_nll(
             params,
             model,

@@ -22,17 +22,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import checkpoint, losses, sharding
+from rlhf_jax import checkpoint, lora, losses, sharding
 from rlhf_jax.config import Config, DPOConfig, ModelConfig
 from rlhf_jax.data import sources
 from rlhf_jax.data.sources import loader
-from rlhf_jax.model import Transformer
+from rlhf_jax.model import predicted_logprobs
 from rlhf_jax.sharding import abstract_batch
 from rlhf_jax.stage_table import Pass, PlanInputs, Program
 from rlhf_jax.stages.driver import PLANNED_STEPS, OneModel, StageRun, drive, one_model, preflight
-from rlhf_jax.stages.lineage import initial_params, policy_model, start_point
+from rlhf_jax.stages.lineage import (
+    base_fingerprints,
+    base_name,
+    initial_params,
+    policy_model,
+    start_point,
+    trained_model,
+)
 from rlhf_jax.stages.rm import comparison_batch, planned_comparisons
-from rlhf_jax.train_state import TrainState, abstract_params, apply_gradients, params_shardings
+from rlhf_jax.train_state import (
+    TrainState,
+    abstract_params,
+    accumulate,
+    apply_gradients,
+    frozen_shardings,
+    params_shardings,
+)
 
 
 def completion_logprobs(
@@ -41,10 +55,8 @@ def completion_logprobs(
     """log pi(y_k | x) [B K] of every completion of a comparison batch (tokens [B K T])."""
     B, K, T = batch["tokens"].shape
     tokens = batch["tokens"].reshape(B * K, T)
-    logits = Transformer(model).apply(
-        {"params": params}, tokens, batch["attention_mask"].reshape(B * K, T)
-    )
-    per_token = losses.token_logprobs(logits[:, prompt_len - 1 : -1], tokens[:, prompt_len:])
+    attention = batch["attention_mask"].reshape(B * K, T)
+    per_token = predicted_logprobs(params, model, tokens, attention, prompt_len).logprobs
     mask = batch["response_mask"].reshape(B * K, T)[:, prompt_len:]
     return losses.sequence_logprobs(per_token, mask, average=average).reshape(B, K)
 
@@ -80,14 +92,22 @@ def dpo_batch_loss(
 def make_dpo_step(
     model: ModelConfig, cfg: DPOConfig, tx, shardings: TrainState, mesh, ref_sh, prompt_len: int
 ):
-    """``step(state, batch, ref_params) -> (state, metrics)``, jitted (state donated)."""
+    """``step(state, batch, ref_params) -> (state, metrics)``, jitted (state donated). With
+    LoRA (``model`` with adapters) ``ref_params`` is the frozen base: the policy is the base
+    with the state's adapters, the reference the base alone."""
 
     def step(state: TrainState, batch: dict, ref_params):
-        def loss_fn(params):
-            return dpo_batch_loss(params, ref_params, model, cfg, batch, prompt_len)
+        base = ref_params if model.adapted else None
 
-        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        return apply_gradients(tx, state, grads), {"loss": loss, **stats}
+        def loss_fn(params, b):
+            return dpo_batch_loss(lora.merge(base, params), ref_params, model, cfg, b, prompt_len)
+
+        def pairs(b):  # the loss is a mean over the counted pairs
+            return jnp.sum(losses.ranked_pairs(b["ranks"], b["valid"]))
+
+        out = accumulate(loss_fn, state.params, batch, cfg.grad_accum, pairs)
+        stats = {**out.stats, "pairs": pairs(batch).astype(jnp.float32)}  # (a count, not a mean)
+        return apply_gradients(tx, state, out.grads), {"loss": out.loss, **stats}
 
     batch_sh = sharding.batch_sharding(mesh, 2)
     return jax.jit(
@@ -127,8 +147,10 @@ class DPOSetup(NamedTuple):
 def dpo_setup(config: Config, total: int, mesh, init=None) -> DPOSetup:
     """DPO's state, jitted step and the reference's shardings: what ``run_dpo`` drives and
     ``dpo_programs`` plans."""
-    model = policy_model(config)
-    ref_sh = params_shardings(model, mesh, config.mesh.rules)
+    model = dpo_model(config)
+    # The reference: the frozen base (LoRA) or the SFT params beside the policy's.
+    rules = config.mesh.rules
+    ref_sh = frozen_shardings(model, mesh, rules) or params_shardings(model, mesh, rules)
     state = one_model(config, model, config.dpo.optimizer, total, mesh, init)
     step = make_dpo_step(
         model, config.dpo, state.tx, state.shardings, mesh, ref_sh, config.data.prompt_len
@@ -136,11 +158,18 @@ def dpo_setup(config: Config, total: int, mesh, init=None) -> DPOSetup:
     return DPOSetup(state, step, ref_sh)
 
 
+def dpo_model(config: Config, stage: str = "dpo") -> ModelConfig:
+    """The policy as DPO trains it (with adapters when ``lora.stages`` names the stage)."""
+    return trained_model(config, policy_model(config), stage)
+
+
 def dpo_programs(config: Config, stage: str, mesh, inputs: PlanInputs) -> list[Program]:
     """The DPO step on abstract inputs (``stage_table.Stage.plan``)."""
     batch = planned_comparisons(config, config.dpo.batch_size, inputs)
-    setup, model = dpo_setup(config, PLANNED_STEPS, mesh), policy_model(config)
-    ref = checkpoint.abstract_with_shardings(abstract_params(model), setup.ref_shardings)
+    setup, model = dpo_setup(config, PLANNED_STEPS, mesh), dpo_model(config, stage)
+    ref = setup.state.frozen_target or checkpoint.abstract_with_shardings(
+        abstract_params(model), setup.ref_shardings
+    )
     args = (setup.state.target, abstract_batch(batch, mesh), ref)
     B, K, T = batch["tokens"].shape
     work = (Pass(model, "train", B * K * T, T), Pass(model, "forward", B * K * T, T))
@@ -152,7 +181,7 @@ def run_dpo(config: Config, workdir: str | os.PathLike, stage: str = "dpo", *, m
     resumable. Exports the policy params, as SFT does (``rlhf-jax export --stage=dpo``)."""
     config.validate()
     cfg = config.dpo
-    model = policy_model(config)
+    model, trained = policy_model(config), dpo_model(config, stage)
     origin = start_point(config, workdir, stage)
     fingerprints = preflight(
         config,
@@ -160,15 +189,24 @@ def run_dpo(config: Config, workdir: str | os.PathLike, stage: str = "dpo", *, m
         stage,
         {"rm": (cfg.batch_size, "dpo.batch_size")},
         ((cfg.batch_size, "dpo.batch_size"),),
+        bases=base_fingerprints(config, workdir, trained, policy=origin),
     )
     mesh = mesh or sharding.make_mesh(config.mesh)
     data = loader(config, workdir, "rm", cfg.batch_size, config.seed, epochs=cfg.epochs)
     iters = [iter(data)]
     total = cfg.epochs * (sources.split_size(config, workdir, "rm") // cfg.batch_size)
-    reference = initial_params(config, workdir, origin, model, mesh)
-    # The policy starts as a copy of the reference: its own buffers, since the state is donated.
-    init = lambda: jax.tree.map(jnp.copy, reference)  # noqa: E731
+    load = lambda: initial_params(config, workdir, origin, model, mesh)  # noqa: E731
+    # Full training: the policy starts as a copy of the reference (its own buffers: the state
+    # is donated). LoRA: the SFT params become the frozen base (in its dtype; the float32 copy is
+    # not kept), which is the reference, and the state is fresh adapters over it.
+    reference = None if trained.adapted else load()
+    init = load if trained.adapted else lambda: jax.tree.map(jnp.copy, reference)
     state, step, _ = dpo_setup(config, total, mesh, init)
+    if trained.adapted:
+        reference = state.frozen()
+
+    def plain(params):  # the policy as a plain model: adapters folded into the base
+        return lora.fold(lora.merge(reference, params), trained) if trained.adapted else params
 
     def batches():
         for b in iters[0]:
@@ -178,7 +216,7 @@ def run_dpo(config: Config, workdir: str | os.PathLike, stage: str = "dpo", *, m
     if sources.expected_size(config, workdir, "rm_val"):
 
         def validate(s: TrainState) -> dict[str, float]:
-            return validation_metrics(s.params, reference, model, config, workdir)
+            return validation_metrics(plain(s.params), reference, model, config, workdir)
 
     run = StageRun(
         stage=stage,
@@ -190,7 +228,10 @@ def run_dpo(config: Config, workdir: str | os.PathLike, stage: str = "dpo", *, m
         step=lambda s, batch: step(s, batch, reference),
         iterators=iters,
         batches=batches(),
-        export=lambda s: s.params,
+        export=lambda s: plain(s.params),
+        adapters=lambda s: s.params,
+        adapted=trained,
+        base=base_name(config, origin),
         position=lambda s: s.step,
         key_metric="accuracy",
         validate=validate,

@@ -40,7 +40,9 @@ from rlhf_jax.fields import get_value
 from rlhf_jax.rundir import RunDir, stage_settings
 from rlhf_jax.train_state import (
     TrainState,
+    abstract_frozen,
     abstract_state,
+    adapt,
     create_train_state,
     key_data,
     make_optimizer,
@@ -60,10 +62,18 @@ def check_settings(config: Config, workdir, stage: str, fingerprints: dict[str, 
         return
     now = {**dataclasses.asdict(config), "data_fingerprints": fingerprints}
     was_, now_ = run.settings(stage), stage_settings(now, stage)
-    differ = [k for k in sorted(set(was_) | set(now_)) if was_.get(k) != now_.get(k)]
+    # A setting added since the checkpoints were made binds them at its default value.
+    default = stage_settings(dataclasses.asdict(Config()), stage)
+    differ = [
+        k for k in sorted(set(was_) | set(now_)) if was_.get(k, default.get(k)) != now_.get(k)
+    ]
     if differ:
         shown = ", ".join(
-            f"{k} changed" if k.startswith("data[") else f"{k}: {was_.get(k)!r} -> {now_.get(k)!r}"
+            f"the frozen base of {k[len('data[base:') : -1]} (its source was run again or replaced)"
+            if k.startswith("data[base:")
+            else f"{k} changed"
+            if k.startswith("data[")
+            else f"{k}: {was_.get(k)!r} -> {now_.get(k)!r}"
             for k in differ[:6]
         ) + (f" and {len(differ) - 6} more" if len(differ) > 6 else "")
         state = "finished" if run.finished(stage) else "started"
@@ -81,6 +91,7 @@ def preflight(
     batches: dict[str, tuple[int, str]],
     sharded: tuple[tuple[int, str], ...] = (),
     why: dict[str, str] | None = None,
+    bases: dict[str, str] | None = None,
 ) -> dict:
     """Checks before a stage writes anything (see the module docstring); ``batches`` maps each
     data use to ``(global batch size, the config field that sets it)``, ``sharded`` lists the
@@ -107,6 +118,7 @@ def preflight(
             fingerprints[use] = sources.fingerprint(config, workdir, use)
         except ConfigError as e:
             raise ConfigError(f"{e}; {why[use]}" if why and use in why else str(e)) from None
+    fingerprints.update(bases or {})
     check_settings(config, workdir, stage, fingerprints)
     for use, (batch, field) in batches.items():
         n = sources.expected_size(config, workdir, use)
@@ -120,12 +132,16 @@ def preflight(
 
 
 class OneModel(NamedTuple):
-    """The state of a stage that trains one model (pretrain, SFT, RM)."""
+    """The state of a stage that trains one model (pretrain, SFT, RM). With LoRA the state holds
+    the trainable part only; ``frozen()`` is the base it runs on (loaded once, never saved), and
+    ``frozen_target`` its abstract sharded form (None without LoRA, where ``frozen()`` is None)."""
 
     tx: optax.GradientTransformation
     shardings: TrainState  # of the whole state
     target: TrainState  # abstract, with shardings: what a resume restores into
     start: Callable[[], TrainState]  # the fresh state
+    frozen: Callable[[], Any]  # the frozen base (LoRA), or None
+    frozen_target: Any
 
 
 def one_model(
@@ -138,23 +154,40 @@ def one_model(
 ) -> OneModel:
     """Optimiser, shardings, restore target and fresh start (``init()`` params in a new
     TrainState with the run's key) of a one-model stage of ``total`` steps. ``init`` is None
-    where nothing starts (a plan)."""
+    where nothing starts (a plan). With LoRA (``model.adapted``), ``init()`` gives the plain
+    base: it is split once into the frozen base and the trainable start (``adapt``)."""
     tx = make_optimizer(optimizer, total)
     shardings = train_state_shardings(model, tx, mesh, config.mesh.rules)
     target = checkpoint.abstract_with_shardings(abstract_state(model, tx), shardings)
+    parts: list = []
+
+    def split():
+        if not parts:
+            parts.append(adapt(init(), model, jax.random.key(config.seed + 5)))
+        return parts[0]
 
     def start() -> TrainState:
-        return create_train_state(init(), tx, key_data(config.seed), shardings)
+        params = split().trainable if model.adapted else init()
+        return create_train_state(params, tx, key_data(config.seed), shardings)
 
-    return OneModel(tx, shardings, target, start)
+    def frozen():
+        return split().frozen if model.adapted else None
+
+    frozen_target = abstract_frozen(model, mesh, config.mesh.rules)
+    return OneModel(tx, shardings, target, start, frozen, frozen_target)
 
 
-def jit_step(step, shardings: TrainState, mesh):
-    """``step(state, batch) -> (state, metrics)`` jitted with the state's shardings (donated) and
-    every batch field split over (data, fsdp)."""
+def jit_step(step, shardings: TrainState, mesh, frozen_target=None):
+    """``step(state, frozen, batch) -> (state, metrics)`` jitted with the state's shardings
+    (donated), the frozen base's (``frozen_target``'s, None without LoRA) and every batch field
+    split over (data, fsdp)."""
     batch_sh = sharding.batch_sharding(mesh, 2)
+    frozen_sh = None if frozen_target is None else jax.tree.map(lambda x: x.sharding, frozen_target)
     return jax.jit(
-        step, in_shardings=(shardings, batch_sh), out_shardings=(shardings, None), donate_argnums=0
+        step,
+        in_shardings=(shardings, frozen_sh, batch_sh),
+        out_shardings=(shardings, None),
+        donate_argnums=0,
     )
 
 
@@ -233,8 +266,15 @@ class StageRun:
     loss: str = "loss"
     validate: Callable[[Any], dict[str, float]] | None = None
     validate_every: int = 0
-    # Called at each logging step with (step, state, metrics["_samples"]); returns extra metrics.
+    # Called at each logging step with (step, policy(state), metrics["_samples"]); returns extra
+    # metrics. ``policy(state)``: the current policy's params as a plain model (RL stages).
     on_log: Callable[[int, Any, Any], dict] | None = None
+    policy: Callable[[Any], Any] | None = None
+    # LoRA: the adapters the export folded in (saved beside it for ``rlhf-jax export
+    # --adapters``), the model that holds them, and where its frozen base came from.
+    adapters: Callable[[Any], Any] | None = None
+    adapted: ModelConfig | None = None
+    base: str = ""
 
 
 def drive(config: Config, workdir, run: StageRun, mesh) -> dict:
@@ -304,7 +344,10 @@ def _loop(config: Config, run: StageRun, ckpt, metrics_log: MetricsLog, state, s
         if done % config.log_every == 0 or done == run.total or save or validate:
             _check_finite(run, metrics, done, ckpt)
         if done % config.log_every == 0 or done == run.total or validate:
-            extra = run.on_log(done, state, metrics.get("_samples")) if run.on_log else {}
+            extra = {}
+            if run.on_log:
+                policy = run.policy(state) if run.policy else state
+                extra = run.on_log(done, policy, metrics.get("_samples"))
             if validate:
                 extra = {**extra, **run.validate(state)}
             scalars = {k: v for k, v in metrics.items() if not k.startswith("_")}
@@ -315,8 +358,17 @@ def _loop(config: Config, run: StageRun, ckpt, metrics_log: MetricsLog, state, s
             last_save = time.perf_counter()
     seconds = time.perf_counter() - t0
     meta = {"seconds": seconds, **{f"final_{k}": v for k, v in last.items()}}
+    adapters = None
+    if run.adapters is not None and run.adapted is not None and run.adapted.adapted:
+        adapters = run.adapters(state)
+        meta["lora"] = {**dataclasses.asdict(run.adapted.lora), "base": run.base}
     ckpt.save(
-        run.total, state, data_state=data_state(), metadata=meta, export_params=run.export(state)
+        run.total,
+        state,
+        data_state=data_state(),
+        metadata=meta,
+        export_params=run.export(state),
+        adapters=adapters,
     )
     log.info(
         "[%s] %d steps in %.1fs; %s",

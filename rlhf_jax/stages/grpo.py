@@ -21,32 +21,39 @@ import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax import checkpoint, losses, rollout, sharding, stage_table
+from rlhf_jax import checkpoint, lora, losses, rollout, sharding, stage_table
 from rlhf_jax.config import Config, ModelConfig
 from rlhf_jax.data import sources
 from rlhf_jax.data.loaders import placeholder_batch, prompt_batch
 from rlhf_jax.data.records import Kind
 from rlhf_jax.data.sources import loader
 from rlhf_jax.evaluate import rollout_work
-from rlhf_jax.model import Transformer
+from rlhf_jax.model import predicted_logprobs
 from rlhf_jax.sharding import abstract_batch
 from rlhf_jax.stage_table import Pass, PlanInputs, Program
 from rlhf_jax.stages.driver import OneModel, StageRun, drive, one_model, preflight
 from rlhf_jax.stages.lineage import (
+    base_fingerprints,
+    base_name,
     initial_params,
     load_reward_model,
     policy_model,
     reward_model_config,
+    reward_source,
     rm_architecture,
     start_point,
+    trained_model,
 )
 from rlhf_jax.train_state import (
     TrainState,
     abstract_params,
+    accumulate,
     apply_gradients,
+    frozen_shardings,
     params_shardings,
     state_key,
 )
@@ -75,12 +82,16 @@ def make_grpo_iteration(
     pad_id: int,
     critic: ModelConfig | None = None,
     reward_fn: RewardFn | None = None,
+    policy: ModelConfig | None = None,
 ) -> Callable:
     """The whole GRPO/RLOO iteration as one traceable function (jit it with
     ``jit_grpo_iteration``). ``frozen = (ref_params, reward_params, reward_bias)``; with
-    ``reward_fn`` the reward model is not called (pass ``None`` for its params)."""
+    ``reward_fn`` the reward model is not called (pass ``None`` for its params). With LoRA
+    (``policy`` with adapters) the state holds the adapters and ``ref_params`` is the frozen
+    base they sit on: the policy is the two merged, the reference the base alone."""
     cfg = config.grpo
-    policy_cfg = policy_model(config)
+    policy_cfg = policy or policy_model(config)
+    base = policy_cfg.adapted
     K, n_mb = cfg.group_size, steps_per_iteration(config) // cfg.epochs
     sampler = rollout.Sampler(temperature=cfg.temperature)
     if reward_fn is None and critic is None:
@@ -88,13 +99,14 @@ def make_grpo_iteration(
 
     def iteration(state: TrainState, prompts: dict, frozen: tuple):
         ref_params, reward_params, reward_bias = frozen
+        merged = lambda p: lora.merge(ref_params if base else None, p)  # noqa: E731
         sample_rng, perm_rng = jax.random.split(state_key(state.rng, state.step))
         # Each prompt K times in a row: group b is rows b K .. b K + K - 1.
         pt = jnp.repeat(prompts["prompt_tokens"], K, axis=0)
         pm = jnp.repeat(prompts["prompt_mask"], K, axis=0)
         P, N = pt.shape[1], pt.shape[0]
         sample = rollout.generate(
-            state.params,
+            merged(state.params),
             policy_cfg,
             pt,
             pm,
@@ -108,7 +120,7 @@ def make_grpo_iteration(
         tokens, attention = rollout.full_sequence(pt, pm, sample.tokens, mask)
         # pi_old teacher-forced, as in PPO, so the first ratio is exactly 1.
         logp = rollout.response_logprobs(
-            state.params, policy_cfg, tokens, attention, P, temperature=cfg.temperature
+            merged(state.params), policy_cfg, tokens, attention, P, temperature=cfg.temperature
         )
         ref = rollout.response_logprobs(
             ref_params, policy_cfg, tokens, attention, P, temperature=cfg.temperature
@@ -138,11 +150,10 @@ def make_grpo_iteration(
         ).reshape(cfg.epochs * n_mb, -1)
 
         def loss_fn(params, mb):
-            logits = Transformer(policy_cfg).apply(
-                {"params": params}, mb["tokens"], mb["attention"]
-            )
-            logits = logits[:, P - 1 : -1]
-            new = losses.token_logprobs(logits, mb["tokens"][:, P:], temperature=cfg.temperature)
+            new = predicted_logprobs(
+                merged(params), policy_cfg, mb["tokens"], mb["attention"], P,
+                temperature=cfg.temperature,
+            ).logprobs  # fmt: skip
             pg, stats = losses.ppo_policy_loss(
                 new, mb["old"], mb["adv"], mb["mask"], clip_eps=cfg.clip_eps,
                 normalize=cfg.normalize,
@@ -153,10 +164,17 @@ def make_grpo_iteration(
             stats = {**stats, "policy_loss": pg, "kl_loss": kl}
             return pg + cfg.kl_coef * kl, stats
 
+        def weight(mb):  # what the loss is a mean over (losses.token_aggregate)
+            if cfg.normalize == "token":
+                return jnp.sum(mb["mask"])
+            if cfg.normalize == "sequence":
+                return jnp.sum(jnp.any(mb["mask"] > 0, axis=1))
+            return mb["mask"].shape[0]
+
         def update(policy: TrainState, idx):
             mb = jax.tree.map(lambda x: x[idx], batch)
-            (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(policy.params, mb)
-            return apply_gradients(policy_tx, policy, grads), {**stats, "loss": loss}
+            out = accumulate(loss_fn, policy.params, mb, cfg.grad_accum, weight)
+            return apply_gradients(policy_tx, policy, out.grads), {**out.stats, "loss": out.loss}
 
         policy, stats = jax.lax.scan(update, state, order)
         kl = losses.kl_estimates(logp, ref, mask).k1.sum(axis=1)  # the sequence KL, as PPO logs
@@ -209,9 +227,11 @@ def grpo_setup(
     reward_fn: RewardFn | None = None,
     init=None,
 ) -> GRPOSetup:
-    cfg, model = config.grpo, policy_model(config)
+    cfg, model = config.grpo, grpo_model(config)
     rules = config.mesh.rules
-    ref_sh, scalar = params_shardings(model, mesh, rules), sharding.replicated(mesh)
+    scalar = sharding.replicated(mesh)
+    # The reference: the frozen base (LoRA) or the SFT params beside the policy's.
+    ref_sh = frozen_shardings(model, mesh, rules) or params_shardings(model, mesh, rules)
     reward_sh = params_shardings(critic, mesh, rules) if reward_fn is None else None
     total = cfg.iterations * steps_per_iteration(config)
     state = one_model(config, model, cfg.policy_optimizer, total, mesh, init)
@@ -222,10 +242,16 @@ def grpo_setup(
         pad_id=pad_id,
         critic=critic if reward_fn is None else None,
         reward_fn=reward_fn,
+        policy=model,
     )
     frozen_sh = (ref_sh, reward_sh, scalar)
     step = jit_grpo_iteration(iteration, state.shardings, frozen_sh, mesh)
     return GRPOSetup(state, step, frozen_sh)
+
+
+def grpo_model(config: Config) -> ModelConfig:
+    """The policy as GRPO/RLOO trains it (with adapters when ``lora.stages`` names the stage)."""
+    return trained_model(config, policy_model(config), stage_name(config))
 
 
 def grpo_programs(config: Config, stage: str, mesh, inputs: PlanInputs) -> list[Program]:
@@ -236,14 +262,24 @@ def grpo_programs(config: Config, stage: str, mesh, inputs: PlanInputs) -> list[
     setup = grpo_setup(config, mesh, critic, eos_id=inputs.eos_id, pad_id=inputs.pad_id)
     prompts = placeholder_batch(Kind.PROMPTS, cfg.batch_size, prompt_len=d.prompt_len)
     ref_sh, reward_sh, scalar = setup.frozen_shardings
+    model = grpo_model(config)
+    ref = setup.state.frozen_target or checkpoint.abstract_with_shardings(
+        abstract_params(policy_model(config)), ref_sh
+    )
+    critic_params = abstract_params(critic)
+    if model.adapted:  # the RM is frozen too: held in the base's dtype
+        critic_params = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(model.base_dtype)),
+            nn.meta.unbox(critic_params),
+        )
     frozen = (
-        checkpoint.abstract_with_shardings(abstract_params(policy_model(config)), ref_sh),
-        checkpoint.abstract_with_shardings(abstract_params(critic), reward_sh),
+        ref,
+        checkpoint.abstract_with_shardings(critic_params, reward_sh),
         jax.ShapeDtypeStruct((), jnp.float32, sharding=scalar),
     )
     args = (setup.state.target, abstract_batch(prompt_batch(prompts), mesh), frozen)
     N, P, R = cfg.batch_size * cfg.group_size, d.prompt_len, cfg.max_new_tokens
-    policy, T = policy_model(config), P + R
+    policy, T = model, P + R
     work = (
         *rollout_work(policy, N, P, R),
         Pass(policy, "forward", 2 * N * T, T),  # the sampling policy and the reference
@@ -272,30 +308,42 @@ def run_grpo(
     policy_origin = start_point(config, workdir, stage, "policy")
     if reward_fn is None:
         start_point(config, workdir, stage, "reward")  # the RM must have run
+    model = trained_model(config, policy_model(config), stage)
+    bases = {"policy": policy_origin}
+    if reward_fn is None:
+        bases["reward"] = reward_source(config, workdir)
     fingerprints = preflight(
         config,
         workdir,
         stage,
         {"ppo": (cfg.batch_size, "grpo.batch_size")},
         ((cfg.batch_size, "grpo.batch_size"),),
+        bases=base_fingerprints(config, workdir, model, **bases),
     )
     mesh = mesh or sharding.make_mesh(config.mesh)
-    model = policy_model(config)
     per_iteration = steps_per_iteration(config)
     prompts_it = iter(loader(config, workdir, "ppo", cfg.batch_size, config.seed))
-    reference = initial_params(config, workdir, policy_origin, model, mesh)
-    if reward_fn is None:
-        critic = reward_model_config(config, workdir)
-        rm = load_reward_model(config, workdir, mesh)
-        frozen = (reference, rm.params, rm.bias)
-    else:
-        critic = None
-        frozen = (reference, None, jnp.zeros((), jnp.float32))
-    init = lambda: jax.tree.map(jnp.copy, reference)  # noqa: E731  (the state is donated)
+    load = lambda: initial_params(config, workdir, policy_origin, policy_model(config), mesh)  # noqa: E731
+    # Full training: the policy starts as a copy of the reference (its own buffers: the state
+    # is donated). LoRA: the SFT params become the frozen base (in its dtype; the float32 copy is
+    # not kept), which is the reference, and the state is fresh adapters over it.
+    reference = None if model.adapted else load()
+    init = load if model.adapted else lambda: jax.tree.map(jnp.copy, reference)
+    critic = reward_model_config(config, workdir) if reward_fn is None else None
     eos_id, pad_id = sources.special_ids(config, workdir)
     state, step, _ = grpo_setup(
         config, mesh, critic, eos_id=eos_id, pad_id=pad_id, reward_fn=reward_fn, init=init
     )
+    ref = state.frozen() if model.adapted else reference
+    if reward_fn is None:
+        rm = load_reward_model(config, workdir, mesh)
+        reward = lora.to_base_dtype(rm.params, model) if model.adapted else rm.params
+        frozen = (ref, reward, rm.bias)
+    else:
+        frozen = (ref, None, jnp.zeros((), jnp.float32))
+
+    def plain(params):  # the policy as a plain model: adapters folded into the base
+        return lora.fold(lora.merge(ref, params), model) if model.adapted else params
 
     def batches():
         while True:
@@ -307,7 +355,7 @@ def run_grpo(
 
     run = StageRun(
         stage=stage,
-        model=model,
+        model=policy_model(config),
         fingerprints=fingerprints,
         total=cfg.iterations,
         target=state.target,
@@ -315,10 +363,14 @@ def run_grpo(
         step=step_fn,
         iterators=[prompts_it],
         batches=batches(),
-        export=lambda s: s.params,
+        export=lambda s: plain(s.params),
         position=lambda s: s.step // per_iteration,
         key_metric="objective/score",
         loss="grpo/loss/total",
         on_log=on_log,
+        policy=lambda s: plain(s.params),
+        adapters=lambda s: s.params,
+        adapted=model,
+        base=base_name(config, policy_origin),
     )
     return drive(config, workdir, run, mesh)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlhf_jax import checkpoint, hf, sharding, stage_table
+from rlhf_jax import checkpoint, hf, lora, sharding, stage_table
 from rlhf_jax.config import MODEL_SIZES, Config, ModelConfig, rm_config
 from rlhf_jax.errors import ConfigError, StageError
 from rlhf_jax.model import abstract_params
@@ -58,9 +58,50 @@ def start_point(config: Config, workdir, stage: str, role: str = "policy") -> st
     )
 
 
+def base_fingerprints(config: Config, workdir, model: ModelConfig, **origins) -> dict[str, str]:
+    """``{"base:<role>": fingerprint}`` of each frozen base a LoRA stage's adapters sit on
+    (``lora.base_fingerprint``); ``origins`` maps a role to a stage name, ``INIT_FROM``, ``FRESH``
+    or a directory. Empty without LoRA, where checkpoints hold every weight."""
+    if not model.adapted:
+        return {}
+    out = {}
+    for role, origin in origins.items():
+        if origin == FRESH:
+            out[f"base:{role}"] = f"fresh(seed={config.seed})"
+            continue
+        if origin == INIT_FROM:
+            path = Path(config.init_from)
+        elif isinstance(origin, Path):
+            path = origin
+        else:
+            path = RunDir(workdir).stage(origin)
+        out[f"base:{role}"] = lora.base_fingerprint(path)
+    return out
+
+
+def base_name(config: Config, origin) -> str:
+    """Where a LoRA stage's frozen base came from, as its metadata records it: ``stage:<name>``,
+    an absolute checkpoint directory (``init_from``, or one given as a path), or ``fresh``."""
+    if origin == FRESH:
+        return "fresh"
+    if origin == INIT_FROM:
+        return os.path.abspath(config.init_from)
+    if isinstance(origin, Path):
+        return os.path.abspath(origin)
+    return f"stage:{origin}"
+
+
+def trained_model(config: Config, architecture: ModelConfig, stage: str) -> ModelConfig:
+    """``architecture`` (of a checkpoint, a stage directory or a named size) as ``stage`` trains
+    it: with the run's adapters (``model.lora``) when the stage is one of ``lora.stages``."""
+    training = dict(lora=config.model.lora, frozen_dtype=config.model.frozen_dtype)
+    return dataclasses.replace(architecture, **training).for_stage(stage)
+
+
 def policy_model(config: Config) -> ModelConfig:
-    """The policy's architecture as every RL forward uses it: no dropout."""
-    return dataclasses.replace(config.model, dropout=0.0)
+    """The policy's architecture as every RL forward and every reader of a stage's params uses
+    it: no dropout, no adapters (a stage trains them with ``trained_model``)."""
+    return dataclasses.replace(config.model.plain(), dropout=0.0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -148,7 +189,7 @@ def adopt_architecture(config: Config, explicit: tuple[str, ...] = ()) -> Config
         return config
     ckpt = hf.load_config(config.init_from)
     fields = [f.name for f in dataclasses.fields(ModelConfig)]
-    keep = ("dtype", "param_dtype", "dropout", "head", "remat")
+    keep = ("dtype", "param_dtype", "dropout", "head", "remat", "lora", "frozen_dtype")
     taken = {f: getattr(ckpt, f) for f in fields if f not in keep}
     for f, value in taken.items():
         if f"model.{f}" in explicit and getattr(config.model, f) != value:

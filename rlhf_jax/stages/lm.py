@@ -20,16 +20,17 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rlhf_jax import losses, sharding
+from rlhf_jax import lora, losses, sharding
 from rlhf_jax.config import Config, ModelConfig
 from rlhf_jax.data import sources
 from rlhf_jax.data.loaders import placeholder_batch
 from rlhf_jax.data.records import Kind
 from rlhf_jax.data.sources import loader
-from rlhf_jax.model import Transformer
+from rlhf_jax.model import predicted_logprobs
 from rlhf_jax.sharding import abstract_batch
 from rlhf_jax.stage_table import Pass, PlanInputs, Program
 from rlhf_jax.stages.driver import (
@@ -41,38 +42,57 @@ from rlhf_jax.stages.driver import (
     one_model,
     preflight,
 )
-from rlhf_jax.stages.lineage import initial_params, policy_model, start_point
-from rlhf_jax.train_state import TrainState, apply_gradients, state_key
+from rlhf_jax.stages.lineage import (
+    base_fingerprints,
+    base_name,
+    initial_params,
+    start_point,
+)
+from rlhf_jax.train_state import TrainState, accumulate, apply_gradients, state_key
 
 
 def make_lm_step(
-    model: ModelConfig, tx: optax.GradientTransformation, shardings: TrainState, mesh
-) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """One optimiser step on ``sft_loss`` (pretraining and SFT).
+    model: ModelConfig,
+    tx: optax.GradientTransformation,
+    shardings: TrainState,
+    mesh,
+    *,
+    micro: int = 1,
+    frozen_target=None,
+) -> Callable[[TrainState, Any, dict], tuple[TrainState, dict]]:
+    """One optimiser step on ``sft_loss`` (pretraining and SFT): ``step(state, frozen, batch)``,
+    ``frozen`` the LoRA base (None without LoRA).
 
     batch: ``tokens``, ``attention_mask``, ``loss_mask`` [B T] (loss_mask weights the tokens that
     are predicted: response tokens, prompt tokens times ``prompt_loss_weight``, pretraining text).
-    Dropout is on when ``model.dropout > 0``, with the key ``fold_in(state.rng, step)``.
+    Dropout is on when ``model.dropout > 0``, with the key ``fold_in(state.rng, step)`` (and
+    ``fold_in`` of that by the micro-batch with gradient accumulation, ``micro > 1``). The loss is
+    the token mean over the batch, its gradient accumulated over ``micro`` micro-batches.
     """
 
-    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    def step(state: TrainState, frozen, batch: dict) -> tuple[TrainState, dict]:
         rng = state_key(state.rng, state.step)
+        rows = jnp.arange(batch["tokens"].shape[0])
 
-        def loss_fn(params):
-            logits = Transformer(model).apply(
-                {"params": params},
-                batch["tokens"],
-                batch["attention_mask"],
-                deterministic=model.dropout == 0.0,
-                rngs={"dropout": rng},
-            )
-            return losses.sft_loss(logits, batch["tokens"], batch["loss_mask"])
+        def loss_fn(params, b):
+            key = rng if micro == 1 else jax.random.fold_in(rng, b["row"][0])
+            logp = predicted_logprobs(
+                lora.merge(frozen, params),
+                model,
+                b["tokens"],
+                b["attention_mask"],
+                1,
+                deterministic=model.dropout == 0.0 and model.lora.dropout == 0.0,
+                rngs={"dropout": key},
+            ).logprobs
+            return -losses.masked_mean(logp, b["loss_mask"][:, 1:]), {}
 
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        new = apply_gradients(tx, state, grads)
-        return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        weight = lambda b: jnp.sum(b["loss_mask"][:, 1:])  # noqa: E731  (the mean's tokens)
+        out = accumulate(loss_fn, state.params, {**batch, "row": rows}, micro, weight)
+        new = apply_gradients(tx, state, out.grads)
+        return new, {"loss": out.loss, "grad_norm": optax.tree.norm(out.grads)}
 
-    return jit_step(step, shardings, mesh)
+    return jit_step(step, shardings, mesh, frozen_target)
 
 
 def text_batch(b: dict) -> dict:
@@ -107,8 +127,7 @@ def validation_loss(params, model: ModelConfig, config: Config, workdir) -> floa
 
     @jax.jit
     def sums(p, b):
-        logits = Transformer(model).apply({"params": p}, b["tokens"], b["attention_mask"])
-        logp = losses.token_logprobs(logits[:, :-1], b["tokens"][:, 1:])
+        logp = predicted_logprobs(p, model, b["tokens"], b["attention_mask"], 1).logprobs
         w = (b["response_mask"] + weight * b["prompt_mask"])[:, 1:]
         return -(logp * w).sum(), w.sum()
 
@@ -142,13 +161,23 @@ def lm_batch(config: Config, stage: str, demos: dict | None, text: dict | None) 
     return concat_batches(b, text_batch(text)) if text is not None else b
 
 
+def lm_model(config: Config, stage: str) -> ModelConfig:
+    """The model ``stage`` trains: the policy's, with its dropout and (SFT) its adapters."""
+    cfg = lm_section(config, stage)
+    return dataclasses.replace(config.model.for_stage(stage), dropout=cfg.dropout)
+
+
 def lm_setup(config: Config, stage: str, total: int, mesh, init=None) -> tuple[OneModel, Any]:
     """The stage's state (``OneModel``: optimiser, shardings, restore target, fresh start from
     ``init()``) and its jitted step: what the runner drives and ``lm_programs`` plans."""
     cfg = lm_section(config, stage)
-    model = dataclasses.replace(config.model, dropout=cfg.dropout)
+    model = lm_model(config, stage)
     state = one_model(config, model, cfg.optimizer, total, mesh, init)
-    return state, make_lm_step(model, state.tx, state.shardings, mesh)
+    micro = getattr(cfg, "grad_accum", 1)
+    step = make_lm_step(
+        model, state.tx, state.shardings, mesh, micro=micro, frozen_target=state.frozen_target
+    )
+    return state, step
 
 
 def lm_programs(config: Config, stage: str, mesh, inputs: PlanInputs) -> list[Program]:
@@ -165,8 +194,8 @@ def lm_programs(config: Config, stage: str, mesh, inputs: PlanInputs) -> list[Pr
     batch = lm_batch(config, stage, demos, text)
     state, step = lm_setup(config, stage, PLANNED_STEPS, mesh)
     B, T = batch["tokens"].shape
-    work = (Pass(policy_model(config), "train", B * T, T),)
-    args = (state.target, abstract_batch(batch, mesh))
+    work = (Pass(lm_model(config, stage), "train", B * T, T),)
+    args = (state.target, state.frozen_target, abstract_batch(batch, mesh))
     return [Program(f"{stage} step", step, args, B * T, work, f"{stage}.batch_size")]
 
 
@@ -185,7 +214,7 @@ def run_lm_stage(
     cfg = lm_section(config, stage)
     config.validate()
     is_sft = stage == "sft"
-    model = dataclasses.replace(config.model, dropout=cfg.dropout)
+    model = lm_model(config, stage)
     origin = start_point(config, workdir, stage)
     n_demo, n_ptx = lm_shares(config, stage) if is_sft else (0, 0)
     if is_sft:
@@ -197,7 +226,8 @@ def run_lm_stage(
     why = {"pretrain": f"or set --config.sft.ptx_fraction=0 (sft.ptx_fraction={cfg.ptx_fraction} "
            "mixes pretraining text into every SFT batch)"} if is_sft else None  # fmt: skip
     sharded = ((cfg.batch_size, f"{stage}.batch_size"),)
-    fingerprints = preflight(config, workdir, stage, uses, sharded, why)
+    bases = base_fingerprints(config, workdir, model, policy=origin)
+    fingerprints = preflight(config, workdir, stage, uses, sharded, why, bases)
     mesh = mesh or sharding.make_mesh(config.mesh)
 
     # Data: SFT = demonstrations (+ a pretraining share); pretraining = text only. Batch sizes are
@@ -221,29 +251,37 @@ def run_lm_stage(
                 text = next(iters[1]) if len(iters) > 1 else None
                 yield lm_batch(config, stage, next(iters[0]), text)
 
-    init = lambda: initial_params(config, workdir, origin, model, mesh)  # noqa: E731
+    init = lambda: initial_params(config, workdir, origin, model.plain(), mesh)  # noqa: E731
     state, step = lm_setup(config, stage, total, mesh, init)
+    plain = dataclasses.replace(model.plain(), dropout=0.0)
+
+    def export(s: TrainState):  # the plain model: adapters folded into the base
+        return lora.fold(lora.merge(state.frozen(), s.params), model)
+
     validate = None
     if is_sft and sources.expected_size(config, workdir, "sft_val"):
-        eval_model = dataclasses.replace(model, dropout=0.0)
 
         def validate(s):
-            extra = on_validate(s.params) if on_validate else {}
-            return {"val/loss": validation_loss(s.params, eval_model, config, workdir), **extra}
+            params = export(s)
+            extra = on_validate(params) if on_validate else {}
+            return {"val/loss": validation_loss(params, plain, config, workdir), **extra}
 
     run = StageRun(
         stage=stage,
-        model=dataclasses.replace(model, dropout=0.0),
+        model=plain,
         fingerprints=fingerprints,
         total=total,
         target=state.target,
         start=state.start,
-        step=step,
+        step=lambda s, b: step(s, state.frozen(), b),
         iterators=iters,
         batches=batches(),
-        export=lambda s: s.params,
+        export=export,
         position=lambda s: s.step,
         validate=validate,
+        adapters=lambda s: s.params,
+        adapted=model,
+        base=base_name(config, origin),
         validate_every=steps_per_epoch if is_sft else 0,
     )
     return drive(config, workdir, run, mesh)

@@ -10,14 +10,15 @@ the RM scores.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import losses, rollout, sharding
-from rlhf_jax.config import Config, ModelConfig
+from rlhf_jax import lora, losses, rollout, sharding
+from rlhf_jax.config import MODEL_SIZES, Config, ModelConfig
 from rlhf_jax.data import sources
 from rlhf_jax.data.loaders import placeholder_batch
 from rlhf_jax.data.records import Kind
@@ -25,7 +26,7 @@ from rlhf_jax.data.sources import loader
 from rlhf_jax.evaluate import comparison_metrics
 from rlhf_jax.rollout import RewardModel
 from rlhf_jax.sharding import abstract_batch
-from rlhf_jax.stage_table import Pass, PlanInputs, Program
+from rlhf_jax.stage_table import FRESH, Pass, PlanInputs, Program
 from rlhf_jax.stages.driver import (
     PLANNED_STEPS,
     OneModel,
@@ -35,8 +36,15 @@ from rlhf_jax.stages.driver import (
     one_model,
     preflight,
 )
-from rlhf_jax.stages.lineage import initial_reward_params, rm_architecture, start_point
-from rlhf_jax.train_state import TrainState, apply_gradients
+from rlhf_jax.stages.lineage import (
+    base_fingerprints,
+    base_name,
+    initial_reward_params,
+    rm_architecture,
+    start_point,
+    trained_model,
+)
+from rlhf_jax.train_state import TrainState, accumulate, apply_gradients
 
 
 def completion_rewards(params, model: ModelConfig, batch: dict, prompt_len: int):
@@ -46,16 +54,30 @@ def completion_rewards(params, model: ModelConfig, batch: dict, prompt_len: int)
     )
 
 
-def make_rm_step(model: ModelConfig, tx, shardings: TrainState, mesh, prompt_len: int):
-    def step(state: TrainState, batch: dict):
-        def loss_fn(params):
-            rewards = completion_rewards(params, model, batch, prompt_len)
-            return losses.ranking_loss(rewards, batch["ranks"], valid=batch["valid"])
+def make_rm_step(
+    model: ModelConfig, tx, shardings: TrainState, mesh, prompt_len: int, *, micro=1, frozen=None
+):
+    """``step(state, frozen, batch)``: one optimiser step on the ranking loss, its gradient
+    accumulated over ``micro`` micro-batches (``frozen``: the LoRA base's abstract target)."""
 
-        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        return apply_gradients(tx, state, grads), {"loss": loss, "accuracy": accuracy}
+    def step(state: TrainState, frozen_params, batch: dict):
+        def loss_fn(params, b):
+            rewards = completion_rewards(lora.merge(frozen_params, params), model, b, prompt_len)
+            loss, accuracy = losses.ranking_loss(rewards, b["ranks"], valid=b["valid"])
+            pairs = jnp.sum(losses.ranked_pairs(b["ranks"], b["valid"])).astype(jnp.float32)
+            # The accuracy is pooled over pairs: its sums add over micro-batches.
+            return loss, {"correct_sum": accuracy * pairs, "pairs_sum": pairs}
 
-    return jit_step(step, shardings, mesh)
+        def weight(b):  # the loss is a mean over the prompts that have a pair
+            return jnp.sum(jnp.any(losses.ranked_pairs(b["ranks"], b["valid"]), axis=(1, 2)))
+
+        out = accumulate(loss_fn, state.params, batch, micro, weight)
+        correct, pairs = out.stats["correct_sum"], out.stats["pairs_sum"]
+        accuracy = jnp.where(pairs > 0, correct / jnp.maximum(pairs, 1.0), 0.0)
+        metrics = {"loss": out.loss, "accuracy": accuracy}
+        return apply_gradients(tx, state, out.grads), metrics
+
+    return jit_step(step, shardings, mesh, frozen)
 
 
 def demonstration_scores(
@@ -107,12 +129,26 @@ def planned_comparisons(config: Config, batch_size: int, inputs: PlanInputs) -> 
     )
 
 
+def rm_model(config: Config) -> ModelConfig:
+    """The reward model as the RM stage trains it (with adapters when ``lora.stages`` has rm)."""
+    return trained_model(config, rm_architecture(config), "rm")
+
+
 def rm_setup(config: Config, total: int, mesh, init=None) -> tuple[OneModel, Any]:
     """The RM's state (``OneModel``) and jitted step: what ``run_rm`` drives and
     ``rm_programs`` plans."""
-    model = rm_architecture(config)
+    model = rm_model(config)
     state = one_model(config, model, config.rm.optimizer, total, mesh, init)
-    return state, make_rm_step(model, state.tx, state.shardings, mesh, config.data.prompt_len)
+    step = make_rm_step(
+        model,
+        state.tx,
+        state.shardings,
+        mesh,
+        config.data.prompt_len,
+        micro=config.rm.grad_accum,
+        frozen=state.frozen_target,
+    )
+    return state, step
 
 
 def rm_programs(config: Config, stage: str, mesh, inputs: PlanInputs) -> list[Program]:
@@ -120,8 +156,8 @@ def rm_programs(config: Config, stage: str, mesh, inputs: PlanInputs) -> list[Pr
     batch = planned_comparisons(config, config.rm.batch_size, inputs)
     state, step = rm_setup(config, PLANNED_STEPS, mesh)
     B, K, T = batch["tokens"].shape
-    work = (Pass(rm_architecture(config), "train", B * K * T, T),)
-    args = (state.target, abstract_batch(batch, mesh))
+    work = (Pass(rm_model(config), "train", B * K * T, T),)
+    args = (state.target, state.frozen_target, abstract_batch(batch, mesh))
     return [Program(f"{stage} step", step, args, B * K * T, work, "rm.batch_size")]
 
 
@@ -133,50 +169,61 @@ def run_rm(config: Config, workdir: str | os.PathLike, stage: str = "rm", *, mes
     was for every policy size (``stages.lineage``)."""
     config.validate()
     cfg = config.rm
-    model = rm_architecture(config)
+    model = rm_model(config)
     start_point(config, workdir, stage)
+    base = Path(cfg.init_from) if cfg.init_from else "sft"
+    base = FRESH if cfg.init_from in MODEL_SIZES else base
     fingerprints = preflight(
         config,
         workdir,
         stage,
         {"rm": (cfg.batch_size, "rm.batch_size"), "sft": (1, "")},
         ((cfg.batch_size, "rm.batch_size"),),
+        bases=base_fingerprints(config, workdir, model, reward=base),
     )
     mesh = mesh or sharding.make_mesh(config.mesh)
     data = loader(config, workdir, "rm", cfg.batch_size, config.seed, epochs=cfg.epochs)
     iters = [iter(data)]
     total = cfg.epochs * (sources.split_size(config, workdir, "rm") // cfg.batch_size)
-    init = lambda: initial_reward_params(config, workdir, model, mesh)  # noqa: E731
+    init = lambda: initial_reward_params(config, workdir, model.plain(), mesh)  # noqa: E731
     state, step = rm_setup(config, total, mesh, init)
+    plain = model.plain()
 
     def batches():
         for b in iters[0]:
             yield comparison_batch(b)
 
+    def params_of(s: TrainState):  # the plain RM: adapters folded into the base
+        return lora.fold(lora.merge(state.frozen(), s.params), model)
+
     def export(s: TrainState):
-        scores = demonstration_scores(s.params, model, config, workdir)
-        return {"params": s.params, "bias": jnp.asarray(scores.mean(), jnp.float32)}
+        params = params_of(s)
+        scores = demonstration_scores(params, plain, config, workdir)
+        return {"params": params, "bias": jnp.asarray(scores.mean(), jnp.float32)}
 
     validate = None
     if sources.expected_size(config, workdir, "rm_val"):
 
         def validate(s: TrainState) -> dict[str, float]:
-            metrics = validation_metrics(s.params, model, config, workdir)
+            metrics = validation_metrics(params_of(s), plain, config, workdir)
             return {"val/accuracy": metrics["val_accuracy"], "val/loss": metrics["val_loss"]}
 
     run = StageRun(
         stage=stage,
-        model=model,
+        model=plain,
         fingerprints=fingerprints,
         total=total,
         target=state.target,
         start=state.start,
-        step=step,
+        step=lambda s, b: step(s, state.frozen(), b),
         iterators=iters,
         batches=batches(),
         export=export,
         position=lambda s: s.step,
         key_metric="accuracy",
         validate=validate,
+        adapters=lambda s: s.params,
+        adapted=model,
+        base=base_name(config, base),
     )
     return drive(config, workdir, run, mesh)
