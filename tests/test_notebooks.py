@@ -138,6 +138,8 @@ def test_your_data_trains_exports_and_generates_in_transformers(
     nb = _execute(_read("your_data"), tmp_path, workdir, subprocess_env)
     text = _text(nb)
     assert "demonstrations.jsonl: " in text and "comparisons.jsonl: " in text
+    # Offline, the tiny model takes the LoRA path a checkpoint too large for the chip takes.
+    assert "LoRA rank 4 over bfloat16 frozen weights" in text
     assert "RM score" in text  # the report's table
     assert re.search(r"policy: '.*' \(\d+ tokens\)\nreward model score: [+-]\d", text)
     assert (tmp_path / "run" / "export" / "policy" / "config.json").is_file()
