@@ -138,6 +138,14 @@ def fold(params: dict, model: ModelConfig) -> dict:
     return walk(params)
 
 
+def plain(frozen: dict | None, trainable: dict, model: ModelConfig) -> dict:
+    """The plain model a stage hands on: its trainable part over its frozen base, the adapters
+    folded in (without LoRA: ``trainable`` itself)."""
+    if not model.adapted:
+        return trainable
+    return fold(merge(frozen, trainable), model)
+
+
 def base_fingerprint(source: str | os.PathLike) -> str:
     """What a LoRA stage's checkpoints record about the base its adapters sit on: for a stage
     directory, its final step's metadata and config; for an HF checkpoint, its config and the

@@ -205,9 +205,6 @@ def run_dpo(config: Config, workdir: str | os.PathLike, stage: str = "dpo", *, m
     if trained.adapted:
         reference = state.frozen()
 
-    def plain(params):  # the policy as a plain model: adapters folded into the base
-        return lora.fold(lora.merge(reference, params), trained) if trained.adapted else params
-
     def batches():
         for b in iters[0]:
             yield comparison_batch(b)
@@ -216,7 +213,9 @@ def run_dpo(config: Config, workdir: str | os.PathLike, stage: str = "dpo", *, m
     if sources.expected_size(config, workdir, "rm_val"):
 
         def validate(s: TrainState) -> dict[str, float]:
-            return validation_metrics(plain(s.params), reference, model, config, workdir)
+            return validation_metrics(
+                lora.plain(reference, s.params, trained), reference, model, config, workdir
+            )
 
     run = StageRun(
         stage=stage,
@@ -228,7 +227,7 @@ def run_dpo(config: Config, workdir: str | os.PathLike, stage: str = "dpo", *, m
         step=lambda s, batch: step(s, batch, reference),
         iterators=iters,
         batches=batches(),
-        export=lambda s: plain(s.params),
+        export=lambda s: lora.plain(reference, s.params, trained),
         adapters=lambda s: s.params,
         adapted=trained,
         base=base_name(config, origin),

@@ -342,9 +342,6 @@ def run_grpo(
     else:
         frozen = (ref, None, jnp.zeros((), jnp.float32))
 
-    def plain(params):  # the policy as a plain model: adapters folded into the base
-        return lora.fold(lora.merge(ref, params), model) if model.adapted else params
-
     def batches():
         while True:
             yield prompt_batch(next(prompts_it))
@@ -363,12 +360,12 @@ def run_grpo(
         step=step_fn,
         iterators=[prompts_it],
         batches=batches(),
-        export=lambda s: plain(s.params),
+        export=lambda s: lora.plain(ref, s.params, model),
         position=lambda s: s.step // per_iteration,
         key_metric="objective/score",
         loss="grpo/loss/total",
         on_log=on_log,
-        policy=lambda s: plain(s.params),
+        policy=lambda s: lora.plain(ref, s.params, model),
         adapters=lambda s: s.params,
         adapted=model,
         base=base_name(config, policy_origin),

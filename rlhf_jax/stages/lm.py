@@ -256,7 +256,7 @@ def run_lm_stage(
     plain = dataclasses.replace(model.plain(), dropout=0.0)
 
     def export(s: TrainState):  # the plain model: adapters folded into the base
-        return lora.fold(lora.merge(state.frozen(), s.params), model)
+        return lora.plain(state.frozen(), s.params, model)
 
     validate = None
     if is_sft and sources.expected_size(config, workdir, "sft_val"):

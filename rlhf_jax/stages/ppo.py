@@ -619,9 +619,8 @@ def run_ppo(
         return begin().frozen if models.policy.adapted else None
 
     def plain(params):  # a policy as a plain model: adapters folded into the base
-        if not models.policy.adapted:
-            return params
-        return lora.fold(lora.merge(frozen().policy, params), models.policy)
+        bases = frozen()
+        return lora.plain(bases and bases.policy, params, models.policy)
 
     def batches():
         while True:

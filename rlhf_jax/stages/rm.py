@@ -194,7 +194,7 @@ def run_rm(config: Config, workdir: str | os.PathLike, stage: str = "rm", *, mes
             yield comparison_batch(b)
 
     def params_of(s: TrainState):  # the plain RM: adapters folded into the base
-        return lora.fold(lora.merge(state.frozen(), s.params), model)
+        return lora.plain(state.frozen(), s.params, model)
 
     def export(s: TrainState):
         params = params_of(s)
