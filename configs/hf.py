@@ -19,6 +19,10 @@ with 16 GB: ``rlhf-jax plan --config=hf:<gpt2> --topology=v5e-1 --config.model.d
 (every stage compiled for the chip, no chip needed) puts the SFT step at 6.0 GiB per chip, the RM
 step at 3.9 and the PPO iteration at 7.4. ``colab/your_data.ipynb`` halves the batches and turns
 on ``model.remat`` for Colab's free T4, where the plan puts PPO at 10.4 GiB of 15 (float32).
+Larger models: ``--config.model.lora.rank=16 --config.model.frozen_dtype=bfloat16`` trains
+adapters over shared bfloat16 bases (about ten times these learning rates is usual for LoRA),
+and ``--config.ppo.grad_accum=4`` (and ``sft.``, ``rm.``) splits each minibatch; so a
+Llama-3.2-1B-shaped policy and RM fit PPO on one v5e chip (9.9 GiB, README "Will it fit?").
 Learning rates follow InstructGPT appendix C for its 1.3B model (SFT 9.65e-6, RM 9e-6, value
 9e-6; the policy LR inside its sweep). On a 2-core CPU, give a tiny checkpoint or much smaller
 sizes.
