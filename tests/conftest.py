@@ -215,3 +215,21 @@ def preempt(monkeypatch):
         monkeypatch.setattr(driver.sharding, "shard_batch", preempted if n else real)
 
     return arm
+
+
+@pytest.fixture
+def interrupted(preempt):
+    """``interrupted(run, workdir, stage, at, kept)``: ``run(workdir)`` preempted at its
+    ``at``-th batch, its last checkpoint asserted to be step ``kept``, then run again to the end
+    (the resumed run, for a test to compare with an uninterrupted one)."""
+    from rlhf_jax import checkpoint
+
+    def go(run, workdir, stage: str, at: int, kept: int) -> None:
+        preempt(at)
+        with pytest.raises(KeyboardInterrupt):
+            run(workdir)
+        preempt(0)
+        assert checkpoint.StageCheckpointer(workdir, stage).latest_step() == kept
+        run(workdir)
+
+    return go

@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import checkpoint
 from rlhf_jax.configs import tiny
 from rlhf_jax.data.sources import loader
 from rlhf_jax.report import read_metrics
@@ -117,16 +116,13 @@ def test_dpo_starts_at_the_reference_and_learns_the_comparisons(sft_run, tmp_pat
 
 
 @pytest.mark.e2e
-def test_interrupted_dpo_resumes_to_the_uninterrupted_result(tiny_run, sft_run, tmp_path, preempt):
+def test_interrupted_dpo_resumes_to_the_uninterrupted_result(
+    tiny_run, sft_run, tmp_path, interrupted
+):
     config = _config()
     whole = tiny_run.workdir  # the shared run's DPO: the same settings, never interrupted
     parts = shutil.copytree(sft_run, tmp_path / "parts")
-    preempt(5)
-    with pytest.raises(KeyboardInterrupt):
-        run_dpo(config, parts)
-    preempt(0)
-    assert checkpoint.StageCheckpointer(parts, "dpo").latest_step() == 3
-    run_dpo(config, parts)
+    interrupted(lambda w: run_dpo(config, w), parts, "dpo", at=5, kept=3)
     jax.tree.map(
         np.testing.assert_array_equal, _export(config, parts, "dpo"), _export(config, whole, "dpo")
     )

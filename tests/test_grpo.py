@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import checkpoint
 from rlhf_jax.configs import tiny
 from rlhf_jax.instructlang import lang
 from rlhf_jax.report import read_metrics
@@ -94,17 +93,12 @@ def test_a_reward_function_replaces_the_reward_model(rm_run, tmp_path):
 
 
 @pytest.mark.e2e
-def test_interrupted_grpo_resumes_to_the_uninterrupted_result(rm_run, tmp_path, preempt):
+def test_interrupted_grpo_resumes_to_the_uninterrupted_result(rm_run, tmp_path, interrupted):
     config = _config()
     whole = shutil.copytree(rm_run, tmp_path / "whole")
     parts = shutil.copytree(rm_run, tmp_path / "parts")
     run_grpo(config, whole)
-    preempt(3)
-    with pytest.raises(KeyboardInterrupt):
-        run_grpo(config, parts)
-    preempt(0)
-    assert checkpoint.StageCheckpointer(parts, "grpo").latest_step() == 2
-    run_grpo(config, parts)
+    interrupted(lambda w: run_grpo(config, w), parts, "grpo", at=3, kept=2)
     jax.tree.map(np.testing.assert_array_equal, _export(config, parts), _export(config, whole))
     assert _rows(config, parts) == _rows(config, whole)
 

@@ -292,7 +292,7 @@ def _lora_ppo_config(**lora_kw):
 
 
 @pytest.mark.e2e
-def test_interrupted_lora_ppo_resumes_to_the_uninterrupted_result(rm_run, tmp_path, preempt):
+def test_interrupted_lora_ppo_resumes_to_the_uninterrupted_result(rm_run, tmp_path, interrupted):
     """Checkpoints hold the adapters (not the bases): resuming reloads the bases from SFT and
     the RM and continues bit for bit."""
     import shutil
@@ -306,12 +306,7 @@ def test_interrupted_lora_ppo_resumes_to_the_uninterrupted_result(rm_run, tmp_pa
     whole = shutil.copytree(rm_run, tmp_path / "whole")
     parts = shutil.copytree(rm_run, tmp_path / "parts")
     run_ppo(config, whole)
-    preempt(3)
-    with pytest.raises(KeyboardInterrupt):
-        run_ppo(config, parts)
-    preempt(0)
-    assert checkpoint.StageCheckpointer(parts, "ppo").latest_step() == 2
-    run_ppo(config, parts)
+    interrupted(lambda w: run_ppo(config, w), parts, "ppo", at=3, kept=2)
     export = lambda w: jax.device_get(load_policy(config, w, "ppo"))  # noqa: E731
     jax.tree.map(np.testing.assert_array_equal, export(parts), export(whole))
     assert RunDir(parts).metrics("ppo") == RunDir(whole).metrics("ppo")
