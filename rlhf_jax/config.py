@@ -60,7 +60,7 @@ class LoraConfig:
         + "; all: every one the family has"
     )  # fmt: skip
     stages: str = field(
-        "sft,rm,ppo,ppo_ptx,dpo,grpo,rloo",
+        ",".join(stage_table.names(adapts=True)),
         "comma-separated stages that train adapters (pretraining always trains every weight)",
     )
 
@@ -78,12 +78,10 @@ class LoraConfig:
         if unknown or not self.target_set():
             out.append(("targets", f"unknown {', '.join(unknown) or 'none given'}; expected "
                         f"'all' or any of {', '.join(LORA_TARGETS)}"))  # fmt: skip
-        known = set(stage_table.names())
-        odd = sorted(self.stage_set() - known)
-        if odd:
-            out.append(("stages", f"unknown {', '.join(odd)}; expected any of {sorted(known)}"))
-        if "pretrain" in self.stage_set():
-            out.append(("stages", "pretrain trains every weight: leave it out"))
+        adapting = stage_table.names(adapts=True)
+        for stage in sorted(self.stage_set() - set(adapting)):
+            why = "trains no adapters" if stage in stage_table.names() else "is no stage"
+            out.append(("stages", f"{stage} {why}; expected any of {', '.join(adapting)}"))
         return out
 
 

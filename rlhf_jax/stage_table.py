@@ -126,6 +126,8 @@ class Stage:
     settings: tuple[tuple[str, Any], ...] = ()
     when: Callable[[Any], bool] | None = None
     needs: tuple[str, ...] = ()
+    # Trains low-rank adapters when model.lora.rank > 0 (and lora.stages names it).
+    adapts: bool = True
     summary: str = ""
     details: str = ""
     reads: tuple[str, ...] = ()
@@ -192,6 +194,7 @@ STAGES: list[Stage] = [
         row="base",
         when=_no_init_from,
         needs=("pretrain",),
+        adapts=False,  # it trains every weight: there is no base to adapt
         summary="train the base model on the pretraining text",
         details="Starts from init_from (an HF checkpoint directory) or a fresh initialisation.",
     ),
@@ -301,6 +304,7 @@ STAGES: list[Stage] = [
         starts_from=_PPO_INPUTS,
         exports=None,
         method=True,
+        adapts=False,  # it trains nothing
         how="rlhf-jax eval --stage=best_of_n",
     ),
 ]
